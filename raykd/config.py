@@ -1,0 +1,193 @@
+"""Typed experiment configs: one YAML file, one section per stage, defaults defined here only.
+
+Load with `load_config(path, overrides)`; overrides are dotted `key=value` strings whose values are
+parsed as YAML (`train.lr=3e-4`, `data.time_col=null`). Unknown keys are errors that name the key
+and the valid keys, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from raykd.errors import RaykdError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SyntheticConfig(Section):
+    """Seeded synthetic logs: popularity skew, taste clusters and Markov item-to-item structure."""
+
+    users: int = Field(2000, ge=1, description="number of users")
+    items: int = Field(1000, ge=2, description="catalogue size")
+    mean_length: float = Field(30.0, gt=0, description="mean interactions per user")
+    clusters: int = Field(20, ge=1, description="user taste clusters")
+    popularity_skew: float = Field(1.0, ge=0, description="Zipf exponent of item popularity")
+    markov: float = Field(0.6, ge=0, le=1, description="chance the next item follows the last one")
+    seed: int = 0
+
+
+class DataConfig(Section):
+    """Where the interaction log is and how to read and clean it (the prepare stage)."""
+
+    format: Literal["movielens", "csv", "parquet", "jsonl", "synthetic"] = "synthetic"
+    path: str | None = Field(None, description="file or folder (not used by synthetic)")
+    user_col: str = "user_id"
+    item_col: str = "item_id"
+    time_col: str | None = Field(None, description="no time column: file order is time order")
+    rating_col: str | None = None
+    min_rating: float | None = Field(None, description="keep rows with rating >= this")
+    delimiter: str = Field(",", description="csv only; any single character, e.g. '\\t'")
+    header: bool = Field(True, description="csv only; without a header, *_col are 0-based indices")
+    min_user_interactions: int = Field(5, ge=3, description="k-core: users need at least this")
+    min_item_interactions: int = Field(5, ge=1, description="k-core: items need at least this")
+    num_shards: int | None = Field(None, ge=1, description="output shards; default ~50k users each")
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+
+
+class ModelConfig(Section):
+    """Size of a sequential recommender (teacher or student)."""
+
+    family: Literal["sasrec", "gru"] = "sasrec"
+    dim: int = Field(64, ge=2)
+    layers: int = Field(2, ge=1)
+    heads: int = Field(2, ge=1)
+    max_len: int = Field(50, ge=2, description="histories keep their last max_len items")
+    dropout: float = Field(0.2, ge=0, lt=1)
+
+
+class TrainConfig(Section):
+    """One training loop for teacher and students (Ray Train TorchTrainer)."""
+
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(128, ge=1, description="users per batch per worker")
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    patience: int = Field(5, ge=1, description="early stop after this many epochs without gain")
+    loss: Literal["full", "sampled"] = Field("full", description="sampled: log-Q sampled softmax")
+    num_negatives: int = Field(1000, ge=1, description="sampled softmax negatives")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP)")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    use_gpu: bool = False
+    max_failures: int = Field(2, ge=0, description="worker losses survived via checkpoints")
+
+
+def _teacher_model() -> ModelConfig:
+    return ModelConfig(dim=64, layers=2, heads=2)
+
+
+def _student_model() -> ModelConfig:
+    return ModelConfig(dim=16, layers=1, heads=1)
+
+
+class TeacherConfig(Section):
+    model: ModelConfig = Field(default_factory=_teacher_model)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+class SoftLabelsConfig(Section):
+    top_k: int = Field(100, ge=1, description="teacher items kept per training position")
+    num_workers: int = Field(1, ge=1)
+    batch_size: int = Field(256, ge=1, description="users scored per batch")
+    use_gpu: bool = False
+
+
+class DistillConfig(Section):
+    model: ModelConfig = Field(default_factory=_student_model)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    temperature: float = Field(1.0, gt=0)
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the distillation term")
+    loss: Literal["kl", "rank"] = "kl"
+    train_nokd: bool = Field(True, description="also train the alpha=0 baseline student_nokd")
+
+
+class RayConfig(Section):
+    address: str | None = Field(None, description="existing cluster; default: RAY_ADDRESS or local")
+    num_cpus: int | None = Field(None, ge=1, description="local Ray only; default all cores")
+
+
+class Config(Section):
+    name: str = "quickstart"
+    output_dir: str = "runs/quickstart"
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    soft_labels: SoftLabelsConfig = Field(default_factory=SoftLabelsConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config, apply dotted overrides, validate. Relative data paths stay as written."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise RaykdError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise RaykdError(f"config file {path} is not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise RaykdError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
+    for item in overrides:
+        _apply_override(raw, item)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise RaykdError(f"invalid config {path or '(defaults)'}:\n" + _explain(err)) from None
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise RaykdError(f"override {item!r} is not of the form key=value (e.g. train.lr=3e-4)")
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise RaykdError(f"override {item!r}: {part!r} is not a section")
+    node[parts[-1]] = yaml.safe_load(value) if value != "" else None
+
+
+def _explain(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            valid = ", ".join(_fields_at(e["loc"][:-1]))
+            lines.append(f"  unknown key '{loc}'; valid keys here: {valid}")
+        else:
+            lines.append(f"  {loc}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    model: type[BaseModel] = Config
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config (every default spelled out) next to a stage's outputs."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+
+def section_hash(*sections: BaseModel) -> str:
+    """Short stable hash of config sections: a stage's outputs are reused only if it matches."""
+    import hashlib
+    import json
+
+    blob = json.dumps([s.model_dump(mode="json") for s in sections], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
