@@ -58,6 +58,14 @@ def run(cfg: Config) -> Path:
     return out
 
 
+def prepared_key(data_dir: Path) -> str:
+    """Fingerprint of prepared data, for later stages' reuse checks; fails if not prepared."""
+    key = _manifest_key(Path(data_dir))
+    if key is None:
+        raise RaykdError(f"no prepared data in {data_dir}: run `raykd prepare CONFIG` first")
+    return key
+
+
 def _manifest_key(out: Path) -> str | None:
     try:
         return json.loads((out / "manifest.json").read_text())["config_hash"]

@@ -6,6 +6,7 @@ import logging
 import os
 
 import ray
+import ray.data
 
 from raykd.config import RayConfig
 
@@ -30,8 +31,11 @@ def ensure_ray(cfg: RayConfig | None = None, quiet: bool = False) -> None:
             resources={DRIVER_RESOURCE: 1000},
             logging_level=logging.WARNING,
         )
-    # Ray Data's per-operator INFO lines drown stage output; raykd prints its own progress.
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # Ray Data's progress bars and per-operator lines drown stage output (they repeat every epoch
+    # in training); raykd prints its own progress lines instead.
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
     if not quiet:
         res = ray.cluster_resources()
         nodes = len([n for n in ray.nodes() if n.get("Alive")])

@@ -1,0 +1,194 @@
+"""Training losses: cross-entropy, top-K knowledge distillation, ranking distillation, sampled softmax.
+
+Shapes: N rows (flattened training positions), V + 1 columns (item 0 is padding). A row whose
+target is 0 is a padding position and is excluded from every loss; a batch with no real row gives
+a zero loss that is still connected to the graph. Reductions are means over real rows. Every loss
+is computed in float32, whatever the dtype of its inputs (teacher logits are stored as float16).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+KINDS = ("kl", "rank")
+
+
+def _zero(*tensors: torch.Tensor) -> torch.Tensor:
+    # Sum of empty slices: exactly 0, yet every input gets a (zero) gradient, which keeps DDP
+    # from complaining about parameters that took no part in the step.
+    return sum(t[:0].sum() for t in tensors)
+
+
+def _masked_mean(per_row: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    if not mask.any():
+        return _zero(per_row)
+    return per_row[mask].mean()
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over rows with a real target.
+
+        CE = mean_{i: y_i != 0} [ -s_{i,y_i} + log Σ_j exp(s_{i,j}) ]
+
+    logits [N, V+1] (column 0 may hold a huge negative value: it then adds exp(...) = 0),
+    targets [N] long, 0 = padding (ignored).
+    """
+    if not (targets != 0).any():
+        return _zero(logits)
+    return F.cross_entropy(logits.float(), targets, ignore_index=0)
+
+
+def _teacher_entries(teacher_idx: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """True where a teacher entry is usable: a real item (index != 0) with a finite logit."""
+    return (teacher_idx != 0) & torch.isfinite(teacher_logits)
+
+
+def kd_kl(
+    student_logits: torch.Tensor,
+    teacher_idx: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Top-K distillation: temperature-scaled KL from the teacher to the student (Hinton et al., 2015).
+
+        p = softmax(t / T),  q = softmax(s_K / T),  s_K = s.gather(1, teacher_idx)
+        KD = T² · mean_i Σ_k p_ik (log p_ik − log q_ik)
+
+    Both softmaxes run over the same K teacher items only (the teacher's top-K is all that is
+    stored). T² keeps gradient magnitudes comparable across temperatures. Teacher entries at the
+    padding item or with a non-finite logit get p = 0 and leave the student's softmax too; rows
+    with no usable entry, or with mask False, are excluded. Identical s_K and t give exactly 0.
+
+    student_logits [N, V+1]; teacher_idx [N, K] long; teacher_logits [N, K] (any float dtype);
+    mask [N] bool (e.g. targets != 0) or None for all rows.
+    """
+    usable = _teacher_entries(teacher_idx, teacher_logits)
+    rows = usable.any(1) if mask is None else usable.any(1) & mask
+    # A huge finite fill, not -inf: an all-unusable row must still give finite softmax grads.
+    fill = torch.tensor(torch.finfo(torch.float32).min, device=student_logits.device)
+    t = torch.where(usable, teacher_logits.float() / temperature, fill)
+    s = torch.where(usable, student_logits.gather(1, teacher_idx).float() / temperature, fill)
+    log_p, log_q = t.log_softmax(1), s.log_softmax(1)
+    # Unusable entries have p = 0; zeroing their logs avoids 0 · (−inf) = NaN in value and grad.
+    diff = torch.where(usable, log_p - log_q, torch.zeros_like(log_p))
+    per_row = (log_p.exp() * diff).sum(1) * temperature**2
+    return _masked_mean(per_row, rows)
+
+
+def rank_weights(m: int, temperature: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """w_r = exp(−r / T) / Σ_{r'<m} exp(−r' / T), r = 0..m−1: the teacher's first item weighs most."""
+    return torch.softmax(-torch.arange(m, dtype=torch.float32, device=device) / temperature, 0)
+
+
+def kd_rank(
+    student_logits: torch.Tensor,
+    teacher_idx: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float,
+    top_m: int = 10,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Ranking distillation: the teacher's top-m items are weighted positives.
+
+        KD = mean_i −Σ_{r<m} w_r · log softmax(s_i)[π_i(r)],  w_r ∝ exp(−r / T), Σ_r w_r = 1
+
+    where π_i(r) is the teacher's r-th best item for row i. After Tang & Wang, "Ranking
+    Distillation" (KDD 2018), who weight the teacher's top-m by rank with exp(−r/λ) and a
+    pointwise sigmoid loss; this variant uses the student's full softmax over the catalogue (a
+    listwise form, as in Kang et al., CIKM 2020 "DE-RRD"), which matches the CE scale. T only
+    shapes the rank weights; the student logits are not tempered. The top-m is taken by teacher
+    logit (stable to an unsorted teacher_idx); unusable entries (padding item, non-finite logit)
+    get weight 0 and the remaining weights are renormalised.
+    """
+    usable = _teacher_entries(teacher_idx, teacher_logits)
+    m = min(top_m, teacher_idx.shape[1])
+    t = torch.where(usable, teacher_logits.float(), torch.tensor(float("-inf"), device=usable.device))
+    order = t.topk(m, dim=1).indices  # sorted descending; ties in any order
+    idx, ok = teacher_idx.gather(1, order), usable.gather(1, order)
+    w = rank_weights(m, temperature, device=ok.device) * ok
+    rows = ok.any(1) if mask is None else ok.any(1) & mask
+    w = w / w.sum(1, keepdim=True).clamp(min=1e-12)
+    s = student_logits.float()
+    log_probs = s.gather(1, idx) - torch.logsumexp(s, 1, keepdim=True)
+    # Weight-0 entries may point at the padding column (≈ −3.4e38): zero them, don't multiply.
+    per_row = -torch.where(ok, w * log_probs, torch.zeros_like(log_probs)).sum(1)
+    return _masked_mean(per_row, rows)
+
+
+def distill_loss(
+    student_logits: torch.Tensor,
+    targets: torch.Tensor,
+    teacher_idx: torch.Tensor | None,
+    teacher_logits: torch.Tensor | None,
+    alpha: float,
+    temperature: float,
+    kind: str = "kl",
+    top_m: int = 10,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Distillation objective; returns (total, ce, kd) so both parts can be logged.
+
+        L = (1 − alpha) · CE(s, y) + alpha · KD,   KD = kd_kl (kind "kl") or kd_rank (kind "rank")
+
+    alpha == 0 returns CE itself (teacher inputs may be None; kd is a zero tensor): the no-KD
+    baseline runs the very same code path. Padding rows (y == 0) are excluded from both terms.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown distillation loss {kind!r}; valid kinds: {', '.join(KINDS)}")
+    ce = cross_entropy(student_logits, targets)
+    if alpha == 0:
+        return ce, ce, torch.zeros((), device=ce.device)
+    if teacher_idx is None or teacher_logits is None:
+        raise ValueError(f"alpha={alpha} needs teacher_idx and teacher_logits")
+    real = targets != 0
+    if kind == "kl":
+        kd = kd_kl(student_logits, teacher_idx, teacher_logits, temperature, mask=real)
+    else:
+        kd = kd_rank(student_logits, teacher_idx, teacher_logits, temperature, top_m, mask=real)
+    return (1 - alpha) * ce + alpha * kd, ce, kd
+
+
+def sampled_softmax_loss(
+    hidden: torch.Tensor,
+    item_emb: torch.Tensor,
+    targets: torch.Tensor,
+    num_negatives: int,
+    log_q: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Sampled softmax with log-Q correction (Jean et al., ACL 2015; Yi et al., RecSys 2019).
+
+    Negatives S (|S| = n) are drawn with replacement from q = softmax(log_q[1:]) over items
+    1..V, shared by the whole batch: log_q = 0 is uniform, log_q = log(popularity) follows
+    popularity. Every candidate logit, the positive's too, is corrected by the log of its
+    expected count in the sample, log(n · q_j), so the loss estimates full-softmax CE:
+
+        o_j = h · e_j − log(n q_j);   L = mean_i [ −o_{y_i} + log(exp(o_{y_i}) + Σ_{j∈S, j≠y_i} exp(o_j)) ]
+
+    Accidental hits (j == y_i) are masked out. When n >= V every item is used exactly once
+    instead (expected count 1, no correction), which is exactly full cross-entropy.
+
+    hidden [N, D]; item_emb [V+1, D] (row 0 padding); targets [N] (0 = ignored); log_q [V+1]
+    (entry 0 unused). `generator` must live on log_q's device.
+    """
+    real = targets != 0
+    if not real.any():
+        return _zero(hidden, item_emb)
+    h, y = hidden[real], targets[real]
+    num_items = item_emb.shape[0] - 1
+    if num_negatives >= num_items:
+        neg = torch.arange(1, num_items + 1, device=item_emb.device)
+        log_count = torch.zeros(num_items + 1, device=item_emb.device)
+    else:
+        log_probs = log_q[1:].float().log_softmax(0)
+        neg = torch.multinomial(log_probs.exp(), num_negatives, replacement=True, generator=generator) + 1
+        log_count = F.pad(log_probs + math.log(num_negatives), (1, 0)).to(item_emb.device)
+        neg = neg.to(item_emb.device)
+    pos_logit = (h.float() * item_emb[y].float()).sum(1) - log_count[y]
+    neg_logits = h.float() @ item_emb[neg].float().T - log_count[neg]
+    neg_logits = neg_logits.masked_fill(neg.unsqueeze(0) == y.unsqueeze(1), torch.finfo(torch.float32).min)
+    logits = torch.cat([pos_logit.unsqueeze(1), neg_logits], 1)
+    return F.cross_entropy(logits, torch.zeros_like(y))

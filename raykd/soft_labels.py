@@ -1,0 +1,179 @@
+"""soft_labels: the teacher's top-K items and logits for every training position.
+
+Reads `<run>/data/` and `<run>/teacher/`; writes `<run>/soft_labels/part-*.parquet` (one file per
+sequence shard, rows in (user, t) order: user int32, t int32, idx K×int32, logits K×float16) and
+`manifest.json` (rows, rows/s, bytes per row, K, the teacher it came from).
+
+Scoring runs on a Ray Data actor pool (`soft_labels.num_workers` actors, a GPU each when
+`use_gpu`), each actor loading the teacher once. Work is cut into fixed chunks of windows that
+do not depend on the number of workers, and rows are sorted back into position order before
+writing, so the files are identical whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import torch
+
+from raykd import models, sequences
+from raykd.config import Config, dump_config
+from raykd.errors import RaykdError
+from raykd.runtime import ensure_ray
+
+CHUNK_WINDOWS = 256  # windows scored per forward pass: fixed, so results never depend on workers
+
+
+def run(cfg: Config) -> dict:
+    run_dir = Path(cfg.output_dir)
+    data_dir, teacher_dir, out = run_dir / "data", run_dir / "teacher", run_dir / "soft_labels"
+    teacher = _teacher_meta(teacher_dir)
+    top_k = min(cfg.soft_labels.top_k, teacher["num_items"])
+    key = f"{teacher['fingerprint']}-k{top_k}"
+    if _manifest(out).get("key") == key:
+        print(f"soft_labels: reusing {out} (same teacher and top_k)", flush=True)
+        return _manifest(out)
+    dump_config(cfg, run_dir / "config.yaml")
+    ensure_ray(cfg.ray)
+    shards = sequences.shard_paths(data_dir)
+    t0 = time.perf_counter()
+    rows = score_all(shards, teacher_dir, teacher["max_len"], top_k, cfg.soft_labels.num_workers,
+                     cfg.soft_labels.use_gpu)
+    seconds = time.perf_counter() - t0
+    out.mkdir(parents=True, exist_ok=True)
+    n, size = write(rows, shards, out, top_k)
+    info = {"key": key, "rows": n, "top_k": top_k, "seconds": seconds, "rows_per_s": n / seconds,
+            "bytes_per_row": size / max(n, 1), "workers": cfg.soft_labels.num_workers}
+    (out / "manifest.json").write_text(json.dumps(info, indent=2))
+    print(f"soft_labels: {n:,} positions, top-{top_k}, {info['rows_per_s']:,.0f} rows/s, "
+          f"{info['bytes_per_row']:.0f} bytes/row (K x 6 = {top_k * 6}) -> {out}", flush=True)
+    return info
+
+
+def soft_labels_key(soft_dir: Path) -> str:
+    key = _manifest(Path(soft_dir)).get("key")
+    if key is None:
+        raise RaykdError(f"no soft labels in {soft_dir}: run `raykd soft-labels CONFIG` first")
+    return key
+
+
+def _manifest(out: Path) -> dict:
+    try:
+        return json.loads((out / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _teacher_meta(teacher_dir: Path) -> dict:
+    try:
+        return json.loads((teacher_dir / "model.json").read_text())
+    except OSError:
+        raise RaykdError(f"no teacher in {teacher_dir}: run `raykd teacher CONFIG` first") from None
+
+
+class TeacherScorer:
+    """Ray Data actor: loads the teacher once, scores chunks of windows, keeps the top K."""
+
+    def __init__(self, teacher_dir: str, max_len: int, top_k: int, use_gpu: bool):
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.model, _ = models.load_model(teacher_dir, self.device)
+        self.max_len, self.top_k = max_len, top_k
+        self.cached: tuple[str, dict] | None = None  # windows of the last shard (chunks come in order)
+
+    def __call__(self, batch: dict) -> dict:
+        out = []
+        for shard, start in zip(batch["shard"], batch["start"]):
+            if self.cached is None or self.cached[0] != shard:
+                table = pq.read_table(shard, columns=["train"])["train"].combine_chunks()
+                self.cached = (shard, sequences.windows(table, self.max_len))
+            w = self.cached[1]
+            out.append(self._score(w, int(start)))
+        return {k: np.concatenate([o[k] for o in out]) for k in out[0]} | {
+            "shard": np.concatenate([[s] * len(o["pos"]) for s, o in zip(batch["shard"], out)])}
+
+    @torch.no_grad()
+    def _score(self, w: dict, start: int) -> dict:
+        end = start + CHUNK_WINDOWS
+        inp = torch.as_tensor(w["input"][start:end], dtype=torch.long, device=self.device)
+        pos = w["pos"][start:end]
+        real = torch.as_tensor(pos >= 0, device=self.device)
+        amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        with amp:
+            logits = self.model.score(self.model(inp)[real]).float()
+        top = torch.topk(logits, self.top_k, dim=1)  # sorted, best first
+        return {"pos": pos[pos >= 0], "idx": top.indices.int().cpu().numpy(),
+                "logits": top.values.cpu().numpy().astype(np.float16)}
+
+
+def score_all(shards: list[Path], teacher_dir: Path, max_len: int, top_k: int, workers: int,
+              use_gpu: bool) -> dict[str, dict]:
+    """Score every training position; returns per-shard arrays sorted by position."""
+    chunks = []
+    for shard in shards:
+        n_windows = _count_windows(shard, max_len)
+        chunks += [{"shard": str(shard), "start": s} for s in range(0, n_windows, CHUNK_WINDOWS)]
+    if not chunks:
+        raise RaykdError("no training positions to score: every user's training sequence is a single item")
+    ds = ray.data.from_items(chunks, override_num_blocks=min(len(chunks), 64))
+    ds = ds.map_batches(
+        TeacherScorer,
+        fn_constructor_kwargs={"teacher_dir": str(teacher_dir.resolve()), "max_len": max_len,
+                               "top_k": top_k, "use_gpu": use_gpu},
+        compute=ray.data.ActorPoolStrategy(min_size=workers, max_size=workers),
+        batch_size=1,
+        num_gpus=1 if use_gpu else 0,
+        num_cpus=0.5 if use_gpu else 1,
+        batch_format="numpy",
+    )
+    parts: dict[str, list] = {str(s): [] for s in shards}
+    done, next_print = 0, time.perf_counter() + 10
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for shard in np.unique(batch["shard"]):
+            sel = batch["shard"] == shard
+            parts[str(shard)].append({k: batch[k][sel] for k in ("pos", "idx", "logits")})
+        done += len(batch["pos"])
+        if time.perf_counter() > next_print:
+            print(f"soft_labels: {done:,} positions scored", flush=True)
+            next_print = time.perf_counter() + 10
+    merged = {}
+    for shard, items in parts.items():
+        cat = {k: np.concatenate([p[k] for p in items]) for k in ("pos", "idx", "logits")}
+        order = np.argsort(cat["pos"], kind="stable")
+        merged[shard] = {k: v[order] for k, v in cat.items()}
+    return merged
+
+
+def _count_windows(shard: Path, max_len: int) -> int:
+    lengths = pq.read_table(shard, columns=["train"])["train"].combine_chunks().value_lengths().to_numpy()
+    return int((-(-np.maximum(lengths - 1, 0) // max_len)).sum())
+
+
+def write(rows: dict[str, dict], shards: list[Path], out: Path, top_k: int) -> tuple[int, int]:
+    """One Parquet file per sequence shard; returns (rows, bytes)."""
+    total, size = 0, 0
+    for shard in shards:
+        r = rows[str(shard)]
+        train = pq.read_table(shard, columns=["user", "train"])
+        w_users = np.repeat(train["user"].to_numpy(),
+                            np.maximum(train["train"].combine_chunks().value_lengths().to_numpy() - 1, 0))
+        n = len(r["pos"])
+        if n != len(w_users) or not np.array_equal(r["pos"], np.arange(n)):
+            raise RaykdError(f"soft labels for {shard}: scored {n} positions, expected {len(w_users)}")
+        t = np.arange(n) - np.searchsorted(w_users, w_users) + 1
+        table = pa.table({
+            "user": pa.array(w_users.astype(np.int32)),
+            "t": pa.array(t.astype(np.int32)),
+            "idx": pa.FixedSizeListArray.from_arrays(pa.array(r["idx"].ravel(), pa.int32()), top_k),
+            "logits": pa.FixedSizeListArray.from_arrays(pa.array(r["logits"].ravel(), pa.float16()), top_k),
+        })
+        path = out / shard.name
+        pq.write_table(table, path, compression="zstd")
+        total += n
+        size += path.stat().st_size
+    return total, size

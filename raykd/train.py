@@ -1,0 +1,259 @@
+"""The one training loop for teacher and students, run by Ray Train's TorchTrainer.
+
+`fit(...)` builds the window dataset (Ray Data, with soft labels when distilling), runs
+`train_loop` on `num_workers` DDP workers, and exports the checkpoint that was best on validation
+NDCG@10 to `<run>/<name>/` (model.safetensors + model.json + metrics.json). Every epoch each
+worker trains on its shard, all workers evaluate a slice of the validation users (summed with an
+all-reduce, so every rank takes the same early-stopping decision), and rank 0 reports a
+checkpoint. A rerun, or a restart after a lost worker (FailureConfig), resumes from the latest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from raykd import checkpoints, losses, metrics, models, sequences
+from raykd.config import ModelConfig, TrainConfig, section_hash
+from raykd.errors import RaykdError
+from raykd.runtime import ensure_ray
+
+FAULT_ENV = "RAYKD_FAULT_AFTER_EPOCH"  # test hook: rank 0 dies once after this epoch's checkpoint
+
+
+def fit(name: str, run_dir: Path, data_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig,
+        seed: int = 0, soft_dir: Path | None = None, alpha: float = 0.0, temperature: float = 1.0,
+        kd_loss: str = "kl", upstream: str = "") -> dict:
+    """Train one model with Ray Train and export its best checkpoint to `run_dir/name`.
+
+    `upstream` fingerprints the inputs (prepared data, soft labels): a finished model trained on
+    the same inputs with the same settings is reused instead of retrained.
+    """
+    run_dir, data_dir = Path(run_dir).resolve(), Path(data_dir).resolve()
+    out = run_dir / name
+    fingerprint = section_hash(model_cfg, train_cfg) + f"-{seed}-{alpha}-{temperature}-{kd_loss}-{upstream}"
+    done = reusable(out, fingerprint)
+    if done:
+        print(f"{name}: reusing {out} (same inputs and settings)", flush=True)
+        return done
+    ensure_ray()
+    storage = run_dir / "ray_train"
+    _forget_stale_run(storage / name, fingerprint)
+    n_items = sequences.num_items(data_dir)
+    desc = {"family": model_cfg.family, "num_items": n_items, **model_cfg.model_dump(exclude={"family"})}
+    ds = window_dataset(data_dir, model_cfg.max_len, soft_dir if alpha > 0 else None)
+    loop_cfg = {"desc": desc, "train": train_cfg.model_dump(), "data_dir": str(data_dir), "seed": seed,
+                "alpha": alpha, "temperature": temperature, "kd_loss": kd_loss,
+                "item_counts": _item_log_q(data_dir) if train_cfg.loss == "sampled" else None}
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_cfg,
+        scaling_config=ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=train_cfg.use_gpu,
+                                     resources_per_worker={"CPU": train_cfg.cpus_per_worker}),
+        run_config=RunConfig(name=name, storage_path=str(storage),
+                             failure_config=FailureConfig(max_failures=train_cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        datasets={"train": ds},
+    )
+    print(f"{name}: training {desc['family']} dim={desc['dim']} layers={desc['layers']} on "
+          f"{train_cfg.num_workers} worker(s) ({'GPU' if train_cfg.use_gpu else 'CPU'})", flush=True)
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    if result.error or result.checkpoint is None:
+        raise RaykdError(f"{name}: training failed: {result.error}")
+    with result.checkpoint.as_directory() as ckpt:
+        state = checkpoints.read_state(ckpt)
+        model, _ = models.load_model(Path(ckpt) / "best")
+    best = state["best"]
+    summary = {"name": name, "best_epoch": best["epoch"], "valid": best["metrics"],
+               "epochs_run": state["epoch"] + 1, "history": state["history"],
+               "train_seconds": time.perf_counter() - t0, "params": models.count_params(model),
+               "alpha": alpha, "temperature": temperature, "kd_loss": kd_loss if alpha > 0 else None,
+               "fingerprint": fingerprint}
+    models.save_model(out, model, desc, extra={"fingerprint": fingerprint})
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+    print(f"{name}: best valid NDCG@10 {best['metrics']['ndcg@10']:.4f} at epoch {best['epoch'] + 1} "
+          f"({summary['epochs_run']} epochs, {summary['train_seconds']:.0f}s) -> {out}", flush=True)
+    return summary
+
+
+def reusable(out: Path, fingerprint: str) -> dict | None:
+    """The stored summary of a finished model with this fingerprint, else None."""
+    try:
+        if json.loads((out / "model.json").read_text()).get("fingerprint") == fingerprint:
+            return json.loads((out / "metrics.json").read_text())
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _forget_stale_run(path: Path, fingerprint: str) -> None:
+    """Ray resumes a run with the same name: only let it when the run was for this same config."""
+    marker = path.with_suffix(".fingerprint")
+    if path.exists() and (not marker.exists() or marker.read_text() != fingerprint):
+        shutil.rmtree(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(fingerprint)
+
+
+def _item_log_q(data_dir: Path) -> list[float]:
+    counts = pa.parquet.read_table(Path(data_dir) / "items.parquet", columns=["count"])["count"].to_numpy()
+    q = np.concatenate([[1.0], counts + 1.0])
+    return np.log(q / q.sum()).tolist()
+
+
+def window_dataset(data_dir: Path, max_len: int, soft_dir: Path | None) -> ray.data.Dataset:
+    """Ray Data: one task per sequence shard cuts windows (and attaches its soft-label shard)."""
+    shards = sequences.shard_paths(data_dir)
+    if soft_dir is not None:
+        soft = [Path(soft_dir) / p.name for p in shards]
+        missing = [str(s) for s in soft if not s.exists()]
+        if missing:
+            raise RaykdError(f"soft labels missing: {', '.join(missing)}; run `raykd soft-labels CONFIG`")
+    items = [{"shard": str(p), "soft": str(Path(soft_dir) / p.name) if soft_dir else ""} for p in shards]
+
+    def cut(batch: dict) -> object:
+        for shard, soft in zip(batch["shard"], batch["soft"]):
+            yield sequences.window_table(Path(shard), max_len, Path(soft) if soft else None)
+
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    # materialised once, so epochs and workers read blocks without re-running tasks
+    return ds.map_batches(cut, batch_size=1, batch_format="numpy").materialize()
+
+
+def train_loop(config: dict) -> None:
+    """Runs on every Ray Train worker (rank 0 also checkpoints)."""
+    tc = config["train"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(config["seed"])  # same init on every rank (DDP also broadcasts rank 0's)
+    model = models.build_model(config["desc"])
+    model = ray.train.torch.prepare_model(model)  # DDP + device placement (Ray)
+    device = next(model.parameters()).device
+    core = models.unwrap(model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=tc["lr"], weight_decay=tc["weight_decay"])
+    state = {"epoch": -1, "best": {"epoch": -1, "metrics": {"ndcg@10": -1.0}}, "bad_epochs": 0, "history": []}
+    best_weights = checkpoints.weights(core)
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:  # resume after a restart or a rerun (Ray)
+        with ckpt.as_directory() as d:
+            state, best_weights = checkpoints.load(d, core, optimizer, device)
+        print(f"rank {rank}: resumed after epoch {state['epoch'] + 1}", flush=True)
+    split = sequences.read_split(config["data_dir"])
+    val_users = np.arange(rank, len(split["user"]), world)
+    shard = ray.train.get_dataset_shard("train")  # this worker's share of the windows (Ray)
+    log_q = torch.tensor(config["item_counts"], device=device) if config["item_counts"] else None
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _nullcontext()
+    for epoch in range(state["epoch"] + 1, tc["epochs"]):
+        t0 = time.perf_counter()
+        loss_sum, batches = _train_epoch(model, core, optimizer, shard, config, epoch, device, amp, log_q)
+        val = _validate(core, split, val_users, device, world)
+        state["epoch"] = epoch
+        improved = val["ndcg@10"] > state["best"]["metrics"]["ndcg@10"]
+        state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
+        if improved:
+            state["best"] = {"epoch": epoch, "metrics": val}
+            best_weights = checkpoints.weights(core)
+        state["history"].append({"epoch": epoch, "loss": loss_sum / max(batches, 1), **val,
+                                 "seconds": time.perf_counter() - t0})
+        report = {"epoch": epoch, "loss": loss_sum / max(batches, 1), "val_ndcg@10": val["ndcg@10"],
+                  "best_val_ndcg@10": state["best"]["metrics"]["ndcg@10"]}
+        _report(report, core, optimizer, state, config["desc"], rank, best_weights)
+        if rank == 0 and os.environ.get(FAULT_ENV) == str(epoch):
+            _die_once(config["data_dir"])
+        if state["bad_epochs"] >= tc["patience"]:
+            break
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _train_epoch(model, core, optimizer, shard, config, epoch, device, amp, log_q) -> tuple[float, int]:
+    tc = config["train"]
+    model.train()
+    loss_sum, batches = 0.0, 0
+    batches_iter = shard.iter_batches(batch_size=tc["batch_size"], batch_format="numpy",
+                                      local_shuffle_buffer_size=4 * tc["batch_size"],
+                                      local_shuffle_seed=config["seed"] * 1000 + epoch)
+    for batch in batches_iter:
+        inp = torch.as_tensor(_matrix(batch["input"]), device=device)
+        target = torch.as_tensor(_matrix(batch["target"]), device=device)
+        mask = target > 0
+        with amp:
+            hidden = model(inp)[mask]
+            if tc["loss"] == "sampled" and config["alpha"] == 0:
+                loss = losses.sampled_softmax_loss(hidden, core.item_emb.weight, target[mask],
+                                                   tc["num_negatives"], log_q)
+            else:
+                t_idx, t_logit = _soft(batch, device) if config["alpha"] > 0 else (None, None)
+                loss, _, _ = losses.distill_loss(core.score(hidden).float(), target[mask], t_idx, t_logit,
+                                                 config["alpha"], config["temperature"], config["kd_loss"])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += float(loss.detach())
+        batches += 1
+    return loss_sum, batches
+
+
+def _matrix(column: np.ndarray) -> np.ndarray:
+    """A fixed-size-list column as an int64 matrix (Ray Data hands it over as rows of arrays)."""
+    return np.stack(column).astype(np.int64) if column.dtype == object else column.astype(np.int64)
+
+
+def _soft(batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Soft labels of the batch's real slots, in row-major slot order (matches `hidden[mask]`)."""
+    idx = np.frombuffer(b"".join(batch["t_idx"]), dtype=np.int32)
+    logit = np.frombuffer(b"".join(batch["t_logits"]), dtype=np.float16)
+    k = len(idx) // max(int((_matrix(batch["target"]) > 0).sum()), 1)
+    return (torch.as_tensor(idx.reshape(-1, k).astype(np.int64), device=device),
+            torch.as_tensor(logit.reshape(-1, k).astype(np.float32), device=device))
+
+
+def _validate(core, split, users, device, world) -> dict:
+    """Validation metrics over this rank's users, summed across ranks (same result everywhere)."""
+    hist, targets, seen = sequences.eval_inputs(split, "valid", users)
+    out = metrics.evaluate_model(core, hist, targets, seen, device=device) if len(users) else {}
+    keys = ["ndcg@10", "hr@10", "mrr@10", "ndcg@20", "hr@20"]
+    sums = torch.tensor([out.get(k, 0.0) * len(users) for k in keys] + [len(users)], dtype=torch.float64)
+    if world > 1:
+        sums = sums.to(device)
+        dist.all_reduce(sums)
+    sums = sums.cpu()
+    return {k: float(sums[i] / max(float(sums[-1]), 1.0)) for i, k in enumerate(keys)}
+
+
+def _report(report, core, optimizer, state, desc, rank, best_weights) -> None:
+    """Every rank reports (a barrier); rank 0 attaches this epoch's checkpoint (Ray)."""
+    if rank != 0:
+        ray.train.report(report)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        checkpoints.save(d, core, optimizer, state, desc, best_weights)
+        ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def _die_once(data_dir: str) -> None:
+    marker = Path(data_dir).parent / ".fault_injected"
+    if not marker.exists():
+        marker.write_text("1")
+        print("fault injection: worker exits", flush=True)
+        os._exit(1)

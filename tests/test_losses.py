@@ -1,0 +1,177 @@
+"""Losses against hand-computed values (arithmetic in the comments)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from raykd.losses import (
+    cross_entropy,
+    distill_loss,
+    kd_kl,
+    kd_rank,
+    rank_weights,
+    sampled_softmax_loss,
+)
+
+PAD = torch.finfo(torch.float32).min
+LN2, LN5 = math.log(2.0), math.log(5.0)
+
+
+def three_items() -> torch.Tensor:
+    # Columns: pad, item 1, item 2, item 3. exp(logits) of the items = 1, 2, 5; sum 8.
+    return torch.tensor([[PAD, 0.0, LN2, LN5]])
+
+
+def test_cross_entropy_three_items_by_hand():
+    # Target item 2: CE = -log(2 / 8) = log 4. The padding column adds exp(PAD) = 0.
+    assert cross_entropy(three_items(), torch.tensor([2])).item() == pytest.approx(math.log(4), abs=1e-6)
+
+
+def test_cross_entropy_ignores_padding_rows():
+    # Row 2 has target 0 (padding): the mean is over row 1 only, so still log 4.
+    logits = torch.cat([three_items(), torch.tensor([[PAD, 9.0, -9.0, 0.0]])])
+    assert cross_entropy(logits, torch.tensor([2, 0])).item() == pytest.approx(math.log(4), abs=1e-6)
+
+
+def test_all_padding_batch_gives_zero_loss_with_finite_grad():
+    logits = three_items().repeat(2, 1).requires_grad_()
+    targets = torch.tensor([0, 0])
+    total, ce, kd = distill_loss(logits, targets, torch.tensor([[1, 2]] * 2), torch.zeros(2, 2), 0.5, 2.0)
+    total.backward()
+    assert total.item() == 0.0 and ce.item() == 0.0 and kd.item() == 0.0
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_alpha_zero_is_plain_cross_entropy_without_teacher():
+    logits = torch.randn(5, 7)
+    targets = torch.tensor([1, 2, 0, 6, 3])
+    total, ce, kd = distill_loss(logits, targets, None, None, alpha=0.0, temperature=3.0)
+    assert torch.equal(total, cross_entropy(logits, targets))
+    assert torch.equal(total, ce) and kd.item() == 0.0
+
+
+def test_identical_teacher_and_student_give_zero_kl():
+    # Student logits at the teacher's K items equal the teacher logits (exact in float16).
+    student = torch.tensor([[PAD, 0.5, 1.0, -2.0, 3.0]])
+    idx = torch.tensor([[4, 2, 1]])
+    teacher = torch.tensor([[3.0, 1.0, 0.5]], dtype=torch.float16)
+    for t in (0.5, 1.0, 4.0):
+        assert kd_kl(student, idx, teacher, t).item() == 0.0
+
+
+def test_kl_two_items_temperature_squared():
+    # Teacher logits (0, 2), student (0, 0), T = 2:
+    # p = softmax(0, 1) = (1/(1+e), e/(1+e)) = (0.268941, 0.731059); q = (1/2, 1/2)
+    # KL(p‖q) = p1·log(2 p1) + p2·log(2 p2) = 0.268941·(-0.620115) + 0.731059·0.379885
+    #         = -0.166774 + 0.277719 = 0.110944
+    # kd_kl = T² · KL = 4 · 0.110944 = 0.443776
+    p1 = 1 / (1 + math.e)
+    p2 = 1 - p1
+    raw_kl = p1 * math.log(2 * p1) + p2 * math.log(2 * p2)
+    assert raw_kl == pytest.approx(0.110944, abs=1e-6)
+    student = torch.tensor([[PAD, 0.0, 0.0]])
+    loss = kd_kl(student, torch.tensor([[1, 2]]), torch.tensor([[0.0, 2.0]]), temperature=2.0)
+    assert loss.item() == pytest.approx(0.443776, abs=1e-6)
+
+
+def test_kl_ignores_padding_item_and_stays_finite_at_low_temperature():
+    # The teacher entry at item 0 is dropped: the result equals the 2-item example at T = 2.
+    student = torch.tensor([[PAD, 0.0, 0.0]], requires_grad=True)
+    idx, teacher = torch.tensor([[0, 1, 2]]), torch.tensor([[9.0, 0.0, 2.0]])
+    p1 = 1 / (1 + math.e)
+    expected = 4 * (p1 * math.log(2 * p1) + (1 - p1) * math.log(2 * (1 - p1)))
+    assert kd_kl(student, idx, teacher, 2.0).item() == pytest.approx(expected, abs=1e-6)
+    # T = 0.5 turns the padding logit into -inf after division; nothing may become NaN.
+    loss = kd_kl(student, idx, teacher, 0.5)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(student.grad).all()
+
+
+def test_rank_weights_by_hand():
+    # m = 3, T = 1: exp(0), exp(-1), exp(-2) = 1, 0.367879, 0.135335; sum 1.503215
+    w = rank_weights(3, 1.0)
+    assert w.tolist() == pytest.approx([0.665241, 0.244728, 0.090031], abs=1e-6)
+
+
+def test_kd_rank_by_hand():
+    # Teacher's top-2 (m = 2, T = 1): item 2 then item 1. w = (e/(1+e), 1/(1+e)).
+    # Student log-softmax over items (1, 2, 5)/8: log p(2) = log(2/8), log p(1) = log(1/8).
+    # loss = w0·log 4 + w1·log 8 = 0.731059·1.386294 + 0.268941·2.079442
+    #      = 1.013462 + 0.559248 = 1.572710
+    w0, w1 = math.e / (1 + math.e), 1 / (1 + math.e)
+    expected = w0 * math.log(4) + w1 * math.log(8)
+    assert expected == pytest.approx(1.572710, abs=1e-6)
+    sorted_idx, sorted_t = torch.tensor([[2, 1, 3]]), torch.tensor([[3.0, 2.0, 1.0]])
+    assert kd_rank(three_items(), sorted_idx, sorted_t, 1.0, top_m=2).item() == pytest.approx(expected, abs=1e-6)
+    # Unsorted teacher_idx and a padding entry change nothing: order comes from the logits.
+    messy_idx, messy_t = torch.tensor([[1, 0, 3, 2]]), torch.tensor([[2.0, 9.0, 1.0, 3.0]])
+    assert kd_rank(three_items(), messy_idx, messy_t, 1.0, top_m=2).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_distill_loss_mixes_terms_and_skips_padding_rows():
+    logits = torch.cat([three_items(), torch.tensor([[PAD, 5.0, -1.0, 2.0]])])
+    targets = torch.tensor([2, 0])  # row 2 is padding: excluded from CE and KD alike
+    idx = torch.tensor([[1, 2], [3, 1]])
+    teacher = torch.tensor([[0.0, 2.0], [1.0, 7.0]])
+    total, ce, kd = distill_loss(logits, targets, idx, teacher, alpha=0.25, temperature=2.0)
+    # Row 1: CE = log 4; student at (1, 2) = (0, log 2); KD from the teacher (0, 2) at T = 2.
+    expected_kd = kd_kl(three_items(), idx[:1], teacher[:1], 2.0)
+    assert ce.item() == pytest.approx(math.log(4), abs=1e-6)
+    assert kd.item() == pytest.approx(expected_kd.item(), abs=1e-6)
+    assert total.item() == pytest.approx(0.75 * math.log(4) + 0.25 * expected_kd.item(), abs=1e-6)
+
+
+def test_distill_loss_rejects_bad_arguments():
+    logits, targets = three_items(), torch.tensor([1])
+    with pytest.raises(ValueError, match="kl, rank"):
+        distill_loss(logits, targets, None, None, 0.0, 1.0, kind="mse")
+    with pytest.raises(ValueError, match="teacher"):
+        distill_loss(logits, targets, None, None, 0.5, 1.0)
+
+
+def full_ce(hidden: torch.Tensor, emb: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = hidden @ emb.T
+    logits[:, 0] = PAD
+    return cross_entropy(logits, targets)
+
+
+def test_sampled_softmax_covering_catalogue_is_full_cross_entropy():
+    gen = torch.Generator().manual_seed(0)
+    hidden, emb = torch.randn(6, 4, generator=gen), torch.randn(9, 4, generator=gen)  # V = 8
+    targets = torch.tensor([1, 8, 0, 3, 3, 5])
+    expected = full_ce(hidden, emb, targets)
+    for log_q in (torch.zeros(9), torch.randn(9, generator=gen)):  # n >= V ignores log_q
+        got = sampled_softmax_loss(hidden, emb, targets, num_negatives=8, log_q=log_q)
+        assert got.item() == pytest.approx(expected.item(), abs=1e-5)
+
+
+def test_sampled_softmax_masks_accidental_hits():
+    # q puts (almost) all mass on item 1, so every negative is item 1 = the target: all masked,
+    # leaving the positive alone: loss = -o + log(exp(o)) = 0.
+    hidden, emb = torch.randn(1, 4), torch.randn(5, 4)
+    log_q = torch.tensor([0.0, 0.0, -1e4, -1e4, -1e4])
+    loss = sampled_softmax_loss(hidden, emb, torch.tensor([1]), num_negatives=3, log_q=log_q)
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_sampled_softmax_trains_a_toy_problem():
+    # Learn to predict item (u mod 20) + 1 for 40 users with 5 sampled negatives out of 20.
+    gen = torch.Generator().manual_seed(0)
+    users = torch.nn.Embedding(40, 8)
+    items = torch.nn.Embedding(21, 8)
+    targets = torch.arange(40) % 20 + 1
+    opt = torch.optim.Adam([*users.parameters(), *items.parameters()], lr=0.05)
+    log_q = torch.zeros(21)
+    losses = []
+    for _ in range(60):
+        loss = sampled_softmax_loss(users.weight, items.weight, targets, 5, log_q, generator=gen)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(x) for x in losses)
+    assert sum(losses[-10:]) < 0.5 * sum(losses[:10])
+    assert full_ce(users.weight, items.weight, targets).item() < math.log(20)
