@@ -44,8 +44,7 @@ def run(cfg: Config) -> dict:
     hist, targets, seen = sequences.eval_inputs(split, "test")
     counts = pq.read_table(data_dir / "items.parquet", columns=["count"])["count"].to_numpy()
     report = {"dataset": json.loads((data_dir / "stats.json").read_text())}
-    pop, pop_ranks = metrics.evaluate_model(Popularity(counts), hist, targets, seen, return_ranks=True)
-    report["popularity"] = pop
+    report["popularity"] = metrics.evaluate_model(Popularity(counts), hist, targets, seen)
     ranks, loaded = {}, {}
     for name in MODELS:
         if not (run_dir / name / "model.json").exists():
@@ -92,7 +91,7 @@ def paired_ndcg(ranks_a: np.ndarray, ranks_b: np.ndarray, k: int = 10) -> dict:
 
     diff = ndcg(ranks_a) - ndcg(ranks_b)
     se = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else float("nan")
-    return {"mean_diff": float(diff.mean()), "stderr": se, "users": int(len(diff))}
+    return {"mean_diff": float(diff.mean()), "stderr": se, "users": len(diff)}
 
 
 def _agreement(teacher, student, hist, seen, limit: int = 2048) -> float:
@@ -112,8 +111,8 @@ def _read_json(path: Path) -> dict:
 
 def markdown(report: dict) -> str:
     d = report["dataset"]
-    lines = [f"# raykd report\n\n{d['users']:,} users, {d['items']:,} items, {d['interactions']:,} "
-             "interactions; leave-one-out test, full ranking, history excluded.\n",
+    lines = [(f"# raykd report\n\n{d['users']:,} users, {d['items']:,} items, {d['interactions']:,} "
+              "interactions; leave-one-out test, full ranking, history excluded.\n"),
              "| model | NDCG@10 | HR@10 | MRR@10 | params | ms / 256 users | kept vs teacher |",
              "|---|---|---|---|---|---|---|"]
     for name in ("popularity", "teacher", "student", "student_nokd", "tune_best"):

@@ -9,6 +9,7 @@ shard; soft labels are stored in that same order, which is what keeps them align
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -38,7 +39,7 @@ def read_split(data_dir: str | Path) -> dict[str, list | np.ndarray]:
     values = train.values.to_numpy()
     return {
         "user": table["user"].to_numpy(),
-        "train": [values[a:b] for a, b in zip(offsets[:-1], offsets[1:])],
+        "train": [values[a:b] for a, b in itertools.pairwise(offsets)],
         "valid": table["valid"].to_numpy(),
         "test": table["test"].to_numpy(),
     }

@@ -10,6 +10,7 @@ checkpoint. A rerun, or a restart after a lost worker (FailureConfig), resumes f
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -57,7 +58,8 @@ def fit(name: str, run_dir: Path, data_dir: Path, model_cfg: ModelConfig, train_
     ds = window_dataset(data_dir, model_cfg.max_len, soft_dir if alpha > 0 else None)
     loop_cfg = {"desc": desc, "train": train_cfg.model_dump(), "data_dir": str(data_dir), "seed": seed,
                 "alpha": alpha, "temperature": temperature, "kd_loss": kd_loss,
-                "item_counts": _item_log_q(data_dir) if train_cfg.loss == "sampled" else None}
+                "item_counts": _item_log_q(data_dir) if train_cfg.loss == "sampled" else None,
+                "fault_after_epoch": os.environ.get(FAULT_ENV)}
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_cfg,
@@ -80,6 +82,7 @@ def fit(name: str, run_dir: Path, data_dir: Path, model_cfg: ModelConfig, train_
     best = state["best"]
     summary = {"name": name, "best_epoch": best["epoch"], "valid": best["metrics"],
                "epochs_run": state["epoch"] + 1, "history": state["history"],
+               "resumed": state.get("resumed", 0), "replica_digests": state.get("replica_digests", []),
                "train_seconds": time.perf_counter() - t0, "params": models.count_params(model),
                "alpha": alpha, "temperature": temperature, "kd_loss": kd_loss if alpha > 0 else None,
                "fingerprint": fingerprint}
@@ -151,6 +154,7 @@ def train_loop(config: dict) -> None:
     if ckpt:  # resume after a restart or a rerun (Ray)
         with ckpt.as_directory() as d:
             state, best_weights = checkpoints.load(d, core, optimizer, device)
+        state["resumed"] = state.get("resumed", 0) + 1
         print(f"rank {rank}: resumed after epoch {state['epoch'] + 1}", flush=True)
     split = sequences.read_split(config["data_dir"])
     val_users = np.arange(rank, len(split["user"]), world)
@@ -159,6 +163,8 @@ def train_loop(config: dict) -> None:
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _nullcontext()
     for epoch in range(state["epoch"] + 1, tc["epochs"]):
         t0 = time.perf_counter()
+        if rank == 0 and config["fault_after_epoch"] == str(epoch - 1):
+            _die_once(config["data_dir"])
         loss_sum, batches = _train_epoch(model, core, optimizer, shard, config, epoch, device, amp, log_q)
         val = _validate(core, split, val_users, device, world)
         state["epoch"] = epoch
@@ -169,11 +175,10 @@ def train_loop(config: dict) -> None:
             best_weights = checkpoints.weights(core)
         state["history"].append({"epoch": epoch, "loss": loss_sum / max(batches, 1), **val,
                                  "seconds": time.perf_counter() - t0})
+        state["replica_digests"] = _replica_digests(core, world, device)
         report = {"epoch": epoch, "loss": loss_sum / max(batches, 1), "val_ndcg@10": val["ndcg@10"],
                   "best_val_ndcg@10": state["best"]["metrics"]["ndcg@10"]}
         _report(report, core, optimizer, state, config["desc"], rank, best_weights)
-        if rank == 0 and os.environ.get(FAULT_ENV) == str(epoch):
-            _die_once(config["data_dir"])
         if state["bad_epochs"] >= tc["patience"]:
             break
 
@@ -241,6 +246,19 @@ def _validate(core, split, users, device, world) -> dict:
     return {k: float(sums[i] / max(float(sums[-1]), 1.0)) for i, k in enumerate(keys)}
 
 
+def _replica_digests(core, world: int, device) -> list[str]:
+    """A hash of every rank's parameters: DDP replicas must stay identical (tested)."""
+    h = hashlib.sha256()
+    for tensor in core.state_dict().values():
+        h.update(tensor.detach().float().cpu().numpy().tobytes())
+    mine = torch.tensor(list(h.digest()[:16]), dtype=torch.uint8, device=device)
+    if world == 1:
+        return [bytes(mine.tolist()).hex()]
+    gathered = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(gathered, mine)
+    return [bytes(g.cpu().tolist()).hex() for g in gathered]
+
+
 def _report(report, core, optimizer, state, desc, rank, best_weights) -> None:
     """Every rank reports (a barrier); rank 0 attaches this epoch's checkpoint (Ray)."""
     if rank != 0:
@@ -252,8 +270,15 @@ def _report(report, core, optimizer, state, desc, rank, best_weights) -> None:
 
 
 def _die_once(data_dir: str) -> None:
+    """Fault injection for tests: the process exits hard, once per run directory.
+
+    It waits past Ray Train's 2 s health-check interval first, so the controller has registered
+    the previous epoch's checkpoint (a crash right after a report may lose that report: the
+    epoch is then retrained, which is correct but not what the test checks).
+    """
     marker = Path(data_dir).parent / ".fault_injected"
     if not marker.exists():
         marker.write_text("1")
+        time.sleep(5)
         print("fault injection: worker exits", flush=True)
         os._exit(1)
