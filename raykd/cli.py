@@ -16,6 +16,7 @@ STAGES = {
     "teacher": ("raykd.teacher", "train the teacher (Ray Train)"),
     "soft-labels": ("raykd.soft_labels", "teacher top-K scores for every training position"),
     "distill": ("raykd.distill", "train the student on hard + soft labels (and student_nokd)"),
+    "tune": ("raykd.tune", "Ray Tune + Optuna search over temperature, alpha and student size"),
     "evaluate": ("raykd.evaluate", "test metrics of every trained model -> report.json"),
     "pipeline": ("raykd.pipeline", "every stage in order, reusing finished ones"),
 }
@@ -32,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
             return _synth(args)
         from raykd.config import load_config
 
+        if args.command == "serve":
+            return _serve(args)
+
         cfg = load_config(args.config, args.overrides)
         module = importlib.import_module(STAGES[args.command][0])
         module.run(cfg)
@@ -44,6 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"raykd {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001 - a bug, not bad input: still no traceback unless asked
+        if args.debug:
+            traceback.print_exc()
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        print(f"raykd {args.command}: internal error: {type(err).__name__}: {lines[-1][:300] if lines else ''}. "
+              "This is probably a bug in raykd; rerun with --debug for the traceback.", file=sys.stderr)
+        return 1
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,26 +65,52 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("config", help="experiment YAML, e.g. configs/quickstart.yaml")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.path=x.csv train.lr=3e-4")
         p.add_argument("--debug", action="store_true", help="show Python tracebacks")
+    p = sub.add_parser("serve", help="serve a student over HTTP with Ray Serve (blocks; Ctrl-C stops)")
+    p.add_argument("path", help="a run directory (serves tune/best, else student) or a model folder")
+    p.add_argument("overrides", nargs="*", help="serve.* overrides, e.g. serve.max_replicas=4")
+    p.add_argument("--config", help="experiment YAML whose serve section to use (default: defaults)")
+    p.add_argument("--host", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default 8000)")
+    p.add_argument("--debug", action="store_true", help="show Python tracebacks")
     p = sub.add_parser("synth", help="write a synthetic interaction log (Parquet)")
     p.add_argument("--users", type=int, default=2000)
     p.add_argument("--items", type=int, default=1000)
     p.add_argument("--mean-length", type=float, default=30.0)
     p.add_argument("--clusters", type=int, default=20)
+    p.add_argument("--popularity-skew", type=float, default=1.0, help="Zipf exponent of item popularity")
+    p.add_argument("--markov", type=float, default=0.6, help="chance the next item follows the last one")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output .parquet file")
-    p.add_argument("--debug", action="store_true")
+    p.add_argument("--debug", action="store_true", help="show Python tracebacks")
     return parser
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from raykd import serve
+    from raykd.config import load_config
+
+    extra = [f"serve.host={args.host}"] if args.host else []
+    extra += [f"serve.port={args.port}"] if args.port else []
+    cfg = load_config(args.config, [*args.overrides, *extra])
+    serve.run_blocking(args.path, cfg.serve)
+    return 0
+
+
 def _synth(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from raykd import synth
     from raykd.config import SyntheticConfig
 
     try:
         cfg = SyntheticConfig(users=args.users, items=args.items, mean_length=args.mean_length,
-                              clusters=args.clusters, seed=args.seed)
-    except ValueError as err:
-        raise RaykdError(f"bad synth arguments: {err}") from None
+                              clusters=args.clusters, popularity_skew=args.popularity_skew,
+                              markov=args.markov, seed=args.seed)
+    except ValidationError as err:
+        problems = "; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in err.errors())
+        raise RaykdError(f"bad synth arguments: {problems}") from None
+    if os.path.isdir(args.out):
+        raise RaykdError(f"--out {args.out} is a folder; give a file name such as {args.out}/log.parquet")
     info = synth.write(cfg, args.out)
     print(f"synth: wrote {info['interactions']:,} interactions of {info['users']:,} users "
           f"over {info['items']:,} items to {os.path.abspath(info['path'])}")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from raykd.errors import RaykdError
 
@@ -48,6 +48,28 @@ class DataConfig(Section):
     min_item_interactions: int = Field(5, ge=1, description="k-core: items need at least this")
     num_shards: int | None = Field(None, ge=1, description="output shards; default ~50k users each")
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+
+    @field_validator("user_col", "item_col", "time_col", "rating_col", mode="before")
+    @classmethod
+    def _column_index(cls, v: Any) -> Any:
+        # `data.user_col=0` (a headerless csv) arrives from YAML as an int
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+    @field_validator("delimiter", mode="before")
+    @classmethod
+    def _one_character(cls, v: Any) -> Any:
+        v = {"\\t": "\t", "tab": "\t", "TAB": "\t", "space": " "}.get(v, v) if isinstance(v, str) else v
+        if isinstance(v, str) and (len(v) != 1 or v in '\r\n"'):
+            raise ValueError("must be one character other than a quote or newline (write a tab as '\\t')")
+        return v
+
+    @model_validator(mode="after")
+    def _rating_filter_needs_ratings(self) -> "DataConfig":
+        if self.min_rating is not None and self.format == "synthetic":
+            raise ValueError("data.min_rating is set but synthetic logs have no ratings; remove it")
+        if self.min_rating is not None and self.rating_col is None and self.format != "movielens":
+            raise ValueError("data.min_rating needs data.rating_col: the column that holds the ratings")
+        return self
 
 
 class ModelConfig(Section):
@@ -106,6 +128,59 @@ class DistillConfig(Section):
     train_nokd: bool = Field(True, description="also train the alpha=0 baseline student_nokd")
 
 
+class SearchDim(Section):
+    """One searched config key: `loguniform`/`uniform` over [low, high], `int`, or `choice`."""
+
+    type: Literal["loguniform", "uniform", "int", "choice"]
+    low: float | None = None
+    high: float | None = None
+    values: list[Any] | None = None
+
+
+def _default_space() -> dict[str, SearchDim]:
+    return {
+        "distill.temperature": SearchDim(type="loguniform", low=1.0, high=10.0),
+        "distill.alpha": SearchDim(type="uniform", low=0.0, high=1.0),
+        "distill.model.dim": SearchDim(type="choice", values=[8, 16, 32]),
+        "distill.model.layers": SearchDim(type="choice", values=[1, 2]),
+        "distill.train.lr": SearchDim(type="loguniform", low=3e-4, high=3e-3),
+    }
+
+
+class TuneConfig(Section):
+    """Ray Tune + Optuna search over distillation settings (the tune stage)."""
+
+    enabled: bool = Field(True, description="run the tune stage in `raykd pipeline`")
+    objective: Literal["ndcg", "pareto"] = Field("ndcg", description="pareto: NDCG vs student size")
+    size_metric: Literal["params", "latency"] = Field("params", description="pareto's second objective")
+    max_quality_drop: float = Field(0.02, ge=0, lt=1, description="pareto pick: within this of the best")
+    num_samples: int = Field(6, ge=1, description="trials")
+    max_concurrent_trials: int = Field(1, ge=1)
+    time_budget_s: float | None = Field(None, gt=0, description="stop starting trials after this")
+    grace_period: int = Field(2, ge=1, description="ASHA: epochs before a trial can be stopped")
+    cpus_per_trial: float = Field(1.0, gt=0, description="CPUs of each trial's Train worker")
+    seed: int = Field(0, description="TPE sampler seed")
+    space: dict[str, SearchDim] = Field(default_factory=_default_space)
+
+
+class ServeConfig(Section):
+    """Ray Serve deployment of the student (the serve stage)."""
+
+    host: str = Field("127.0.0.1", description="bind address; 0.0.0.0 only behind auth")
+    port: int = Field(8000, ge=1, le=65535)
+    max_batch_size: int = Field(32, ge=1, description="@serve.batch size")
+    batch_wait_timeout_s: float = Field(0.005, ge=0)
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(16, gt=0)
+    replica_cpus: float = Field(0.5, gt=0)
+    max_k: int = Field(100, ge=1)
+    max_history: int = Field(1000, ge=1)
+    max_body_bytes: int = Field(65536, ge=1024)
+    api_key: str | None = Field(None, description="bearer token; also RAYKD_API_KEY")
+    access_log: bool = Field(False, description="per-request logs cost ~30% of throughput")
+
+
 class RayConfig(Section):
     address: str | None = Field(None, description="existing cluster; default: RAY_ADDRESS or local")
     num_cpus: int | None = Field(None, ge=1, description="local Ray only; default all cores")
@@ -119,6 +194,8 @@ class Config(Section):
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     soft_labels: SoftLabelsConfig = Field(default_factory=SoftLabelsConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
 
@@ -146,14 +223,31 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
 def _apply_override(raw: dict, item: str) -> None:
     key, sep, value = item.partition("=")
     if not sep or not key:
-        raise RaykdError(f"override {item!r} is not of the form key=value (e.g. train.lr=3e-4)")
+        raise RaykdError(f"override {item!r} is not of the form key=value (e.g. teacher.train.lr=3e-4)")
     node = raw
-    parts = key.split(".")
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise RaykdError(f"override {item!r}: {key!r} is not a dotted key like teacher.train.lr")
     for part in parts[:-1]:
-        node = node.setdefault(part, {})
+        if node.get(part) is None:  # a missing section, or `data:` left empty in the YAML
+            node[part] = {}
+        node = node[part]
         if not isinstance(node, dict):
             raise RaykdError(f"override {item!r}: {part!r} is not a section")
-    node[parts[-1]] = yaml.safe_load(value) if value != "" else None
+    node[parts[-1]] = _yaml_value(value)
+
+
+def _yaml_value(value: str) -> Any:
+    """An override's value typed as YAML: `3e-4` a float, `null` None, `false` a bool."""
+    if value == "":
+        return None
+    if not value.strip() or (len(value) == 1 and not value.isalnum() and value != "~"):
+        return value  # one symbol such as a delimiter (| - # tab), which YAML reads as syntax
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value  # not YAML, so plain text, e.g. a path with brackets or colons
+    return value if parsed is None and value.strip() not in ("null", "Null", "NULL", "~") else parsed
 
 
 def _explain(err: ValidationError) -> str:
@@ -164,7 +258,10 @@ def _explain(err: ValidationError) -> str:
             valid = ", ".join(_fields_at(e["loc"][:-1]))
             lines.append(f"  unknown key '{loc}'; valid keys here: {valid}")
         else:
-            lines.append(f"  {loc}: {e['msg']} (got {e.get('input')!r})")
+            msg = e["msg"].removeprefix("Value error, ")
+            got = e.get("input")
+            whole_section = e["type"] == "value_error" and isinstance(got, dict)  # a check across fields
+            lines.append(f"  {loc}: {msg}" + ("" if whole_section else f" (got {got!r})"))
     return "\n".join(lines)
 
 

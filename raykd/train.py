@@ -53,43 +53,57 @@ def fit(name: str, run_dir: Path, data_dir: Path, model_cfg: ModelConfig, train_
     ensure_ray()
     storage = run_dir / "ray_train"
     _forget_stale_run(storage / name, fingerprint)
-    n_items = sequences.num_items(data_dir)
-    desc = {"family": model_cfg.family, "num_items": n_items, **model_cfg.model_dump(exclude={"family"})}
-    ds = window_dataset(data_dir, model_cfg.max_len, soft_dir if alpha > 0 else None)
-    loop_cfg = {"desc": desc, "train": train_cfg.model_dump(), "data_dir": str(data_dir), "seed": seed,
-                "alpha": alpha, "temperature": temperature, "kd_loss": kd_loss,
-                "item_counts": _item_log_q(data_dir) if train_cfg.loss == "sampled" else None,
-                "fault_after_epoch": os.environ.get(FAULT_ENV)}
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=loop_cfg,
-        scaling_config=ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=train_cfg.use_gpu,
-                                     resources_per_worker={"CPU": train_cfg.cpus_per_worker}),
-        run_config=RunConfig(name=name, storage_path=str(storage),
-                             failure_config=FailureConfig(max_failures=train_cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
-        datasets={"train": ds},
-    )
-    print(f"{name}: training {desc['family']} dim={desc['dim']} layers={desc['layers']} on "
+    trainer = make_trainer(name, storage, data_dir, model_cfg, train_cfg, seed, soft_dir, alpha, temperature,
+                           kd_loss)
+    print(f"{name}: training {model_cfg.family} dim={model_cfg.dim} layers={model_cfg.layers} on "
           f"{train_cfg.num_workers} worker(s) ({'GPU' if train_cfg.use_gpu else 'CPU'})", flush=True)
     t0 = time.perf_counter()
     result = trainer.fit()
     if result.error or result.checkpoint is None:
         raise RaykdError(f"{name}: training failed: {result.error}")
     with result.checkpoint.as_directory() as ckpt:
-        state = checkpoints.read_state(ckpt)
-        model, _ = models.load_model(Path(ckpt) / "best")
+        summary = export(Path(ckpt), out, {"name": name, "train_seconds": time.perf_counter() - t0,
+                                           "alpha": alpha, "temperature": temperature,
+                                           "kd_loss": kd_loss if alpha > 0 else None, "fingerprint": fingerprint})
+    print(f"{name}: best valid NDCG@10 {summary['valid']['ndcg@10']:.4f} at epoch {summary['best_epoch'] + 1} "
+          f"({summary['epochs_run']} epochs, {summary['train_seconds']:.0f}s) -> {out}", flush=True)
+    return summary
+
+
+def make_trainer(name: str, storage: Path, data_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig,
+                 seed: int = 0, soft_dir: Path | None = None, alpha: float = 0.0, temperature: float = 1.0,
+                 kd_loss: str = "kl", callbacks: list | None = None) -> TorchTrainer:
+    """The TorchTrainer for one model (also what each Tune trial builds and fits)."""
+    desc = {"family": model_cfg.family, "num_items": sequences.num_items(data_dir),
+            **model_cfg.model_dump(exclude={"family"})}
+    ds = window_dataset(data_dir, model_cfg.max_len, soft_dir if alpha > 0 else None)
+    loop_cfg = {"desc": desc, "train": train_cfg.model_dump(), "data_dir": str(Path(data_dir).resolve()),
+                "seed": seed, "alpha": alpha, "temperature": temperature, "kd_loss": kd_loss,
+                "item_counts": _item_log_q(data_dir) if train_cfg.loss == "sampled" else None,
+                "fault_after_epoch": os.environ.get(FAULT_ENV)}
+    return TorchTrainer(
+        train_loop,
+        train_loop_config=loop_cfg,
+        scaling_config=ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=train_cfg.use_gpu,
+                                     resources_per_worker={"CPU": train_cfg.cpus_per_worker}),
+        run_config=RunConfig(name=name, storage_path=str(storage), callbacks=callbacks,
+                             failure_config=FailureConfig(max_failures=train_cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        datasets={"train": ds},
+    )
+
+
+def export(ckpt: Path, out: Path, extra: dict) -> dict:
+    """Write a checkpoint's best-on-validation model to `out` (servable as is) with its summary."""
+    state = checkpoints.read_state(ckpt)
+    model, desc = models.load_model(Path(ckpt) / "best")
     best = state["best"]
-    summary = {"name": name, "best_epoch": best["epoch"], "valid": best["metrics"],
+    summary = {**extra, "best_epoch": best["epoch"], "valid": best["metrics"],
                "epochs_run": state["epoch"] + 1, "history": state["history"],
                "resumed": state.get("resumed", 0), "replica_digests": state.get("replica_digests", []),
-               "train_seconds": time.perf_counter() - t0, "params": models.count_params(model),
-               "alpha": alpha, "temperature": temperature, "kd_loss": kd_loss if alpha > 0 else None,
-               "fingerprint": fingerprint}
-    models.save_model(out, model, desc, extra={"fingerprint": fingerprint})
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
-    print(f"{name}: best valid NDCG@10 {best['metrics']['ndcg@10']:.4f} at epoch {best['epoch'] + 1} "
-          f"({summary['epochs_run']} epochs, {summary['train_seconds']:.0f}s) -> {out}", flush=True)
+               "params": models.count_params(model)}
+    models.save_model(out, model, desc, extra={"fingerprint": extra.get("fingerprint")})
+    (Path(out) / "metrics.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 

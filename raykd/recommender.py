@@ -1,0 +1,163 @@
+"""A servable student: model + vocabulary + known user histories, and request validation.
+
+Plain Python (no Ray): the Ray Serve deployment (raykd.serve) and any other server or batch
+job use the same `Recommender` so answers never depend on how they are served.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr, ValidationError, model_validator
+
+from raykd import models, sequences
+from raykd.errors import RaykdError
+
+RawId = StrictInt | StrictStr
+
+
+class RecommendRequest(BaseModel):
+    """Body of POST /recommend: a history of raw item ids (oldest first) or a known user id."""
+
+    model_config = ConfigDict(extra="forbid")
+    history: list[RawId] | None = None
+    user_id: RawId | None = None
+    k: StrictInt = 10
+    exclude_seen: StrictBool = True
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RecommendRequest:
+        if (self.history is None) == (self.user_id is None):
+            raise ValueError("give exactly one of 'history' (a list of item ids) or 'user_id'")
+        return self
+
+
+class BadRequest(Exception):
+    """A request the client must fix: carries the HTTP status and a message saying what to fix."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def resolve_student(path: str | Path) -> Path:
+    """A run directory serves its tuned winner if present, else its student; or a model folder."""
+    path = Path(path)
+    for candidate in (path / "tune" / "best", path / "student", path):
+        if (candidate / "model.json").exists():
+            return candidate
+    raise RaykdError(f"{path} holds no servable model (looked for tune/best/, student/ and model.json)")
+
+
+class Recommender:
+    """Loads a student once; answers batches of validated requests."""
+
+    def __init__(self, path: str | Path, max_k: int = 100, max_history: int = 1000):
+        self.model_dir = resolve_student(path)
+        self.model, self.desc = models.load_model(self.model_dir)
+        self.max_k, self.max_history = max_k, max_history
+        data_dir = _find_data_dir(self.model_dir)
+        items = pq.read_table(data_dir / "items.parquet")
+        self.int_ids = pa.types.is_integer(items.schema.field("raw_id").type)
+        self.raw_items = [None, *items["raw_id"].to_pylist()]
+        self.index = {raw: i for i, raw in enumerate(self.raw_items) if i}
+        counts = items["count"].to_numpy()
+        self.popular = np.argsort(-counts, kind="stable") + 1
+        self.popular_scores = counts[self.popular - 1].astype(float)
+        self.histories = _user_histories(data_dir)
+        tag = hashlib.sha256(str(self.desc.get("fingerprint")).encode()).hexdigest()[:8]
+        self.model_id = f"{self.model_dir.name}-{self.desc['family']}{self.desc['dim']}x{self.desc['layers']}-{tag}"
+
+    def parse(self, body: dict[str, Any]) -> tuple[np.ndarray, list, int, bool]:
+        """Validate a request body -> (item indices, unknown raw ids, k, exclude_seen)."""
+        try:
+            req = RecommendRequest.model_validate(body)
+        except ValidationError as err:
+            raise BadRequest(422, "; ".join(_explain(e) for e in err.errors())) from None
+        if not 1 <= req.k <= self.max_k:
+            raise BadRequest(422, f"k must be between 1 and {self.max_k}, got {req.k}")
+        if req.user_id is not None:
+            key = self._normalise(req.user_id)
+            if key not in self.histories:
+                raise BadRequest(404, f"unknown user_id {req.user_id!r}: send its 'history' instead")
+            return self.histories[key], [], req.k, req.exclude_seen
+        if len(req.history) > self.max_history:
+            raise BadRequest(422, f"history has {len(req.history)} items; at most {self.max_history} are "
+                                  "accepted (send the most recent ones)")
+        known, unknown = [], []
+        for raw in req.history:
+            idx = self.index.get(self._normalise(raw))
+            (known.append(idx) if idx else unknown.append(raw))
+        return np.asarray(known, dtype=np.int64), unknown, req.k, req.exclude_seen
+
+    def _normalise(self, raw: int | str) -> int | str:
+        if self.int_ids and isinstance(raw, str) and raw.lstrip("-").isdigit():
+            return int(raw)
+        return str(raw) if not self.int_ids and isinstance(raw, int) else raw
+
+    @torch.no_grad()
+    def recommend_many(self, requests: list[tuple[np.ndarray, list, int, bool]]) -> list[dict]:
+        """Score a batch of parsed requests in one forward pass; popularity for empty histories."""
+        out: list[dict | None] = [None] * len(requests)
+        rows = [i for i, (hist, *_rest) in enumerate(requests) if len(hist)]
+        if rows:
+            padded = models.left_pad([requests[i][0] for i in rows], self.desc["max_len"])
+            scores = self.model.last_scores(padded).float()
+            scores[:, 0] = -torch.inf
+            for r, i in enumerate(rows):
+                hist, unknown, k, exclude = requests[i]
+                s = scores[r]
+                if exclude:
+                    s[torch.as_tensor(hist)] = -torch.inf
+                top = torch.topk(s, min(k, int(torch.isfinite(s).sum())))
+                out[i] = self._answer(top.indices.numpy(), top.values.numpy(), unknown, None)
+        for i, (hist, unknown, k, _) in enumerate(requests):
+            if out[i] is None:
+                out[i] = self._answer(self.popular[:k], self.popular_scores[:k], unknown, "popularity")
+        return out
+
+    def _answer(self, idx: np.ndarray, scores: np.ndarray, unknown: list, fallback: str | None) -> dict:
+        answer = {"items": [self.raw_items[i] for i in idx.tolist()], "scores": [round(float(s), 5) for s in scores],
+                  "model": self.model_id, "unknown_items": unknown}
+        if fallback:
+            answer["fallback"] = fallback
+        return answer
+
+    def describe(self) -> dict:
+        metrics = {}
+        if (self.model_dir / "metrics.json").exists():
+            m = json.loads((self.model_dir / "metrics.json").read_text())
+            metrics = {"valid": m.get("valid"), "best_epoch": m.get("best_epoch")}
+        return {"model": self.model_id, "path": str(self.model_dir), "description": self.desc,
+                "params": models.count_params(self.model), "items": len(self.raw_items) - 1,
+                "users_with_history": len(self.histories), "metrics": metrics,
+                "limits": {"max_k": self.max_k, "max_history": self.max_history}}
+
+
+def _find_data_dir(model_dir: Path) -> Path:
+    for candidate in (model_dir, model_dir.parent / "data", model_dir.parent.parent / "data"):
+        if (candidate / "items.parquet").exists():
+            return candidate
+    raise RaykdError(f"no item vocabulary (items.parquet) next to {model_dir} or in its run's data/")
+
+
+def _user_histories(data_dir: Path) -> dict:
+    """Raw user id -> full known history (train + valid + test) as item indices, if prepared."""
+    if not (data_dir / "users.parquet").exists() or not (data_dir / "sequences").exists():
+        return {}
+    split = sequences.read_split(data_dir)
+    raw_users = pq.read_table(data_dir / "users.parquet")["raw_id"].to_pylist()
+    return {raw_users[u]: np.concatenate([t, [v, s]]).astype(np.int64)
+            for u, t, v, s in zip(split["user"], split["train"], split["valid"], split["test"])}
+
+
+def _explain(e: dict) -> str:
+    where = ".".join(str(p) for p in e["loc"]) or "body"
+    return f"{where}: {e['msg'].removeprefix('Value error, ')}"
