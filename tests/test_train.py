@@ -1,6 +1,6 @@
 """Ray-backed tests of the stages after prepare, on one tiny synthetic pipeline run.
 
-The module fixture runs the whole pipeline once (prepare -> teacher -> soft labels -> distill ->
+The session fixture `tiny_run` (conftest.py) runs the whole pipeline once (prepare -> teacher -> soft labels -> distill ->
 evaluate); the tests check each stage's outputs, then re-run pieces with other settings: two
 scoring workers, two DDP workers, a killed worker.
 """
@@ -14,31 +14,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import tiny_config
 
 from raykd import models, pipeline, soft_labels, train
-from raykd.config import load_config
-
-TINY = [
-    "data.synthetic.users=300", "data.synthetic.items=120", "data.synthetic.mean_length=20",
-    "data.synthetic.clusters=4",
-    "teacher.model.dim=16", "teacher.model.layers=1", "teacher.model.heads=1", "teacher.model.max_len=20",
-    "teacher.train.epochs=2", "teacher.train.batch_size=64",
-    "distill.model.dim=8", "distill.model.layers=1", "distill.model.heads=1", "distill.model.max_len=20",
-    "distill.train.epochs=2", "distill.train.batch_size=64",
-    "soft_labels.top_k=10",
-]
-
-
-def tiny_config(run_dir, *extra):
-    return load_config("configs/quickstart.yaml", TINY + [f"output_dir={run_dir}", *extra])
-
-
-@pytest.fixture(scope="module")
-def tiny_run(ray_session, tmp_path_factory):
-    """The whole pipeline on a tiny synthetic log, shared by the tests below."""
-    run_dir = tmp_path_factory.mktemp("run")
-    pipeline.run(tiny_config(run_dir))
-    return run_dir
 
 
 def test_report_has_every_section_and_metric(tiny_run):
