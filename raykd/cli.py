@@ -13,6 +13,7 @@ from raykd.errors import RaykdError
 # subcommand -> (module with run(cfg), help)
 STAGES = {
     "prepare": ("raykd.prepare", "logs -> cleaned, split, sharded sequences (Ray Data)"),
+    "embed-items": ("raykd.embed_items", "item text -> language-model vectors (Ray Data actors)"),
     "teacher": ("raykd.teacher", "train the teacher (Ray Train)"),
     "soft-labels": ("raykd.soft_labels", "teacher top-K scores for every training position"),
     "distill": ("raykd.distill", "train the student on hard + soft labels (and student_nokd)"),

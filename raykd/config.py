@@ -32,6 +32,15 @@ class SyntheticConfig(Section):
     seed: int = 0
 
 
+class ItemTextConfig(Section):
+    """A table of item text (csv, parquet or jsonl by extension): one id column, text columns."""
+
+    path: str
+    id_col: str = "item_id"
+    text_cols: list[str] = Field(default_factory=lambda: ["title"], min_length=1)
+    delimiter: str = ","
+
+
 class DataConfig(Section):
     """Where the interaction log is and how to read and clean it (the prepare stage)."""
 
@@ -48,6 +57,7 @@ class DataConfig(Section):
     min_item_interactions: int = Field(5, ge=1, description="k-core: items need at least this")
     num_shards: int | None = Field(None, ge=1, description="output shards; default ~50k users each")
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+    item_text: ItemTextConfig | None = Field(None, description="item text table for embed-items")
 
     @field_validator("user_col", "item_col", "time_col", "rating_col", mode="before")
     @classmethod
@@ -64,7 +74,7 @@ class DataConfig(Section):
         return v
 
     @model_validator(mode="after")
-    def _rating_filter_needs_ratings(self) -> "DataConfig":
+    def _rating_filter_needs_ratings(self) -> DataConfig:
         if self.min_rating is not None and self.format == "synthetic":
             raise ValueError("data.min_rating is set but synthetic logs have no ratings; remove it")
         if self.min_rating is not None and self.rating_col is None and self.format != "movielens":
@@ -110,6 +120,9 @@ def _student_model() -> ModelConfig:
 class TeacherConfig(Section):
     model: ModelConfig = Field(default_factory=_teacher_model)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    item_text: bool = Field(False, description="fuse item text vectors (raykd embed-items) into the teacher")
+    text_encoder: str = Field("all-MiniLM-L6-v2", description="sentence-transformers model: local dir or name")
+    text_workers: int = Field(1, ge=1, description="embedding actors (a GPU each with teacher.train.use_gpu)")
 
 
 class SoftLabelsConfig(Section):
@@ -126,6 +139,7 @@ class DistillConfig(Section):
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the distillation term")
     loss: Literal["kl", "rank"] = "kl"
     train_nokd: bool = Field(True, description="also train the alpha=0 baseline student_nokd")
+    teacher_scores: str | None = Field(None, description="external teacher scores (Parquet) instead of a raykd teacher")
 
 
 class SearchDim(Section):

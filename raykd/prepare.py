@@ -17,6 +17,7 @@ the output is byte-identical whatever the number of workers or blocks.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
+import ray.data
 
 from raykd import logs
 from raykd.config import Config, DataConfig, dump_config, section_hash
@@ -36,20 +38,21 @@ USERS_PER_SHARD = 50_000
 
 
 def run(cfg: Config) -> Path:
-    """Prepare `cfg.data` into `<output_dir>/data`; reuse it when it exists for the same config."""
+    """Prepare `cfg.data` into `<output_dir>/data`; reuse it when it exists for the same config and input."""
     out = Path(cfg.output_dir) / "data"
-    key = section_hash(cfg.data)
+    sources = logs.plan_sources(cfg.data)  # fails fast, before Ray starts
+    key = f"{section_hash(cfg.data)}-{_fingerprint(sources)}"
     if _manifest_key(out) == key:
-        print(f"prepare: reusing {out} (same data config)", flush=True)
+        print(f"prepare: reusing {out} (same data config and input files)", flush=True)
         return out
     dump_config(cfg, Path(cfg.output_dir) / "config.yaml")
-    sources = logs.plan_sources(cfg.data)  # fails fast, before Ray starts
     ensure_ray(cfg.ray)
     t0 = time.perf_counter()
     table = read_all(sources)
     print(f"prepare: read {table.num_rows:,} rows from {len(sources)} source(s) "
           f"in {time.perf_counter() - t0:.1f}s", flush=True)
-    result = clean(table, cfg.data, describe=_describe(cfg.data))
+    result = clean(table, cfg.data, sources)
+    (out / "manifest.json").unlink(missing_ok=True)  # a half-written folder is never reused
     write(result, out, cfg.data.num_shards)
     (out / "manifest.json").write_text(json.dumps({"config_hash": key}))
     s = result["stats"]
@@ -73,12 +76,23 @@ def _manifest_key(out: Path) -> str | None:
         return None
 
 
-def _describe(data: DataConfig) -> str:
-    return f"data.path {data.path}" if data.path else f"data.format {data.format}"
+def _fingerprint(sources: list[logs.Source]) -> str:
+    """Input files by path, size and modification time: a changed log is prepared again."""
+    files = []
+    for s in sources:
+        if s.path:
+            st = Path(s.path).stat()
+            files.append((str(Path(s.path).resolve()), st.st_size, st.st_mtime_ns))
+    return hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
 
 
 def read_all(sources: list[logs.Source]) -> pa.Table:
-    """Read every source with Ray Data tasks and gather the compact normalised columns."""
+    """Read every source with Ray Data tasks and gather the compact normalised columns.
+
+    One task per source (file or synthetic chunk); a file streams through its task in blocks of
+    `block_bytes`. The result does not depend on the order in which blocks arrive: every row
+    carries its file order, and `clean` sorts by it.
+    """
 
     def read_batch(batch: dict) -> object:
         for src in batch["source"]:
@@ -88,58 +102,61 @@ def read_all(sources: list[logs.Source]) -> pa.Table:
     ds = ray.data.from_items(items, override_num_blocks=len(sources))
     ds = ds.map_batches(read_batch, batch_size=1, batch_format="numpy")
     parts, rows, next_print = [], 0, time.perf_counter() + 10
-    try:
-        for part in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            parts.append(part)
-            rows += part.num_rows
-            if time.perf_counter() > next_print:  # progress on long reads
-                print(f"prepare: {rows:,} rows read so far", flush=True)
-                next_print = time.perf_counter() + 10
-    except Exception as err:  # a RaykdError raised in a task arrives wrapped by Ray
-        raise _user_error(err) or err
+    for part in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        if "error" in part.column_names:  # a source could not be read: stop at once
+            errors = part.filter(pc.is_valid(part["error"]))
+            if errors.num_rows:
+                raise RaykdError(errors.sort_by("order")["error"][0].as_py())
+            part = part.drop_columns(["error"])
+        parts.append(part)
+        rows += part.num_rows
+        if time.perf_counter() > next_print:  # progress on long reads
+            print(f"prepare: {rows:,} rows read so far", flush=True)
+            next_print = time.perf_counter() + 10
     parts = [p for p in parts if p.num_rows]
     if not parts:
-        raise RaykdError(f"no rows read from {', '.join(s.path or s.kind for s in sources)}: empty input")
-    if len({(p.schema.field("user").type, p.schema.field("item").type) for p in parts}) > 1:
-        parts = [p.set_column(0, "user", p["user"].cast(pa.string()))
-                  .set_column(1, "item", p["item"].cast(pa.string())) for p in parts]
-    return pa.concat_tables(parts).combine_chunks()
+        names = ", ".join(s.path or s.kind for s in sources[:5]) + (" ..." if len(sources) > 5 else "")
+        raise RaykdError(f"no data rows in {names}: the input holds no interactions (only a header, or empty "
+                         "files); point data.path at a log with rows")
+    text = sources[0].kind in logs.TEXT_KINDS
+    for name in ("user", "item"):
+        if len({p.schema.field(name).type for p in parts}) > 1:  # e.g. int ids in one parquet, text in another
+            parts = [p.set_column(p.schema.get_field_index(name), name, p[name].cast(pa.string())) for p in parts]
+    table = pa.concat_tables(parts).combine_chunks()
+    for name in ("user", "item"):
+        table = table.set_column(table.schema.get_field_index(name), name, logs.unify_ids(table[name], text))
+    return table
 
 
-def _user_error(err: BaseException) -> RaykdError | None:
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, RaykdError):
-            return RaykdError(str(err).split("\n")[-1] if "Traceback" in str(err) else str(err))
-        err = getattr(err, "cause", None) or err.__cause__ or err.__context__
-    return None
-
-
-def clean(table: pa.Table, data: DataConfig, describe: str = "input") -> dict:
+def clean(table: pa.Table, data: DataConfig, sources: list[logs.Source] | None = None) -> dict:
     """Validate, filter, de-duplicate, k-core, encode and split; all vectorised and deterministic."""
     total = table.num_rows
     flag = table["flag"].to_numpy()
-    _raise_on_bad_rows(table, flag, describe)
+    describe = _describe(data)
+    _raise_on_bad_rows(table, flag, data, sources or [])
+    has_time = "time" in table.column_names
+    if has_time:
+        _raise_on_mixed_times(table, flag, data, sources or [])
     dropped: dict[str, int] = {}
     low = int((flag == logs.FLAG_LOW_RATING).sum())
     if low:
         dropped["below_min_rating"] = low
         table = table.filter(pa.array(flag == logs.FLAG_OK))
     if table.num_rows == 0:
-        raise RaykdError(f"{describe}: all {total:,} rows have rating below data.min_rating={data.min_rating}")
+        raise RaykdError(f"{describe}: all {total:,} rows have a rating below data.min_rating={data.min_rating}; "
+                         "lower data.min_rating or check data.rating_col")
 
     users_raw, user = _encode(table["user"])
     items_raw, item = _encode(table["item"])
-    t, order = table["time"].to_numpy(), table["order"].to_numpy()
+    order = table["order"].to_numpy()
+    t = table["time"].to_numpy() if has_time else np.zeros(len(order))
     del table
 
-    # Exact repeats: same user, item and time (without a time column, the same user and item).
-    key_time = t if data.time_col or data.format in ("movielens", "synthetic") else np.zeros_like(t)
-    idx = np.lexsort((order, key_time, item, user))
+    # Exact repeats: same user, item and time (without a time column, the same user and item);
+    # the first in file order stays.
+    idx = np.lexsort((order, t, item, user))
     dup = np.zeros(len(idx), dtype=bool)
-    dup[1:] = (user[idx][1:] == user[idx][:-1]) & (item[idx][1:] == item[idx][:-1]) & (
-        key_time[idx][1:] == key_time[idx][:-1])
+    dup[1:] = (user[idx][1:] == user[idx][:-1]) & (item[idx][1:] == item[idx][:-1]) & (t[idx][1:] == t[idx][:-1])
     keep = np.ones(len(idx), dtype=bool)
     keep[idx[dup]] = False
     if dup.any():
@@ -152,7 +169,7 @@ def clean(table: pa.Table, data: DataConfig, describe: str = "input") -> dict:
         raise RaykdError(
             f"{describe}: no interactions left after the k-core filter (users need "
             f"{data.min_user_interactions}, items {data.min_item_interactions} interactions; "
-            f"{total:,} rows read, dropped {dropped}). Lower data.min_user_interactions / "
+            f"{total:,} rows read, dropped {({k: v for k, v in dropped.items() if v})}). Lower data.min_user_interactions (at least 3) / "
             "data.min_item_interactions.")
 
     users_kept, user = np.unique(user, return_inverse=True)  # dense 0..U-1, raw-id order
@@ -170,18 +187,52 @@ def clean(table: pa.Table, data: DataConfig, describe: str = "input") -> dict:
     }
 
 
-def _raise_on_bad_rows(table: pa.Table, flag: np.ndarray, describe: str) -> None:
+def _describe(data: DataConfig) -> str:
+    return f"data.path {data.path}" if data.path else f"data.format {data.format}"
+
+
+def _where(order: np.ndarray, sources: list[logs.Source], limit: int = 3) -> str:
+    """'a.csv line 5, a.csv line 9' for the first rows of a set, by their global file order."""
+    by_index = {s.index: s for s in sources}
+    out = []
+    for o in np.sort(order)[:limit]:
+        src = by_index.get(int(o >> logs.ROW_BITS))
+        row = int(o & ((1 << logs.ROW_BITS) - 1))
+        out.append(src.where(row) if src else f"file #{int(o >> logs.ROW_BITS)} row {row + 1}")
+    return ", ".join(out)
+
+
+def _raise_on_bad_rows(table: pa.Table, flag: np.ndarray, data: DataConfig, sources: list[logs.Source]) -> None:
     bad = (flag != logs.FLAG_OK) & (flag != logs.FLAG_LOW_RATING)
     if not bad.any():
         return
-    counts = {logs.FLAG_NAMES[int(f)]: int((flag == f).sum()) for f in np.unique(flag[bad])}
-    first = table["order"].to_numpy()[bad][:5]
-    where = ", ".join(f"file #{o >> logs.ROW_BITS} row {(o & ((1 << logs.ROW_BITS) - 1)) + 1}" for o in first)
+    order = table["order"].to_numpy()
+    problems = []
+    for f in np.unique(flag[bad]):
+        what, setting = logs.FLAG_NAMES[int(f)]
+        rows = flag == f
+        column = getattr(sources[0], setting, None) if sources else getattr(data, setting)
+        every = " (every row: is it the right column?)" if rows.all() else ""
+        problems.append(f"{int(rows.sum()):,} with a {what} in column {column!r}{every}, first at "
+                        f"{_where(order[rows], sources)}")
     raise RaykdError(
-        f"{describe}: {int(bad.sum()):,} of {len(flag):,} rows are invalid "
-        f"({', '.join(f'{v:,} {k}' for k, v in counts.items())}); first at {where} "
-        "(rows counted from 1 after any header). Fix or remove these rows, or check that "
-        "data.user_col / data.item_col / data.time_col / data.rating_col name the right columns.")
+        f"{_describe(data)}: {int(bad.sum()):,} of {len(flag):,} rows are invalid: {'; '.join(problems)}. "
+        "Fix or remove these rows, or check that data.user_col / data.item_col / data.time_col / "
+        "data.rating_col name the right columns.")
+
+
+def _raise_on_mixed_times(table: pa.Table, flag: np.ndarray, data: DataConfig, sources: list[logs.Source]) -> None:
+    kind = table["time_kind"].to_numpy()
+    dates = kind == logs.TIME_DATE
+    if dates.all() or not dates.any():
+        return
+    order = table["order"].to_numpy()
+    column = sources[0].time_col if sources else data.time_col
+    raise RaykdError(
+        f"{_describe(data)}: the time column {column!r} mixes numbers ({int((~dates).sum()):,} rows, first at "
+        f"{_where(order[~dates], sources, 2)}) and dates ({int(dates.sum()):,} rows, first at "
+        f"{_where(order[dates], sources, 2)}), which cannot be ordered together. Write every timestamp the "
+        "same way (all epoch numbers or all dates).")
 
 
 def _encode(col: pa.ChunkedArray) -> tuple[pa.Array, np.ndarray]:
@@ -194,11 +245,14 @@ def _encode(col: pa.ChunkedArray) -> tuple[pa.Array, np.ndarray]:
 def _k_core(user: np.ndarray, item: np.ndarray, min_user: int, min_item: int, dropped: dict) -> np.ndarray:
     """Iteratively drop users and items with too few interactions until none remain; return mask."""
     keep = np.ones(len(user), dtype=bool)
+    num_users = int(user.max()) + 1 if len(user) else 0
+    num_items = int(item.max()) + 1 if len(item) else 0
     while True:
-        u_count = np.bincount(user[keep])
-        i_count = np.bincount(item[keep])
-        low_user = keep & (u_count[user] < min_user) if len(u_count) else keep
-        low_item = keep & (i_count[item] < min_item) & ~low_user if len(i_count) else keep
+        # minlength: users/items already removed still index the counts (as zero)
+        u_count = np.bincount(user[keep], minlength=num_users)
+        i_count = np.bincount(item[keep], minlength=num_items)
+        low_user = keep & (u_count[user] < min_user)
+        low_item = keep & (i_count[item] < min_item) & ~low_user
         if not low_user.any() and not low_item.any():
             return keep
         dropped["k_core_user"] = dropped.get("k_core_user", 0) + int(low_user.sum())
@@ -230,7 +284,7 @@ def write(result: dict, out: Path, num_shards: int | None) -> None:
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     owner = np.repeat(np.arange(users), lengths)
     is_train = np.arange(len(items)) < (offsets[1:] - 2)[owner]  # all but each user's last two
-    shards = num_shards or max(1, -(-users // USERS_PER_SHARD))
+    shards = min(num_shards or -(-users // USERS_PER_SHARD), users)  # never an empty shard
     seq_dir = out / "sequences"
     seq_dir.mkdir(parents=True, exist_ok=True)
     for old in seq_dir.glob("part-*.parquet"):

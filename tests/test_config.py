@@ -1,0 +1,143 @@
+"""Typed configs: unknown keys, dotted overrides, bad values, and the resolved config.yaml."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from raykd.config import Config, dump_config, load_config
+from raykd.errors import RaykdError
+
+
+def write_yaml(tmp_path, text: str):
+    path = tmp_path / "exp.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_quickstart_config_loads():
+    cfg = load_config("configs/quickstart.yaml")
+    assert cfg.data.format == "synthetic"
+    assert cfg.data.synthetic.users == 2000
+
+
+def test_defaults_without_a_file():
+    assert load_config(None) == Config()
+
+
+def test_unknown_top_level_key_names_it_and_the_valid_keys(tmp_path):
+    path = write_yaml(tmp_path, "nmae: x\n")
+    with pytest.raises(RaykdError) as err:
+        load_config(path)
+    msg = str(err.value)
+    assert "'nmae'" in msg and str(path) in msg
+    for valid in ("name", "output_dir", "data", "teacher", "distill"):
+        assert valid in msg
+
+
+def test_unknown_nested_key_names_it_and_the_valid_keys(tmp_path):
+    path = write_yaml(tmp_path, "data:\n  fromat: csv\n")
+    with pytest.raises(RaykdError, match=r"unknown key 'data\.fromat'; valid keys here: format, path, user_col"):
+        load_config(path)
+
+
+def test_unknown_key_in_an_override():
+    with pytest.raises(RaykdError, match=r"unknown key 'teacher\.train\.learning_rate'.*\blr\b"):
+        load_config(None, ["teacher.train.learning_rate=0.1"])
+
+
+def test_dotted_overrides_are_typed_as_yaml(tmp_path):
+    path = write_yaml(tmp_path, "data:\n  format: csv\n  path: x.csv\n  time_col: ts\n")
+    cfg = load_config(path, ["teacher.train.lr=3e-4", "data.time_col=null", "data.header=false",
+                             "teacher.train.epochs=7", "output_dir=runs/x", "data.user_col=0"])
+    assert cfg.teacher.train.lr == pytest.approx(3e-4)
+    assert cfg.data.time_col is None
+    assert cfg.data.header is False
+    assert cfg.teacher.train.epochs == 7
+    assert cfg.output_dir == "runs/x"
+    assert cfg.data.user_col == "0"  # a column index, as YAML gives it, becomes the column's name
+    assert cfg.data.path == "x.csv"  # untouched keys keep the file's values
+
+
+def test_override_beats_the_file_and_an_empty_section_takes_overrides(tmp_path):
+    path = write_yaml(tmp_path, "data:\nteacher:\n  train: {lr: 0.1}\n")
+    cfg = load_config(path, ["data.format=parquet", "teacher.train.lr=0.2"])
+    assert cfg.data.format == "parquet" and cfg.teacher.train.lr == 0.2
+
+
+@pytest.mark.parametrize("override, message", [
+    ("teacher.train.lr", "not of the form key=value"),
+    ("=3", "not of the form key=value"),
+    ("teacher..lr=3", "not a dotted key"),
+    ("name.x=3", r"name: Input should be a valid string \(got \{'x': 3\}\)"),
+])
+def test_bad_override_syntax(override, message):
+    with pytest.raises(RaykdError, match=message):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("teacher.train.epochs=-1", r"teacher\.train\.epochs: Input should be greater than or equal to 1 \(got -1\)"),
+    ("data.format=xml", r"data\.format: Input should be 'movielens', 'csv'"),
+    ("data.min_user_interactions=2", r"data\.min_user_interactions"),
+    ("distill.alpha=1.5", r"distill\.alpha"),
+    ("data.delimiter=ab", r"data\.delimiter: must be one character"),
+    ("teacher.train.lr=fast", r"teacher\.train\.lr: Input should be a valid number"),
+])
+def test_bad_values(override, message):
+    with pytest.raises(RaykdError, match=message):
+        load_config(None, [override])
+
+
+def test_override_that_is_not_yaml_is_text():
+    assert load_config(None, ["data.path=[a"]).data.path == "[a"
+    assert load_config(None, ["data.path=runs/[a]:b{c.csv"]).data.path == "runs/[a]:b{c.csv"
+    assert load_config(None, ["data.path="]).data.path is None
+
+
+def test_override_into_a_value_set_by_the_file(tmp_path):
+    with pytest.raises(RaykdError, match="'name' is not a section"):
+        load_config(write_yaml(tmp_path, "name: run\n"), ["name.x=3"])
+
+
+def test_delimiter_spellings():
+    for spelling in ("\\t", "tab", "\t"):
+        assert load_config(None, [f"data.delimiter={spelling}"]).data.delimiter == "\t"
+    for symbol in ";|-#>?":  # YAML syntax on its own, a delimiter here
+        assert load_config(None, [f"data.delimiter={symbol}"]).data.delimiter == symbol
+
+
+def test_min_rating_needs_a_rating_column():
+    with pytest.raises(RaykdError, match="data.min_rating needs data.rating_col"):
+        load_config(None, ["data.format=csv", "data.min_rating=4"])
+    with pytest.raises(RaykdError, match="synthetic logs have no ratings"):
+        load_config(None, ["data.min_rating=4"])
+    assert load_config(None, ["data.format=movielens", "data.min_rating=4"]).data.min_rating == 4
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(RaykdError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("- a\n- b\n", "must hold a mapping of sections, got list"),
+    ("just text\n", "must hold a mapping of sections, got str"),
+    ("data: [1,\n", "is not valid YAML"),
+])
+def test_non_mapping_or_invalid_yaml(tmp_path, text, message):
+    with pytest.raises(RaykdError, match=message):
+        load_config(write_yaml(tmp_path, text))
+
+
+def test_empty_file_means_defaults(tmp_path):
+    assert load_config(write_yaml(tmp_path, "")) == Config()
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config("configs/quickstart.yaml", ["teacher.train.lr=3e-4", "data.synthetic.users=10"])
+    dump_config(cfg, tmp_path / "run" / "config.yaml")
+    raw = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert raw["teacher"]["train"]["lr"] == pytest.approx(3e-4)
+    assert raw["data"]["min_item_interactions"] == 5  # every default spelled out
+    assert load_config(tmp_path / "run" / "config.yaml") == cfg
