@@ -80,12 +80,18 @@ class SASRec(nn.Module):
     max_len - 1, whatever the input length, so training and serving see the same positions.
     """
 
-    def __init__(self, num_items: int, dim: int, layers: int, heads: int, max_len: int, dropout: float):
+    def __init__(self, num_items: int, dim: int, layers: int, heads: int, max_len: int, dropout: float,
+                 text_dim: int = 0):
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
         self.num_items, self.dim, self.max_len = num_items, dim, max_len
         self.item_emb = nn.Embedding(num_items + 1, dim, padding_idx=0)
+        # Text fusion (teacher.item_text): a frozen language-model vector per item (a buffer, so it
+        # travels in the safetensors file) through a trained projection, added to the id embedding.
+        self.text_proj = nn.Linear(text_dim, dim, bias=False) if text_dim else None
+        if text_dim:
+            self.register_buffer("item_text", torch.zeros(num_items + 1, text_dim))
         self.pos_emb = nn.Embedding(max_len, dim)
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(_Block(dim, heads, dropout) for _ in range(layers))
@@ -99,7 +105,7 @@ class SASRec(nn.Module):
         real = seq != 0
         pos = torch.arange(self.max_len - length, self.max_len, device=seq.device)
         # Zeroing pad rows keeps them from carrying a position signal into anything.
-        x = self.drop(self.item_emb(seq) + self.pos_emb(pos)) * real.unsqueeze(-1)
+        x = self.drop(F.embedding(seq, self.item_table()) + self.pos_emb(pos)) * real.unsqueeze(-1)
         causal = torch.ones(length, length, dtype=torch.bool, device=seq.device).tril()
         eye = torch.eye(length, dtype=torch.bool, device=seq.device)
         # Every query may see itself: a padding query would otherwise attend to nothing, and
@@ -109,8 +115,14 @@ class SASRec(nn.Module):
             x = block(x, allowed.unsqueeze(1))
         return self.norm(x)
 
+    def item_table(self) -> torch.Tensor:
+        """Item representations [V + 1, D]: id embedding (+ projected text vector when fused)."""
+        if self.text_proj is None:
+            return self.item_emb.weight
+        return self.item_emb.weight + self.text_proj(self.item_text)
+
     def score(self, hidden: torch.Tensor) -> torch.Tensor:
-        return _score(hidden, self.item_emb.weight)
+        return _score(hidden, self.item_table())
 
     def last_scores(self, seq: torch.Tensor) -> torch.Tensor:
         return self.score(self.forward(seq)[:, -1])
@@ -148,6 +160,9 @@ class GRURec(nn.Module):
         out = out.gather(1, to_left.unsqueeze(-1).expand(-1, -1, out.shape[-1]))
         return self.norm(out)
 
+    def item_table(self) -> torch.Tensor:
+        return self.item_emb.weight
+
     def score(self, hidden: torch.Tensor) -> torch.Tensor:
         return _score(hidden, self.item_emb.weight)
 
@@ -169,7 +184,11 @@ def build_model(desc: dict) -> nn.Module:
     missing = [k for k in DESC_KEYS if k not in desc]
     if missing:
         raise ValueError(f"model description lacks {', '.join(missing)}")
-    return FAMILIES[family](**{k: desc[k] for k in DESC_KEYS})
+    text_dim = int(desc.get("text_dim") or 0)
+    if text_dim and family != "sasrec":
+        raise ValueError("item text fusion (text_dim > 0) is implemented for the sasrec family only")
+    extra = {"text_dim": text_dim} if text_dim else {}
+    return FAMILIES[family](**{k: desc[k] for k in DESC_KEYS}, **extra)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -195,6 +214,8 @@ def save_model(path: str | Path, model: nn.Module, desc: dict, extra: dict | Non
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     meta = {"family": desc["family"], **{k: desc[k] for k in DESC_KEYS}, "params": count_params(model)}
+    if desc.get("text_dim"):
+        meta["text_dim"] = desc["text_dim"]
     meta.update(extra or {})
     (path / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
 

@@ -1,6 +1,6 @@
 """soft_labels: the teacher's top-K items and logits for every training position.
 
-Reads `<run>/data/` and `<run>/teacher/`; writes `<run>/soft_labels/part-*.parquet` (one file per
+Reads `<run>/data/` and `<run>/teacher/` (or external scores, `distill.teacher_scores`); writes `<run>/soft_labels/part-*.parquet` (one file per
 sequence shard, rows in (user, t) order: user int32, t int32, idx K×int32, logits K×float16) and
 `manifest.json` (rows, rows/s, bytes per row, K, the teacher it came from).
 
@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from raykd import models, sequences
+from raykd import models, sequences, teacher_scores
 from raykd.config import Config, dump_config
 from raykd.errors import RaykdError
 from raykd.runtime import ensure_ray
@@ -33,6 +33,8 @@ CHUNK_WINDOWS = 256  # windows scored per forward pass: fixed, so results never 
 def run(cfg: Config) -> dict:
     run_dir = Path(cfg.output_dir)
     data_dir, teacher_dir, out = run_dir / "data", run_dir / "teacher", run_dir / "soft_labels"
+    if cfg.distill.teacher_scores:
+        return import_external(Path(cfg.distill.teacher_scores), data_dir, out)
     teacher = _teacher_meta(teacher_dir)
     top_k = min(cfg.soft_labels.top_k, teacher["num_items"])
     key = f"{teacher['fingerprint']}-k{top_k}"
@@ -53,6 +55,23 @@ def run(cfg: Config) -> dict:
     (out / "manifest.json").write_text(json.dumps(info, indent=2))
     print(f"soft_labels: {n:,} positions, top-{top_k}, {info['rows_per_s']:,.0f} rows/s, "
           f"{info['bytes_per_row']:.0f} bytes/row (K x 6 = {top_k * 6}) -> {out}", flush=True)
+    return info
+
+
+def import_external(path: Path, data_dir: Path, out: Path) -> dict:
+    """Soft labels from an external teacher's scores (raykd.teacher_scores documents the schema)."""
+    key = teacher_scores.fingerprint(path)
+    if _manifest(out).get("key") == key:
+        print(f"soft_labels: reusing {out} (same external teacher scores)", flush=True)
+        return _manifest(out)
+    t0 = time.perf_counter()
+    rows, top_k = teacher_scores.load(path, data_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    n, size = write(rows, sequences.shard_paths(data_dir), out, top_k)
+    info = {"key": key, "rows": n, "top_k": top_k, "seconds": time.perf_counter() - t0,
+            "bytes_per_row": size / max(n, 1), "source": str(path)}
+    (out / "manifest.json").write_text(json.dumps(info, indent=2))
+    print(f"soft_labels: imported {n:,} positions, top-{top_k}, from external scores {path} -> {out}", flush=True)
     return info
 
 

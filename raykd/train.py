@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 import ray.train
 import torch
@@ -37,7 +37,7 @@ FAULT_ENV = "RAYKD_FAULT_AFTER_EPOCH"  # test hook: rank 0 dies once after this 
 
 def fit(name: str, run_dir: Path, data_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig,
         seed: int = 0, soft_dir: Path | None = None, alpha: float = 0.0, temperature: float = 1.0,
-        kd_loss: str = "kl", upstream: str = "") -> dict:
+        kd_loss: str = "kl", upstream: str = "", item_text: Path | None = None) -> dict:
     """Train one model with Ray Train and export its best checkpoint to `run_dir/name`.
 
     `upstream` fingerprints the inputs (prepared data, soft labels): a finished model trained on
@@ -54,7 +54,7 @@ def fit(name: str, run_dir: Path, data_dir: Path, model_cfg: ModelConfig, train_
     storage = run_dir / "ray_train"
     _forget_stale_run(storage / name, fingerprint)
     trainer = make_trainer(name, storage, data_dir, model_cfg, train_cfg, seed, soft_dir, alpha, temperature,
-                           kd_loss)
+                           kd_loss, item_text=item_text)
     print(f"{name}: training {model_cfg.family} dim={model_cfg.dim} layers={model_cfg.layers} on "
           f"{train_cfg.num_workers} worker(s) ({'GPU' if train_cfg.use_gpu else 'CPU'})", flush=True)
     t0 = time.perf_counter()
@@ -72,15 +72,21 @@ def fit(name: str, run_dir: Path, data_dir: Path, model_cfg: ModelConfig, train_
 
 def make_trainer(name: str, storage: Path, data_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig,
                  seed: int = 0, soft_dir: Path | None = None, alpha: float = 0.0, temperature: float = 1.0,
-                 kd_loss: str = "kl", callbacks: list | None = None) -> TorchTrainer:
-    """The TorchTrainer for one model (also what each Tune trial builds and fits)."""
+                 kd_loss: str = "kl", callbacks: list | None = None, item_text: Path | None = None) -> TorchTrainer:
+    """The TorchTrainer for one model (also what each Tune trial builds and fits).
+
+    `item_text`: a `vectors.parquet` of item text vectors to fuse into the model (teacher only).
+    """
     desc = {"family": model_cfg.family, "num_items": sequences.num_items(data_dir),
             **model_cfg.model_dump(exclude={"family"})}
+    if item_text is not None:
+        desc["text_dim"] = pq.read_schema(item_text).field("vector").type.list_size
     ds = window_dataset(data_dir, model_cfg.max_len, soft_dir if alpha > 0 else None)
     loop_cfg = {"desc": desc, "train": train_cfg.model_dump(), "data_dir": str(Path(data_dir).resolve()),
                 "seed": seed, "alpha": alpha, "temperature": temperature, "kd_loss": kd_loss,
                 "item_counts": _item_log_q(data_dir) if train_cfg.loss == "sampled" else None,
-                "fault_after_epoch": os.environ.get(FAULT_ENV)}
+                "fault_after_epoch": os.environ.get(FAULT_ENV),
+                "item_text": str(Path(item_text).resolve()) if item_text else None}
     return TorchTrainer(
         train_loop,
         train_loop_config=loop_cfg,
@@ -126,8 +132,17 @@ def _forget_stale_run(path: Path, fingerprint: str) -> None:
     marker.write_text(fingerprint)
 
 
+def load_vectors(path: str | Path) -> np.ndarray:
+    """[V + 1, d] float32 item text vectors from embed-items' vectors.parquet (row 0 = padding)."""
+    table = pq.read_table(path)
+    d = table.schema.field("vector").type.list_size
+    out = np.zeros((table.num_rows + 1, d), np.float32)
+    out[table["index"].to_numpy()] = table["vector"].combine_chunks().values.to_numpy().reshape(-1, d)
+    return out
+
+
 def _item_log_q(data_dir: Path) -> list[float]:
-    counts = pa.parquet.read_table(Path(data_dir) / "items.parquet", columns=["count"])["count"].to_numpy()
+    counts = pq.read_table(Path(data_dir) / "items.parquet", columns=["count"])["count"].to_numpy()
     q = np.concatenate([[1.0], counts + 1.0])
     return np.log(q / q.sum()).tolist()
 
@@ -158,6 +173,8 @@ def train_loop(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(config["seed"])  # same init on every rank (DDP also broadcasts rank 0's)
     model = models.build_model(config["desc"])
+    if config["item_text"]:  # frozen language-model vectors of the items (teacher.item_text)
+        model.item_text.copy_(torch.from_numpy(load_vectors(config["item_text"])))
     model = ray.train.torch.prepare_model(model)  # DDP + device placement (Ray)
     device = next(model.parameters()).device
     core = models.unwrap(model)
@@ -176,6 +193,8 @@ def train_loop(config: dict) -> None:
     log_q = torch.tensor(config["item_counts"], device=device) if config["item_counts"] else None
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _nullcontext()
     for epoch in range(state["epoch"] + 1, tc["epochs"]):
+        if state["bad_epochs"] >= tc["patience"]:  # resumed a run that had already stopped early
+            break
         t0 = time.perf_counter()
         if rank == 0 and config["fault_after_epoch"] == str(epoch - 1):
             _die_once(config["data_dir"])
@@ -219,7 +238,7 @@ def _train_epoch(model, core, optimizer, shard, config, epoch, device, amp, log_
         with amp:
             hidden = model(inp)[mask]
             if tc["loss"] == "sampled" and config["alpha"] == 0:
-                loss = losses.sampled_softmax_loss(hidden, core.item_emb.weight, target[mask],
+                loss = losses.sampled_softmax_loss(hidden, core.item_table(), target[mask],
                                                    tc["num_negatives"], log_q)
             else:
                 t_idx, t_logit = _soft(batch, device) if config["alpha"] > 0 else (None, None)

