@@ -128,7 +128,7 @@ class TeacherConfig(Section):
 class SoftLabelsConfig(Section):
     top_k: int = Field(100, ge=1, description="teacher items kept per training position")
     num_workers: int = Field(1, ge=1)
-    batch_size: int = Field(256, ge=1, description="users scored per batch")
+    batch_size: int = Field(256, ge=1, description="windows (users × max_len) scored per forward pass")
     use_gpu: bool = False
 
 

@@ -5,8 +5,8 @@ sequence shard, rows in (user, t) order: user int32, t int32, idx K×int32, logi
 `manifest.json` (rows, rows/s, bytes per row, K, the teacher it came from).
 
 Scoring runs on a Ray Data actor pool (`soft_labels.num_workers` actors, a GPU each when
-`use_gpu`), each actor loading the teacher once. Work is cut into fixed chunks of windows that
-do not depend on the number of workers, and rows are sorted back into position order before
+`use_gpu`), each actor loading the teacher once. Work is cut into fixed chunks of
+`soft_labels.batch_size` windows (one forward pass each) that do not depend on the number of workers, and rows are sorted back into position order before
 writing, so the files are identical whatever the number of workers.
 """
 
@@ -27,8 +27,6 @@ from raykd.config import Config, dump_config
 from raykd.errors import RaykdError
 from raykd.runtime import ensure_ray
 
-CHUNK_WINDOWS = 256  # windows scored per forward pass: fixed, so results never depend on workers
-
 
 def run(cfg: Config) -> dict:
     run_dir = Path(cfg.output_dir)
@@ -46,7 +44,7 @@ def run(cfg: Config) -> dict:
     shards = sequences.shard_paths(data_dir)
     t0 = time.perf_counter()
     rows = score_all(shards, teacher_dir, teacher["max_len"], top_k, cfg.soft_labels.num_workers,
-                     cfg.soft_labels.use_gpu)
+                     cfg.soft_labels.use_gpu, cfg.soft_labels.batch_size)
     seconds = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
     n, size = write(rows, shards, out, top_k)
@@ -99,10 +97,10 @@ def _teacher_meta(teacher_dir: Path) -> dict:
 class TeacherScorer:
     """Ray Data actor: loads the teacher once, scores chunks of windows, keeps the top K."""
 
-    def __init__(self, teacher_dir: str, max_len: int, top_k: int, use_gpu: bool):
+    def __init__(self, teacher_dir: str, max_len: int, top_k: int, use_gpu: bool, chunk: int):
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.model, _ = models.load_model(teacher_dir, self.device)
-        self.max_len, self.top_k = max_len, top_k
+        self.max_len, self.top_k, self.chunk = max_len, top_k, chunk
         self.cached: tuple[str, dict] | None = None  # windows of the last shard (chunks come in order)
 
     def __call__(self, batch: dict) -> dict:
@@ -118,32 +116,36 @@ class TeacherScorer:
 
     @torch.no_grad()
     def _score(self, w: dict, start: int) -> dict:
-        end = start + CHUNK_WINDOWS
+        end = start + self.chunk
         inp = torch.as_tensor(w["input"][start:end], dtype=torch.long, device=self.device)
         pos = w["pos"][start:end]
         real = torch.as_tensor(pos >= 0, device=self.device)
         amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
         with amp:
-            logits = self.model.score(self.model(inp)[real]).float()
+            hidden = self.model(inp)[real]
+        # The item-table product runs in fp32: under bf16 autocast the logits keep only ~3
+        # significant digits (coarser than the float16 they are stored as), so GPU soft labels
+        # would differ from CPU ones and near-tied top-K items reorder.
+        logits = self.model.score(hidden.float())
         top = torch.topk(logits, self.top_k, dim=1)  # sorted, best first
         return {"pos": pos[pos >= 0], "idx": top.indices.int().cpu().numpy(),
                 "logits": top.values.cpu().numpy().astype(np.float16)}
 
 
 def score_all(shards: list[Path], teacher_dir: Path, max_len: int, top_k: int, workers: int,
-              use_gpu: bool) -> dict[str, dict]:
+              use_gpu: bool, chunk: int = 256) -> dict[str, dict]:
     """Score every training position; returns per-shard arrays sorted by position."""
     chunks = []
     for shard in shards:
         n_windows = _count_windows(shard, max_len)
-        chunks += [{"shard": str(shard), "start": s} for s in range(0, n_windows, CHUNK_WINDOWS)]
+        chunks += [{"shard": str(shard), "start": s} for s in range(0, n_windows, chunk)]
     if not chunks:
         raise RaykdError("no training positions to score: every user's training sequence is a single item")
     ds = ray.data.from_items(chunks, override_num_blocks=min(len(chunks), 64))
     ds = ds.map_batches(
         TeacherScorer,
         fn_constructor_kwargs={"teacher_dir": str(teacher_dir.resolve()), "max_len": max_len,
-                               "top_k": top_k, "use_gpu": use_gpu},
+                               "top_k": top_k, "use_gpu": use_gpu, "chunk": chunk},
         compute=ray.data.ActorPoolStrategy(min_size=workers, max_size=workers),
         batch_size=1,
         num_gpus=1 if use_gpu else 0,

@@ -80,7 +80,7 @@ def test_external_teacher_scores_distill_end_to_end(text_run, tmp_path, per_posi
 @pytest.mark.parametrize("break_it, message", [
     (lambda df: df.drop(columns=["scores"]), "missing"),
     (lambda df: df.assign(items=[x[:3] if i == 0 else x for i, x in enumerate(df["items"])]), "1 of .* rows do not have K=5"),
-    (lambda df: df.assign(items=df["items"].map(lambda x: ["nope", *x[1:]])), "not in the prepared catalogue"),
+    (lambda df: df.assign(items=df["items"].map(lambda x: ["nope", *map(str, x[1:])])), "not in the prepared catalogue"),
     (lambda df: df.assign(user_id=["ghost"] * len(df)), "user_id that is not in the prepared data"),
     (lambda df: df.iloc[1:], "have no teacher scores"),
     (lambda df: df.assign(scores=df["scores"].map(lambda x: [str(v) for v in x])), "must hold numbers"),
