@@ -16,7 +16,7 @@ from pathlib import Path
 
 from raykd import distill, embed_items, evaluate, prepare, soft_labels, teacher, tune
 from raykd.config import Config, dump_config
-from raykd.runtime import ensure_ray
+from raykd.runtime import describe_placement, ensure_ray
 
 
 def stages(cfg: Config) -> list[tuple[str, Callable[[Config], object]]]:
@@ -34,9 +34,11 @@ def stages(cfg: Config) -> list[tuple[str, Callable[[Config], object]]]:
 def run(cfg: Config) -> dict:
     dump_config(cfg, Path(cfg.output_dir) / "config.yaml")
     ensure_ray(cfg.ray)
+    describe_placement(cfg)  # what Ray found and where each stage will run
+    plan = stages(cfg)
     t0 = time.perf_counter()
     result = None
-    for name, stage in stages(cfg):
+    for name, stage in plan:
         start = time.perf_counter()
         print(f"\n== {name} ==", flush=True)
         result = stage(cfg)

@@ -18,7 +18,7 @@ import torch
 import yaml
 from conftest import TINY
 
-from raykd import evaluate, models, prepare, sequences, soft_labels, tune
+from raykd import evaluate, models, prepare, sequences, soft_labels, tune, tune_report, tune_space
 from raykd.config import load_config
 from raykd.errors import RaykdError
 
@@ -38,7 +38,7 @@ def cfg_with(*overrides, run_dir="/tmp/raykd-unused"):
 
 
 def test_default_space_parses_to_optuna_distributions():
-    space = tune.parse_space(cfg_with())
+    space = tune_space.parse_space(cfg_with())
     assert set(space) == {"distill.temperature", "distill.alpha", "distill.model.dim", "distill.model.layers",
                           "distill.train.lr"}
     assert space["distill.temperature"].log and space["distill.temperature"].low == 1.0
@@ -50,7 +50,7 @@ def test_int_ranges_and_any_distill_key_are_searchable():
     cfg = cfg_with("tune.space={distill.model.dim: {type: int, low: 8, high: 32}, "
                    "distill.train.weight_decay: {type: uniform, low: 0, high: 0.1}, "
                    "distill.loss: {type: choice, values: [kl, rank]}}")
-    space = tune.parse_space(cfg)
+    space = tune_space.parse_space(cfg)
     assert (space["distill.model.dim"].low, space["distill.model.dim"].high) == (8, 32)
     assert space["distill.loss"].choices == ("kl", "rank")
 
@@ -77,7 +77,7 @@ def test_int_ranges_and_any_distill_key_are_searchable():
 ])
 def test_bad_search_spaces_are_clear_errors(space, message):
     with pytest.raises(RaykdError) as err:
-        tune.parse_space(cfg_with(f"tune.space={space}"))
+        tune_space.parse_space(cfg_with(f"tune.space={space}"))
     assert message in str(err.value)
 
 
@@ -109,21 +109,21 @@ def test_disabled_stage_is_skipped(capsys):
 
 def test_apply_values_sets_dotted_keys_on_a_copy():
     cfg = cfg_with()
-    new = tune.apply_values(cfg, {"distill.temperature": 3.0, "distill.model.dim": np.int64(32)})
+    new = tune_space.apply_values(cfg, {"distill.temperature": 3.0, "distill.model.dim": np.int64(32)})
     assert new.distill.temperature == 3.0 and new.distill.model.dim == 32
     assert cfg.distill.temperature == 1.0 and cfg.distill.model.dim == 16
     with pytest.raises(RaykdError, match="less than or equal to 1"):
-        tune.apply_values(cfg, {"distill.alpha": 1.5})
+        tune_space.apply_values(cfg, {"distill.alpha": 1.5})
 
 
 def test_configured_point_starts_the_search_only_when_inside_the_space():
     cfg = cfg_with()
-    space = tune.parse_space(cfg)
-    assert tune.configured_point(cfg, space) == {"distill.temperature": 1.0, "distill.alpha": 0.5,
+    space = tune_space.parse_space(cfg)
+    assert tune_space.configured_point(cfg, space) == {"distill.temperature": 1.0, "distill.alpha": 0.5,
                                                  "distill.model.dim": 16, "distill.model.layers": 1,
                                                  "distill.train.lr": 0.003}
     outside = cfg_with("distill.model.dim=64")
-    assert tune.configured_point(outside, tune.parse_space(outside)) is None
+    assert tune_space.configured_point(outside, tune_space.parse_space(outside)) is None
 
 
 # ---------------------------------------------------------------- the winner rules, no Ray
@@ -140,7 +140,7 @@ def hand_made_table() -> pd.DataFrame:
 
 def test_pareto_front_on_a_hand_made_table():
     t = hand_made_table().dropna()
-    front = tune.pareto_front(t["val_ndcg@10"], t["params"])
+    front = tune_report.pareto_front(t["val_ndcg@10"], t["params"])
     # f (same size as b, worse) is dominated; the rest trade NDCG for size
     assert list(t["trial_id"][front]) == ["a", "b", "c", "d"]
 
@@ -148,31 +148,31 @@ def test_pareto_front_on_a_hand_made_table():
 def test_pareto_pick_is_the_smallest_student_within_the_allowed_drop():
     t = hand_made_table()
     # within 2% of 0.300 means >= 0.294: b (0.296, 20k) and d (0.2941, 10k) qualify, d is smaller
-    win, why = tune.pick_winner(t, "pareto", "params", 0.02)
+    win, why = tune_report.pick_winner(t, "pareto", "params", 0.02)
     assert t.at[win, "trial_id"] == "d"
     assert "smallest student (10,000 params) within 2%" in why and "0.3000" in why
     # a tighter allowance (>= 0.2955) keeps only a and b; none at all keeps the best
-    assert t.at[tune.pick_winner(t, "pareto", "params", 0.015)[0], "trial_id"] == "b"
-    win0, why0 = tune.pick_winner(t, "pareto", "params", 0.0)
+    assert t.at[tune_report.pick_winner(t, "pareto", "params", 0.015)[0], "trial_id"] == "b"
+    win0, why0 = tune_report.pick_winner(t, "pareto", "params", 0.0)
     assert t.at[win0, "trial_id"] == "a" and "no smaller student" in why0
     # a loose allowance reaches c; the failed trial e (no NDCG) never wins, however small
-    assert t.at[tune.pick_winner(t, "pareto", "params", 0.10)[0], "trial_id"] == "c"
+    assert t.at[tune_report.pick_winner(t, "pareto", "params", 0.10)[0], "trial_id"] == "c"
     # the same rule on latency
-    assert t.at[tune.pick_winner(t, "pareto", "latency_ms", 0.02)[0], "trial_id"] == "d"
+    assert t.at[tune_report.pick_winner(t, "pareto", "latency_ms", 0.02)[0], "trial_id"] == "d"
 
 
 def test_ndcg_pick_is_the_best_and_ties_go_to_the_smaller_student():
     t = hand_made_table()
-    win, why = tune.pick_winner(t, "ndcg", "params")
+    win, why = tune_report.pick_winner(t, "ndcg", "params")
     assert t.at[win, "trial_id"] == "a" and "next best 0.2960" in why
     t.loc[len(t)] = ["g", 0.300, 30_000, 3.0]
-    assert t.at[tune.pick_winner(t, "ndcg", "params")[0], "trial_id"] == "g"
+    assert t.at[tune_report.pick_winner(t, "ndcg", "params")[0], "trial_id"] == "g"
     with pytest.raises(RaykdError, match="every trial failed"):
-        tune.pick_winner(t.assign(**{"val_ndcg@10": None}), "ndcg", "params")
+        tune_report.pick_winner(t.assign(**{"val_ndcg@10": None}), "ndcg", "params")
 
 
 def test_budgeted_searcher_stops_proposing_and_keeps_time_spent_across_restore(tmp_path):
-    space = tune.parse_space(cfg_with(*SEARCH))
+    space = tune_space.parse_space(cfg_with(*SEARCH))
     s = tune.BudgetedOptuna(space, metric=["best_val_ndcg@10", "params"], mode=["max", "min"], seed=0,
                             budget_s=3600, marker=str(tmp_path / "budget_spent"))
     first = s.suggest("t1")
