@@ -17,7 +17,8 @@ ranking, leave-one-out, history excluded: raykd.metrics, as `raykd evaluate`), N
 and by the popularity of the test item (its training interactions, in terciles of the test
 targets: each bucket holds about a third of the users). Prints the mean over seeds and the paired
 text − id difference per model and bucket (mean and standard error over seeds); writes
-WORKDIR/summary.{md,json}. Tune is switched off in both variants (it does not change the teacher).
+WORKDIR/summary.{md,json}. Tune is switched off in both variants (it does not change the teacher);
+student_nokd, which never sees a teacher, is trained once (id variant) and shown for both.
 """
 
 from __future__ import annotations
@@ -51,13 +52,14 @@ def main() -> int:
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     workdir = Path(args.workdir or Path("bench_out") / "text" / Path(args.config).stem)
     dirs = {"id": Path(args.id_workdir) if args.id_workdir else workdir / "id", "text": workdir / "text"}
-    extra = {"id": [], "text": ["teacher.item_text=true"]}
+    # student_nokd never sees the teacher: the text variant reuses the id variant's
+    extra = {"id": [], "text": ["teacher.item_text=true", "distill.train_nokd=false"]}
     for variant, base in dirs.items():
         base.mkdir(parents=True, exist_ok=True)
         for s in seeds:
             if not (base / f"seed{s}" / "report.json").exists():
                 run_seed(args.config, s, base, ["tune.enabled=false", *args.overrides, *extra[variant]])
-    per_seed = {v: {s: bucket_ndcg(dirs[v] / f"seed{s}") for s in seeds} for v in dirs}
+    per_seed = {v: {s: bucket_ndcg(dirs[v] / f"seed{s}", dirs["id"] / f"seed{s}") for s in seeds} for v in dirs}
     summary = summarise(per_seed, seeds)
     summary.update({"config": args.config, "overrides": args.overrides, "seeds": seeds,
                     "runs": {v: str(d) for v, d in dirs.items()}})
@@ -68,7 +70,7 @@ def main() -> int:
     return 0
 
 
-def bucket_ndcg(run_dir: Path) -> dict:
+def bucket_ndcg(run_dir: Path, id_run: Path) -> dict:
     """NDCG@10 per model: overall and by the test item's popularity tercile."""
     data_dir = run_dir / "data"
     split = sequences.read_split(data_dir)
@@ -79,7 +81,8 @@ def bucket_ndcg(run_dir: Path) -> dict:
     bucket = np.digitize(pop, edges, right=True)  # 0: <= q1/3, 1: <= q2/3, 2: above
     out = {"edges": [float(e) for e in edges], "users": {b: int((bucket == i).sum()) for i, b in enumerate(BUCKETS)}}
     for name in MODELS:
-        model, _ = models.load_model(run_dir / name)
+        folder = run_dir / name if (run_dir / name / "model.json").exists() else id_run / name
+        model, _ = models.load_model(folder)
         _, ranks = metrics.evaluate_model(model, hist, targets, seen, return_ranks=True)
         gain = np.where(ranks < 10, 1.0 / np.log2(ranks + 2.0), 0.0)
         out[name] = {"all": float(gain.mean()), **{b: float(gain[bucket == i].mean()) for i, b in enumerate(BUCKETS)}}
