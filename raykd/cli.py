@@ -64,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, (_, help_text) in STAGES.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("config", help="experiment YAML, e.g. configs/quickstart.yaml")
-        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.path=x.csv train.lr=3e-4")
+        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.path=x.csv teacher.train.lr=3e-4")
         p.add_argument("--debug", action="store_true", help="show Python tracebacks")
     p = sub.add_parser("serve", help="serve a student over HTTP with Ray Serve (blocks; Ctrl-C stops)")
     p.add_argument("path", help="a run directory (serves tune/best, else student) or a model folder")

@@ -1,7 +1,7 @@
 """Typed experiment configs: one YAML file, one section per stage, defaults defined here only.
 
 Load with `load_config(path, overrides)`; overrides are dotted `key=value` strings whose values are
-parsed as YAML (`train.lr=3e-4`, `data.time_col=null`). Unknown keys are errors that name the key
+parsed as YAML (`teacher.train.lr=3e-4`, `data.time_col=null`). Unknown keys are errors that name the key
 and the valid keys, so a typo never silently falls back to a default.
 """
 

@@ -134,3 +134,42 @@ def test_serve_config_file_is_valid_and_deploys(endpoint, tiny_run):
         assert ok.status_code == 200 and len(ok.json()["items"]) == 2
     finally:
         serve.delete("from_config")
+
+
+def test_a_killed_replica_is_replaced_and_the_endpoint_recovers(endpoint, tiny_run):
+    """SIGKILL the replica process: Serve's controller starts a new one and answers resume."""
+    import os
+    import signal
+    import time
+
+    import ray
+
+    def replica_pids() -> set[int]:
+        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                 if a["namespace"] == "serve" and a["name"].startswith("SERVE_REPLICA::raykd#recommender")]
+        pids = set()
+        for name in names:
+            try:
+                pids.add(ray.get(ray.get_actor(name, namespace="serve").__ray_call__.remote(lambda self: os.getpid()),
+                                 timeout=30))
+            except (ray.exceptions.RayError, ValueError):  # dead or going away
+                pass
+        return pids
+
+    old = replica_pids()
+    assert len(old) == 1, old
+    killed = old.pop()
+    os.kill(killed, signal.SIGKILL)
+    deadline, answered = time.monotonic() + 90, None
+    while time.monotonic() < deadline:
+        try:
+            r = endpoint.post("/recommend", json={"history": [1, 2], "k": 3}, timeout=5)
+            if r.status_code == 200:
+                answered = r.json()
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    assert answered is not None and len(answered["items"]) == 3
+    new = replica_pids()
+    assert len(new) == 1 and killed not in new  # a new replica process answers
