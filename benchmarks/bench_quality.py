@@ -70,9 +70,9 @@ def main() -> int:
 def run_seed(config: str, seed: int, workdir: Path, overrides: list[str], retries: int = 0) -> dict:
     """One pipeline run in its own process: wall seconds (all attempts) and CPU seconds.
 
-    CPU seconds are those of every finished descendant process (the driver, the Ray processes it
-    started, their workers), as the OS accounts them: on a shared machine, CPU-s / cores is a
-    better guide to the run's own cost than the wall time.
+    CPU seconds are those of the waited-for child processes only (the `raykd` driver): Ray's own
+    daemons and workers are not its waited children, so this undercounts the run's cost and is
+    kept in summary.json for reference only.
     """
     out = workdir / f"seed{seed}"
     cmd = ["raykd", "pipeline", config, f"seed={seed}", f"output_dir={out}", *overrides]
@@ -156,7 +156,7 @@ def markdown(s: dict) -> str:
               f"student vs student_nokd {_fmt(r['kd_gain'], '+.1%')}; teacher / most-popular "
               f"{_fmt(r['teacher_vs_pop'], '.2f')}x"), "",
               ("| seed | teacher | student | student_nokd | paired student − nokd (± s.e.) | valid T / S / nokd | "
-              "best epoch T / S / nokd | wall s | CPU s |"), "|---|---|---|---|---|---|---|---|---|"]
+              "best epoch T / S / nokd | wall s |"), "|---|---|---|---|---|---|---|---|"]
     for seed, p in s["per_seed"].items():
         v, e = p["valid"], p["best_epoch"]
         lines.append(
@@ -164,7 +164,7 @@ def markdown(s: dict) -> str:
             f"{_fmt(p.get('student_nokd'), '.4f')} | {_fmt(p['paired_diff'], '+.4f')} ± {_fmt(p['paired_se'], '.4f')} | "
             f"{' / '.join(_fmt(v.get(m), '.4f') for m in MODELS[1:])} | "
             f"{' / '.join(_fmt(None if e.get(m) is None else e[m] + 1, 'd') for m in MODELS[1:])} | "
-            f"{_fmt(p.get('wall_s'), '.0f')} | {_fmt(p.get('cpu_s'), '.0f')} |")
+            f"{_fmt(p.get('wall_s'), '.0f')} |")
     lines += ["", (f"paired student − student_nokd NDCG@10, mean over seeds: {_fmt(s['paired_diff_mean'], '+.4f')}"
               f" (std {_fmt(s['paired_diff_std'], '.4f')})"), ""]
     lines += [f"- {'PASS' if ok else 'FAIL'}: {name}" for name, ok in s["targets"].items()]
