@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -82,7 +84,7 @@ def make_trainer(name: str, storage: Path, data_dir: Path, model_cfg: ModelConfi
     if item_text is not None:
         desc["text_dim"] = pq.read_schema(item_text).field("vector").type.list_size
     ds = window_dataset(data_dir, model_cfg.max_len, soft_dir if alpha > 0 else None)
-    loop_cfg = {"desc": desc, "train": train_cfg.model_dump(), "data_dir": str(Path(data_dir).resolve()),
+    loop_cfg = {"name": name, "desc": desc, "train": train_cfg.model_dump(), "data_dir": str(Path(data_dir).resolve()),
                 "seed": seed, "alpha": alpha, "temperature": temperature, "kd_loss": kd_loss,
                 "item_counts": _item_log_q(data_dir) if train_cfg.loss == "sampled" else None,
                 "fault_after_epoch": os.environ.get(FAULT_ENV),
@@ -169,6 +171,7 @@ def window_dataset(data_dir: Path, max_len: int, soft_dir: Path | None) -> ray.d
 def train_loop(config: dict) -> None:
     """Runs on every Ray Train worker (rank 0 also checkpoints)."""
     tc = config["train"]
+    _quiet_ray_train_logs()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(config["seed"])  # same init on every rank (DDP also broadcasts rank 0's)
@@ -212,8 +215,25 @@ def train_loop(config: dict) -> None:
         report = {"epoch": epoch, "loss": loss_sum / max(batches, 1), "val_ndcg@10": val["ndcg@10"],
                   "best_val_ndcg@10": state["best"]["metrics"]["ndcg@10"]}
         _report(report, core, optimizer, state, config["desc"], rank, best_weights)
+        if rank == 0:
+            best = state["best"]
+            print(f"{config.get('name', 'train')}: epoch {epoch + 1}/{tc['epochs']} loss {report['loss']:.4f}, "
+                  f"val NDCG@10 {val['ndcg@10']:.4f} (best {best['metrics']['ndcg@10']:.4f} at epoch "
+                  f"{best['epoch'] + 1}), {state['history'][-1]['seconds']:.1f}s",
+                  file=sys.__stdout__, flush=True)  # not Train's print patch, which logs it twice
         if state["bad_epochs"] >= tc["patience"]:
             break
+
+
+def _quiet_ray_train_logs() -> None:
+    """Ray Train logs every report and checkpoint path at INFO on each worker; the loop prints
+    one line per epoch instead. Private loggers (one is named after its file): best effort."""
+    try:
+        from ray.train.v2._internal.execution import context, storage
+    except ImportError:
+        return
+    for module in (context, storage):
+        module.logger.setLevel(logging.WARNING)
 
 
 class _nullcontext:
