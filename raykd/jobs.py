@@ -108,25 +108,14 @@ def _serve(cfg, path: str, block: bool) -> None:
     """Deploy the student as the Serve app `raykd` (serve.* settings); block only if asked."""
     from ray import serve
 
-    from raykd.recommender import resolve_student
-    from raykd.serve import build_app
+    from raykd.serve import deploy, wait_for_stop
 
-    student = resolve_student(path).resolve()
     s = cfg.serve
-    serve.start(http_options={"host": s.host, "port": s.port})
-    serve.run(build_app(str(student), s), name="raykd", route_prefix="/", blocking=False)
+    student = deploy(path, s)
     print(f"serve: {student} at http://{s.host}:{s.port}/recommend (app 'raykd'; `serve status` shows it, "
           "`serve shutdown` stops it)", flush=True)
     if block:
-        import signal
-        import threading
-
-        stop = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
         try:
-            while not stop.is_set():
-                time.sleep(0.5)
-        except KeyboardInterrupt:
-            pass
+            wait_for_stop()
         finally:
             serve.delete("raykd")

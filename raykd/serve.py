@@ -21,6 +21,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -116,17 +117,18 @@ def app_builder(args: dict) -> serve.Application:
     return build_app(parsed.path, ServeConfig(**parsed.model_dump(exclude={"path"})))
 
 
-def run_blocking(path: str, settings: ServeConfig) -> None:
-    """`raykd serve`: deploy, print the URL, block until Ctrl-C, shut down cleanly."""
+def deploy(path: str, settings: ServeConfig) -> Path:
+    """Deploy the student of `path` (a run or model folder) as the Serve app `raykd`; no blocking."""
     from raykd.recommender import resolve_student
-    from raykd.runtime import ensure_ray
 
-    student = resolve_student(path)  # fail before Ray starts
-    ensure_ray()
+    student = resolve_student(path).resolve()
     serve.start(http_options={"host": settings.host, "port": settings.port})
-    serve.run(build_app(str(student.resolve()), settings), name="raykd", route_prefix="/")
-    print(f"raykd serve: {student} at http://{settings.host}:{settings.port}/recommend "
-          f"(docs: http://{settings.host}:{settings.port}/docs); Ctrl-C to stop", flush=True)
+    serve.run(build_app(str(student), settings), name="raykd", route_prefix="/", blocking=False)
+    return student
+
+
+def wait_for_stop() -> None:
+    """Block until Ctrl-C or SIGTERM."""
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
@@ -134,6 +136,20 @@ def run_blocking(path: str, settings: ServeConfig) -> None:
             time.sleep(0.5)
     except KeyboardInterrupt:
         pass
+
+
+def run_blocking(path: str, settings: ServeConfig) -> None:
+    """`raykd serve`: deploy, print the URL, block until Ctrl-C, shut down cleanly."""
+    from raykd.recommender import resolve_student
+    from raykd.runtime import ensure_ray
+
+    resolve_student(path)  # fail before Ray starts
+    ensure_ray()
+    student = deploy(path, settings)
+    print(f"raykd serve: {student} at http://{settings.host}:{settings.port}/recommend "
+          f"(docs: http://{settings.host}:{settings.port}/docs); Ctrl-C to stop", flush=True)
+    try:
+        wait_for_stop()
     finally:
         print("raykd serve: shutting down", flush=True)
         serve.shutdown()
