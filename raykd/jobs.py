@@ -68,7 +68,8 @@ def main(stage: str, argv: list[str] | None = None) -> int:
         from raykd.runtime import check_shared_storage, describe_placement, ensure_ray
 
         ensure_ray(cfg.ray)
-        describe_placement(cfg, STAGES[stage][1])
+        if stage != "pipeline":  # pipeline.run prints its own
+            describe_placement(cfg, STAGES[stage][1])
         check_shared_storage(run_dir)
         t0 = time.perf_counter()
         if stage == "serve":

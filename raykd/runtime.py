@@ -114,7 +114,6 @@ def cpu_count() -> int:
 
 # ---------------------------------------------------------------- placement
 
-_DESCRIBED: set[str] = set()
 PLACEMENT_STAGES = ("prepare", "embed_items", "teacher", "soft_labels", "distill", "tune", "serve")
 
 
@@ -199,9 +198,7 @@ def describe_placement(cfg: Config, stages: tuple[str, ...] | list[str] | None =
             lines.append(f"serve: {s.min_replicas}-{s.max_replicas} replica(s) x {s.replica_cpus:g} CPU (autoscaling"
                          f" on {s.target_ongoing_requests:g} ongoing requests per replica)")
             need("serve at max_replicas", s.max_replicas, s.replica_cpus, 0, "serve.replica_cpus or serve.max_replicas")
-    key = "\n".join(lines + warnings)
-    if not quiet and key not in _DESCRIBED:  # once per process (a job entrypoint and pipeline.run may both ask)
-        _DESCRIBED.add(key)
+    if not quiet:
         print("placement:\n  " + "\n  ".join(lines), flush=True)
         for w in warnings:
             print(f"placement warning: {w}", flush=True)
