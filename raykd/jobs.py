@@ -97,7 +97,10 @@ def run_directory(output_dir: str) -> Path:
     on the head node: a relative output_dir would land there (deleted with the job's runtime env)
     and other nodes could not read it.
     """
-    if IN_RAY_JOB_ENV in os.environ and not Path(output_dir).is_absolute() and "://" not in output_dir:
+    if "://" in output_dir:
+        raise RaykdError(f"output_dir {output_dir!r} is a URI: cloud storage is not supported for run directories yet; "
+                         "use a path on a filesystem every node mounts (NFS, EFS, a PVC), e.g. /mnt/shared/runs/q")
+    if IN_RAY_JOB_ENV in os.environ and not Path(output_dir).is_absolute():
         raise RaykdError(
             f"output_dir {output_dir!r} is relative: inside a Ray job it would resolve into the job's temporary "
             f"copy of the working directory ({os.getcwd()}), which other nodes cannot read and Ray deletes. "

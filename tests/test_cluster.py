@@ -237,6 +237,8 @@ def test_job_refuses_a_relative_output_dir_inside_a_ray_job(capsys, monkeypatch)
     assert "output_dir 'runs/x' is relative" in err and "output_dir=/mnt/shared" in err
     monkeypatch.delenv(jobs.IN_RAY_JOB_ENV)
     assert jobs.run_directory("runs/x") == (Path.cwd() / "runs/x").resolve()  # fine outside a job
+    assert jobs.main("prepare", ["--config", "configs/quickstart.yaml", "output_dir=s3://bucket/runs/x"]) == 1
+    assert "cloud storage is not supported" in capsys.readouterr().err
 
 
 def test_serve_job_arguments():
