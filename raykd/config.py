@@ -92,15 +92,24 @@ class ModelConfig(Section):
     max_len: int = Field(50, ge=2, description="histories keep their last max_len items")
     dropout: float = Field(0.2, ge=0, lt=1)
 
+    @model_validator(mode="after")
+    def _heads_divide_dim(self) -> ModelConfig:
+        if self.family == "sasrec" and self.dim % self.heads:
+            raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
+        return self
+
 
 class TrainConfig(Section):
     """One training loop for teacher and students (Ray Train TorchTrainer)."""
 
     epochs: int = Field(30, ge=1)
-    batch_size: int = Field(128, ge=1, description="users per batch per worker")
+    batch_size: int = Field(128, ge=1, description="training windows per step, in all (split across workers: "
+                            "the number of steps per epoch does not depend on num_workers)")
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     patience: int = Field(5, ge=1, description="early stop after this many epochs without gain")
+    min_epochs: int = Field(0, ge=0, description="never stop early before this many epochs (students may "
+                            "plateau before they climb)")
     loss: Literal["full", "sampled"] = Field("full", description="sampled: log-Q sampled softmax")
     num_negatives: int = Field(1000, ge=1, description="sampled softmax negatives")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP)")
@@ -120,7 +129,11 @@ def _student_model() -> ModelConfig:
 class TeacherConfig(Section):
     model: ModelConfig = Field(default_factory=_teacher_model)
     train: TrainConfig = Field(default_factory=TrainConfig)
-    item_text: bool = Field(False, description="fuse item text vectors (raykd embed-items) into the teacher")
+    item_text: bool = Field(False, description="use item text vectors (raykd embed-items) in the teacher")
+    text_mode: Literal["fuse", "init", "both"] = Field(
+        "both", description="fuse: add a trained projection of the PCA-whitened text vectors to the id embedding; "
+        "init: start the id embeddings from them; both")
+    init_std: float = Field(0.02, gt=0, description="per-column std of item embeddings initialised from text")
     text_encoder: str = Field("all-MiniLM-L6-v2", description="sentence-transformers model: local dir or name")
     text_workers: int = Field(1, ge=1, description="embedding actors (a GPU each with teacher.train.use_gpu)")
 
@@ -137,7 +150,13 @@ class DistillConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     temperature: float = Field(1.0, gt=0)
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the distillation term")
-    loss: Literal["kl", "rank"] = "kl"
+    loss: Literal["kl", "kl_full", "rank"] = Field(
+        "kl", description="kl: KL over the teacher's top-K; kl_full: (K+1)-bin KL over top-K and the rest of the "
+        "catalogue; rank: ranking distillation of the teacher's top-10")
+    transfer: bool = Field(False, description="start the student's item table from the teacher's item "
+                           "representations, PCA-reduced to its width (embedding transfer)")
+    sizes: list[int] = Field(default_factory=list, description="student widths for the KD curve: each gets a KD "
+                             "student and a no-KD twin (report.json kd_curve, kd_curve.png)")
     train_nokd: bool = Field(True, description="also train the alpha=0 baseline student_nokd")
     teacher_scores: str | None = Field(None, description="external teacher scores (Parquet) instead of a raykd teacher")
 

@@ -1,33 +1,70 @@
-"""distill: train the small student on hard labels + the teacher's soft labels, and the baseline.
+"""distill: train the small student on hard + soft labels, its no-KD twin, and the KD curve.
 
-Reads `<run>/data/` and `<run>/soft_labels/`; writes `<run>/student/` (alpha from the config) and,
-unless `distill.train_nokd` is off, `<run>/student_nokd/`: the same student, same budget, alpha 0.
-The loss (raykd.losses.distill_loss) is
+Reads `<run>/data/`, `<run>/soft_labels/` and (for `distill.transfer`) `<run>/teacher/`; writes
+`<run>/student/` (alpha from the config) and, unless `distill.train_nokd` is off,
+`<run>/student_nokd/`: the same student, same budget, alpha 0, trained alone. With
+`distill.sizes`, also `<run>/kd_curve/d<width>/{student,student_nokd}/` for each width (the
+teacher and its soft labels are reused across widths). The loss (raykd.losses.distill_loss) is
 
     L = (1 - alpha) * CE(s_full, y) + alpha * T^2 * KL(softmax(t/T) || softmax(s_K/T))
 
-or, with `distill.loss: rank`, a rank-weighted ranking-distillation term instead of the KL.
+over the teacher's top-K (`kl`), over top-K plus one bin for the rest of the catalogue
+(`kl_full`), or a rank-weighted ranking-distillation term (`rank`). With `distill.transfer`
+the KD student's item table starts from the teacher's item representations (text included),
+PCA-reduced to the student's width; the no-KD twin never sees the teacher.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from raykd import train
-from raykd.config import Config, dump_config
+from raykd.config import Config, ModelConfig, dump_config
+from raykd.errors import RaykdError
 from raykd.prepare import prepared_key
 from raykd.soft_labels import soft_labels_key
 
 
 def run(cfg: Config) -> dict:
     run_dir = Path(cfg.output_dir)
-    data_dir, soft_dir = run_dir / "data", run_dir / "soft_labels"
     dump_config(cfg, run_dir / "config.yaml")
     d = cfg.distill
-    out = {"student": train.fit("student", run_dir, data_dir, d.model, d.train, seed=cfg.seed, soft_dir=soft_dir,
-                                alpha=d.alpha, temperature=d.temperature, kd_loss=d.loss,
-                                upstream=soft_labels_key(soft_dir))}
-    if d.train_nokd:
-        out["student_nokd"] = train.fit("student_nokd", run_dir, data_dir, d.model, d.train, seed=cfg.seed,
-                                        upstream=prepared_key(data_dir))
+    out = pair(cfg, run_dir, "", d.model, d.train_nokd)
+    for width in d.sizes:
+        if curve_dir(cfg, width) != run_dir:  # the main student's own width is not trained twice
+            out |= pair(cfg, run_dir, f"kd_curve/d{width}/", sized(d.model, width), True)
+    return out
+
+
+def curve_dir(cfg: Config, width: int) -> Path:
+    """Where the KD curve's pair of width `width` lives: `student/` and `student_nokd/` under it."""
+    run_dir = Path(cfg.output_dir)
+    same = sized(cfg.distill.model, width) == cfg.distill.model and cfg.distill.train_nokd
+    return run_dir if same else run_dir / "kd_curve" / f"d{width}"
+
+
+def sized(model: ModelConfig, width: int) -> ModelConfig:
+    """The student model at another width (heads cut to a divisor of the width)."""
+    return model.model_copy(update={"dim": width, "heads": math.gcd(model.heads, width)})
+
+
+def pair(cfg: Config, run_dir: Path, prefix: str, model: ModelConfig, with_nokd: bool) -> dict:
+    """One KD student and (optionally) its no-KD twin, under `run_dir/prefix`."""
+    d = cfg.distill
+    data_dir, soft_dir = run_dir / "data", run_dir / "soft_labels"
+    init_from = None
+    if d.transfer:
+        if d.teacher_scores:
+            raise RaykdError("distill.transfer needs a raykd teacher (its item table); external "
+                             "distill.teacher_scores have none: set distill.transfer=false")
+        init_from = run_dir / "teacher"
+        if not (init_from / "model.json").exists():
+            raise RaykdError(f"distill.transfer is on but {init_from} has no model: run `raykd teacher CONFIG`")
+    out = {f"{prefix}student": train.fit(f"{prefix}student", run_dir, data_dir, model, d.train, seed=cfg.seed,
+                                         soft_dir=soft_dir, alpha=d.alpha, temperature=d.temperature,
+                                         kd_loss=d.loss, upstream=soft_labels_key(soft_dir), init_from=init_from)}
+    if with_nokd:
+        out[f"{prefix}student_nokd"] = train.fit(f"{prefix}student_nokd", run_dir, data_dir, model, d.train,
+                                                 seed=cfg.seed, upstream=prepared_key(data_dir))
     return out

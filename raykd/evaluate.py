@@ -17,11 +17,12 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
-from raykd import metrics, models, sequences
+from raykd import distill, metrics, models, sequences
 from raykd.config import Config
 from raykd.errors import RaykdError
 
 MODELS = ("teacher", "student", "student_nokd", "tune/best")
+RARE_MAX_COUNT = 5  # the rare-item bucket: test targets seen at most this often in training
 
 
 class Popularity(nn.Module):
@@ -61,6 +62,14 @@ def run(cfg: Config) -> dict:
     if not loaded:
         raise RaykdError(f"no trained models in {run_dir}: run `raykd teacher` / `raykd distill` first")
     _compare(report, ranks, loaded, hist, seen)
+    rare = np.concatenate([[0], counts])[np.asarray(targets)] <= RARE_MAX_COUNT
+    curve = kd_curve([(w, distill.curve_dir(cfg, w)) for w in cfg.distill.sizes], hist, targets, seen, rare)
+    if curve:
+        report["kd_curve"] = curve
+        plot_kd_curve(curve, report.get("teacher"), run_dir / "kd_curve.png")
+    if "student" in ranks and "student_nokd" in ranks:
+        report["student"]["paired_vs_nokd_rare"] = paired_ndcg(ranks["student"][rare], ranks["student_nokd"][rare])
+    report["rare_targets"] = {"max_train_count": RARE_MAX_COUNT, "users": int(rare.sum())}
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))
     (run_dir / "report.md").write_text(markdown(report))
     print(markdown(report), flush=True)
@@ -92,6 +101,55 @@ def paired_ndcg(ranks_a: np.ndarray, ranks_b: np.ndarray, k: int = 10) -> dict:
     diff = ndcg(ranks_a) - ndcg(ranks_b)
     se = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else float("nan")
     return {"mean_diff": float(diff.mean()), "stderr": se, "users": len(diff)}
+
+
+def kd_curve(pairs: list[tuple[int, Path]], hist, targets, seen, rare: np.ndarray) -> list[dict]:
+    """KD student vs its no-KD twin at each width of `distill.sizes` (paired over the same users)."""
+    curve = []
+    for width, folder in pairs:
+        if not (folder / "student" / "model.json").exists() or not (folder / "student_nokd" / "model.json").exists():
+            raise RaykdError(f"distill.sizes has width {width} but {folder} lacks a trained pair: run `raykd distill CONFIG`")
+        point, ranks = {"dim": width}, {}
+        for name, key in (("student", "kd"), ("student_nokd", "nokd")):
+            model, _ = models.load_model(folder / name)
+            point[key], ranks[key] = metrics.evaluate_model(model, hist, targets, seen, return_ranks=True)
+            point["params"] = models.count_params(model)
+        point["paired"] = paired_ndcg(ranks["kd"], ranks["nokd"])
+        point["rare"] = {"users": int(rare.sum()), "paired": paired_ndcg(ranks["kd"][rare], ranks["nokd"][rare])}
+        for key in ("kd", "nokd"):
+            point["rare"][key] = {"ndcg@10": float(np.where(ranks[key][rare] < 10,
+                                                             1 / np.log2(ranks[key][rare] + 2.0), 0).mean())}
+        curve.append(point)
+    return curve
+
+
+def plot_kd_curve(curve: list[dict], teacher: dict | None, path: Path) -> None:
+    """NDCG@10 against parameters for KD students, no-KD twins and the teacher (error bars: s.e.)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    params = [p["params"] for p in curve]
+    for key, label in (("kd", "KD student"), ("nokd", "no-KD twin")):
+        ndcg = np.array([p[key]["ndcg@10"] for p in curve])
+        # s.e. of a mean of per-user NDCG values, bounded by sqrt(m (1 - m) / n) for values in [0, 1]
+        err = np.sqrt(ndcg * (1 - ndcg) / np.array([p[key]["users"] for p in curve]))
+        ax.errorbar(params, ndcg, yerr=err, marker="o", capsize=3, label=label)
+    if teacher:
+        ax.errorbar([teacher["params"]], [teacher["ndcg@10"]], marker="*", markersize=12, linestyle="none",
+                    label="teacher")
+    for p in curve:
+        ax.annotate(f"d{p['dim']}", (p["params"], p["kd"]["ndcg@10"]), textcoords="offset points", xytext=(4, 4))
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters")
+    ax.set_ylabel("test NDCG@10")
+    ax.set_title("KD gain across student sizes")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _agreement(teacher, student, hist, seen, limit: int = 2048) -> float:
@@ -127,4 +185,16 @@ def markdown(report: dict) -> str:
     if p:
         lines.append(f"\nstudent − student_nokd NDCG@10 (paired over {p['users']:,} users): "
                      f"{p['mean_diff']:+.4f} ± {p['stderr']:.4f} (standard error)")
+    r = report.get("student", {}).get("paired_vs_nokd_rare")
+    if r:
+        lines.append(f"rare targets (seen <= {RARE_MAX_COUNT} times in training, {r['users']:,} users): "
+                     f"{r['mean_diff']:+.4f} ± {r['stderr']:.4f}")
+    if report.get("kd_curve"):
+        lines += ["\n## KD curve (kd_curve.png)\n",
+                  "| width | params | KD NDCG@10 | no-KD NDCG@10 | KD / no-KD | paired diff ± s.e. | rare paired diff ± s.e. |",
+                  "|---|---|---|---|---|---|---|"]
+        for c in report["kd_curve"]:
+            kd, no, pd, pr = c["kd"]["ndcg@10"], c["nokd"]["ndcg@10"], c["paired"], c["rare"]["paired"]
+            lines.append(f"| {c['dim']} | {c['params']:,} | {kd:.4f} | {no:.4f} | {kd / no if no else float('nan'):.3f} | "
+                         f"{pd['mean_diff']:+.4f} ± {pd['stderr']:.4f} | {pr['mean_diff']:+.4f} ± {pr['stderr']:.4f} |")
     return "\n".join(lines) + "\n"

@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-KINDS = ("kl", "rank")
+KINDS = ("kl", "kl_full", "rank")
 
 
 def _zero(*tensors: torch.Tensor) -> torch.Tensor:
@@ -79,6 +79,46 @@ def kd_kl(
     return _masked_mean(per_row, rows)
 
 
+def kd_kl_full(
+    student_logits: torch.Tensor,
+    teacher_idx: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    teacher_rest: torch.Tensor,
+    temperature: float,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Whole-catalogue distillation: a (K+1)-bin KL over {the teacher's top-K items, all the rest}.
+
+        r_t = log Σ_{j ∉ topK} exp(t_j)            (stored with the soft labels, at T = 1)
+        r_s = log Σ_{j ∉ topK, j ≠ 0} exp(s_j)     (the student's mass outside the teacher's top-K)
+        p = softmax([t_K, r_t] / T),  q = softmax([s_K, r_s] / T)
+        KD = T² · mean_i Σ_{b ≤ K+1} p_ib (log p_ib − log q_ib)
+
+    Unlike `kd_kl`, the student is also pushed down on every item outside the teacher's top-K
+    (through r_s): items it ranks high and the teacher does not. At T = 1 this is exactly the KL
+    between the teacher's and the student's full-catalogue distributions, coarsened to those K + 1
+    bins. A row whose r_t is not finite (external scores without it) has an empty rest bin (p = 0)
+    but keeps its K bins. Identical logits give exactly 0.
+
+    student_logits [N, V+1]; teacher_idx [N, K]; teacher_logits [N, K]; teacher_rest [N]; mask [N].
+    """
+    usable = _teacher_entries(teacher_idx, teacher_logits)
+    rest_ok = torch.isfinite(teacher_rest)
+    rows = usable.any(1) if mask is None else usable.any(1) & mask
+    s_all = student_logits.float()
+    taken = torch.zeros_like(s_all, dtype=torch.bool).scatter_(1, teacher_idx, usable)
+    taken[:, 0] = True
+    r_s = torch.where(taken, torch.tensor(float("-inf"), device=s_all.device), s_all).logsumexp(1)
+    fill = torch.tensor(torch.finfo(torch.float32).min, device=s_all.device)
+    ok = torch.cat([usable, rest_ok.unsqueeze(1)], 1)
+    t = torch.where(ok, torch.cat([teacher_logits.float(), teacher_rest.float().unsqueeze(1)], 1) / temperature, fill)
+    s = torch.where(ok, torch.cat([s_all.gather(1, teacher_idx), r_s.unsqueeze(1)], 1) / temperature, fill)
+    log_p, log_q = t.log_softmax(1), s.log_softmax(1)
+    diff = torch.where(ok, log_p - log_q, torch.zeros_like(log_p))
+    per_row = (log_p.exp() * diff).sum(1) * temperature**2
+    return _masked_mean(per_row, rows)
+
+
 def rank_weights(m: int, temperature: float, device: torch.device | str = "cpu") -> torch.Tensor:
     """w_r = exp(−r / T) / Σ_{r'<m} exp(−r' / T), r = 0..m−1: the teacher's first item weighs most."""
     return torch.softmax(-torch.arange(m, dtype=torch.float32, device=device) / temperature, 0)
@@ -128,10 +168,12 @@ def distill_loss(
     temperature: float,
     kind: str = "kl",
     top_m: int = 10,
+    teacher_rest: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Distillation objective; returns (total, ce, kd) so both parts can be logged.
 
-        L = (1 − alpha) · CE(s, y) + alpha · KD,   KD = kd_kl (kind "kl") or kd_rank (kind "rank")
+        L = (1 − alpha) · CE(s, y) + alpha · KD,
+        KD = kd_kl (kind "kl"), kd_kl_full (kind "kl_full", needs teacher_rest) or kd_rank (kind "rank")
 
     alpha == 0 returns CE itself (teacher inputs may be None; kd is a zero tensor): the no-KD
     baseline runs the very same code path. Padding rows (y == 0) are excluded from both terms.
@@ -144,7 +186,11 @@ def distill_loss(
     if teacher_idx is None or teacher_logits is None:
         raise ValueError(f"alpha={alpha} needs teacher_idx and teacher_logits")
     real = targets != 0
-    if kind == "kl":
+    if kind == "kl_full":
+        if teacher_rest is None:
+            raise ValueError("kd loss 'kl_full' needs the teacher's rest log-mass (soft labels with a `rest` column)")
+        kd = kd_kl_full(student_logits, teacher_idx, teacher_logits, teacher_rest, temperature, mask=real)
+    elif kind == "kl":
         kd = kd_kl(student_logits, teacher_idx, teacher_logits, temperature, mask=real)
     else:
         kd = kd_rank(student_logits, teacher_idx, teacher_logits, temperature, top_m, mask=real)

@@ -90,8 +90,8 @@ def windows(train: pa.ListArray, max_len: int) -> dict[str, np.ndarray]:
 def window_table(shard: Path, max_len: int, soft: Path | None = None) -> pa.Table:
     """Training windows of one sequence shard, with the aligned soft labels when given.
 
-    Soft labels travel as bytes per window (K int32 indices and K float16 logits for each real
-    slot, in slot order), so padding slots cost nothing.
+    Soft labels travel as bytes per window (K int32 indices, K float16 logits and, when stored, one
+    float32 rest log-mass for each real slot, in slot order), so padding slots cost nothing.
     """
     w = windows(pq.read_table(shard, columns=["train"])["train"].combine_chunks(), max_len)
     cols = {"input": _fixed(w["input"]), "target": _fixed(w["target"])}
@@ -106,6 +106,9 @@ def window_table(shard: Path, max_len: int, soft: Path | None = None) -> pa.Tabl
         cols["t_idx"] = pa.array([idx[p[p >= 0]].astype(np.int32).tobytes() for p in w["pos"]], pa.binary())
         cols["t_logits"] = pa.array([logit[p[p >= 0]].astype(np.float16).tobytes() for p in w["pos"]],
                                     pa.binary())
+        if "rest" in labels.column_names:  # the teacher's log-mass outside its top-K (whole-catalogue KL)
+            rest = labels["rest"].to_numpy().astype(np.float32)
+            cols["t_rest"] = pa.array([rest[p[p >= 0]].tobytes() for p in w["pos"]], pa.binary())
     return pa.table(cols)
 
 

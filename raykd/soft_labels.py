@@ -1,7 +1,8 @@
 """soft_labels: the teacher's top-K items and logits for every training position.
 
 Reads `<run>/data/` and `<run>/teacher/` (or external scores, `distill.teacher_scores`); writes `<run>/soft_labels/part-*.parquet` (one file per
-sequence shard, rows in (user, t) order: user int32, t int32, idx K×int32, logits K×float16) and
+sequence shard, rows in (user, t) order: user int32, t int32, idx K×int32, logits K×float16, rest
+float32 = log Σ exp(logit) over every item outside the top K, for the whole-catalogue KL) and
 `manifest.json` (rows, rows/s, bytes per row, K, the teacher it came from).
 
 Scoring runs on a Ray Data actor pool (`soft_labels.num_workers` actors, a GPU each when
@@ -35,7 +36,7 @@ def run(cfg: Config) -> dict:
         return import_external(Path(cfg.distill.teacher_scores), data_dir, out)
     teacher = _teacher_meta(teacher_dir)
     top_k = min(cfg.soft_labels.top_k, teacher["num_items"])
-    key = f"{teacher['fingerprint']}-k{top_k}"
+    key = f"{teacher['fingerprint']}-k{top_k}-rest"
     if _manifest(out).get("key") == key:
         print(f"soft_labels: reusing {out} (same teacher and top_k)", flush=True)
         return _manifest(out)
@@ -128,8 +129,9 @@ class TeacherScorer:
         # would differ from CPU ones and near-tied top-K items reorder.
         logits = self.model.score(hidden.float())
         top = torch.topk(logits, self.top_k, dim=1)  # sorted, best first
+        rest = logits.scatter(1, top.indices, float("-inf")).logsumexp(1)  # the padding column adds exp(min) = 0
         return {"pos": pos[pos >= 0], "idx": top.indices.int().cpu().numpy(),
-                "logits": top.values.cpu().numpy().astype(np.float16)}
+                "logits": top.values.cpu().numpy().astype(np.float16), "rest": rest.cpu().numpy().astype(np.float32)}
 
 
 def score_all(shards: list[Path], teacher_dir: Path, max_len: int, top_k: int, workers: int,
@@ -157,14 +159,14 @@ def score_all(shards: list[Path], teacher_dir: Path, max_len: int, top_k: int, w
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for shard in np.unique(batch["shard"]):
             sel = batch["shard"] == shard
-            parts[str(shard)].append({k: batch[k][sel] for k in ("pos", "idx", "logits")})
+            parts[str(shard)].append({k: batch[k][sel] for k in ("pos", "idx", "logits", "rest")})
         done += len(batch["pos"])
         if time.perf_counter() > next_print:
             print(f"soft_labels: {done:,} positions scored", flush=True)
             next_print = time.perf_counter() + 10
     merged = {}
     for shard, items in parts.items():
-        cat = {k: np.concatenate([p[k] for p in items]) for k in ("pos", "idx", "logits")}
+        cat = {k: np.concatenate([p[k] for p in items]) for k in ("pos", "idx", "logits", "rest")}
         order = np.argsort(cat["pos"], kind="stable")
         merged[shard] = {k: v[order] for k, v in cat.items()}
     return merged
@@ -187,12 +189,15 @@ def write(rows: dict[str, dict], shards: list[Path], out: Path, top_k: int) -> t
         if n != len(w_users) or not np.array_equal(r["pos"], np.arange(n)):
             raise RaykdError(f"soft labels for {shard}: scored {n} positions, expected {len(w_users)}")
         t = np.arange(n) - np.searchsorted(w_users, w_users) + 1
-        table = pa.table({
+        cols = {
             "user": pa.array(w_users.astype(np.int32)),
             "t": pa.array(t.astype(np.int32)),
             "idx": pa.FixedSizeListArray.from_arrays(pa.array(r["idx"].ravel(), pa.int32()), top_k),
             "logits": pa.FixedSizeListArray.from_arrays(pa.array(r["logits"].ravel(), pa.float16()), top_k),
-        })
+        }
+        if "rest" in r:  # external scores cover only their own top-K: no rest column
+            cols["rest"] = pa.array(r["rest"].astype(np.float32))
+        table = pa.table(cols)
         path = out / shard.name
         pq.write_table(table, path, compression="zstd")
         total += n

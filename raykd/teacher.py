@@ -1,6 +1,8 @@
 """teacher: train the large sequential recommender with Ray Train.
 
-Reads `<run>/data/` (prepare) and, with `teacher.item_text`, `<run>/item_text/` (embed-items);
+Reads `<run>/data/` (prepare) and, with `teacher.item_text`, `<run>/item_text/` (embed-items:
+its vectors are PCA-whitened to the teacher's width, then fused and/or used as the initial id
+embeddings, `teacher.text_mode`);
 writes `<run>/teacher/` (model.safetensors, model.json,
 metrics.json with the validation history) and Ray Train checkpoints under `<run>/ray_train/`.
 """
@@ -28,4 +30,5 @@ def run(cfg: Config) -> dict:
             raise RaykdError(f"teacher.item_text is on but {manifest.parent} is missing: run `raykd embed-items CONFIG`")
         upstream += "-text-" + json.loads(manifest.read_text())["key"]
     return train.fit("teacher", run_dir, data_dir, cfg.teacher.model, cfg.teacher.train, seed=cfg.seed,
-                     upstream=upstream, item_text=text)
+                     upstream=upstream, item_text=text, text_mode=cfg.teacher.text_mode,
+                     init_std=cfg.teacher.init_std)

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from raykd import checkpoints, losses, metrics, models, sequences
+from raykd import checkpoints, loop, metrics, models, sequences
 from raykd.config import ModelConfig, TrainConfig, section_hash
 from raykd.errors import RaykdError
 from raykd.runtime import ensure_ray
@@ -39,7 +39,8 @@ FAULT_ENV = "RAYKD_FAULT_AFTER_EPOCH"  # test hook: rank 0 dies once after this 
 
 def fit(name: str, run_dir: Path, data_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig,
         seed: int = 0, soft_dir: Path | None = None, alpha: float = 0.0, temperature: float = 1.0,
-        kd_loss: str = "kl", upstream: str = "", item_text: Path | None = None) -> dict:
+        kd_loss: str = "kl", upstream: str = "", item_text: Path | None = None, text_mode: str = "fuse",
+        init_from: Path | None = None, init_std: float = 0.02) -> dict:
     """Train one model with Ray Train and export its best checkpoint to `run_dir/name`.
 
     `upstream` fingerprints the inputs (prepared data, soft labels): a finished model trained on
@@ -47,16 +48,19 @@ def fit(name: str, run_dir: Path, data_dir: Path, model_cfg: ModelConfig, train_
     """
     run_dir, data_dir = Path(run_dir).resolve(), Path(data_dir).resolve()
     out = run_dir / name
-    fingerprint = section_hash(model_cfg, train_cfg) + f"-{seed}-{alpha}-{temperature}-{kd_loss}-{upstream}"
+    fingerprint = (section_hash(model_cfg, train_cfg) + f"-{seed}-{alpha}-{temperature}-{kd_loss}-{upstream}"
+                   + (f"-text:{text_mode}" if item_text else "") + (f"-init:{init_std}" if item_text or init_from else ""))
     done = reusable(out, fingerprint)
     if done:
         print(f"{name}: reusing {out} (same inputs and settings)", flush=True)
         return done
     ensure_ray()
     storage = run_dir / "ray_train"
-    _forget_stale_run(storage / name, fingerprint)
-    trainer = make_trainer(name, storage, data_dir, model_cfg, train_cfg, seed, soft_dir, alpha, temperature,
-                           kd_loss, item_text=item_text)
+    ray_name = name.replace("/", "-")  # kd_curve/d8/student -> one flat Ray Train run name
+    _forget_stale_run(storage / ray_name, fingerprint)
+    trainer = make_trainer(ray_name, storage, data_dir, model_cfg, train_cfg, seed, soft_dir, alpha, temperature,
+                           kd_loss, item_text=item_text, text_mode=text_mode, init_from=init_from,
+                           init_std=init_std)
     print(f"{name}: training {model_cfg.family} dim={model_cfg.dim} layers={model_cfg.layers} on "
           f"{train_cfg.num_workers} worker(s) ({'GPU' if train_cfg.use_gpu else 'CPU'})", flush=True)
     t0 = time.perf_counter()
@@ -74,21 +78,25 @@ def fit(name: str, run_dir: Path, data_dir: Path, model_cfg: ModelConfig, train_
 
 def make_trainer(name: str, storage: Path, data_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig,
                  seed: int = 0, soft_dir: Path | None = None, alpha: float = 0.0, temperature: float = 1.0,
-                 kd_loss: str = "kl", callbacks: list | None = None, item_text: Path | None = None) -> TorchTrainer:
+                 kd_loss: str = "kl", callbacks: list | None = None, item_text: Path | None = None,
+                 text_mode: str = "fuse", init_from: Path | None = None, init_std: float = 0.02) -> TorchTrainer:
     """The TorchTrainer for one model (also what each Tune trial builds and fits).
 
-    `item_text`: a `vectors.parquet` of item text vectors to fuse into the model (teacher only).
+    `item_text`: a `vectors.parquet` of item text vectors, fused into the model and/or used to
+    initialise its item table (`text_mode`, teacher only). `init_from`: a teacher folder whose item
+    representations, reduced to this model's width, initialise its item table (embedding transfer).
     """
     desc = {"family": model_cfg.family, "num_items": sequences.num_items(data_dir),
             **model_cfg.model_dump(exclude={"family"})}
-    if item_text is not None:
-        desc["text_dim"] = pq.read_schema(item_text).field("vector").type.list_size
+    if item_text is not None and text_mode in ("fuse", "both"):
+        desc["text_dim"] = loop.text_dim(item_text, model_cfg.dim)
     ds = window_dataset(data_dir, model_cfg.max_len, soft_dir if alpha > 0 else None)
     loop_cfg = {"name": name, "desc": desc, "train": train_cfg.model_dump(), "data_dir": str(Path(data_dir).resolve()),
                 "seed": seed, "alpha": alpha, "temperature": temperature, "kd_loss": kd_loss,
                 "item_counts": _item_log_q(data_dir) if train_cfg.loss == "sampled" else None,
                 "fault_after_epoch": os.environ.get(FAULT_ENV),
-                "item_text": str(Path(item_text).resolve()) if item_text else None}
+                "item_text": str(Path(item_text).resolve()) if item_text else None, "text_mode": text_mode,
+                "init_from": str(Path(init_from).resolve()) if init_from else None, "init_std": init_std}
     return TorchTrainer(
         train_loop,
         train_loop_config=loop_cfg,
@@ -134,15 +142,6 @@ def _forget_stale_run(path: Path, fingerprint: str) -> None:
     marker.write_text(fingerprint)
 
 
-def load_vectors(path: str | Path) -> np.ndarray:
-    """[V + 1, d] float32 item text vectors from embed-items' vectors.parquet (row 0 = padding)."""
-    table = pq.read_table(path)
-    d = table.schema.field("vector").type.list_size
-    out = np.zeros((table.num_rows + 1, d), np.float32)
-    out[table["index"].to_numpy()] = table["vector"].combine_chunks().values.to_numpy().reshape(-1, d)
-    return out
-
-
 def _item_log_q(data_dir: Path) -> list[float]:
     counts = pq.read_table(Path(data_dir) / "items.parquet", columns=["count"])["count"].to_numpy()
     q = np.concatenate([[1.0], counts + 1.0])
@@ -174,10 +173,7 @@ def train_loop(config: dict) -> None:
     _quiet_ray_train_logs()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(config["seed"])  # same init on every rank (DDP also broadcasts rank 0's)
-    model = models.build_model(config["desc"])
-    if config["item_text"]:  # frozen language-model vectors of the items (teacher.item_text)
-        model.item_text.copy_(torch.from_numpy(load_vectors(config["item_text"])))
+    model = loop.build(config)  # seeded: same init on every rank (DDP also broadcasts rank 0's)
     model = ray.train.torch.prepare_model(model)  # DDP + device placement (Ray)
     device = next(model.parameters()).device
     core = models.unwrap(model)
@@ -196,12 +192,15 @@ def train_loop(config: dict) -> None:
     log_q = torch.tensor(config["item_counts"], device=device) if config["item_counts"] else None
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _nullcontext()
     for epoch in range(state["epoch"] + 1, tc["epochs"]):
-        if state["bad_epochs"] >= tc["patience"]:  # resumed a run that had already stopped early
+        if loop.should_stop(state, tc):  # resumed a run that had already stopped early
             break
         t0 = time.perf_counter()
         if rank == 0 and config["fault_after_epoch"] == str(epoch - 1):
             _die_once(config["data_dir"])
-        loss_sum, batches = _train_epoch(model, core, optimizer, shard, config, epoch, device, amp, log_q)
+        batches_iter = shard.iter_batches(batch_size=loop.worker_batch(tc["batch_size"], world), batch_format="numpy",
+                                          local_shuffle_buffer_size=4 * tc["batch_size"],
+                                          local_shuffle_seed=config["seed"] * 1000 + epoch)
+        loss_sum, batches = loop.train_epoch(model, core, optimizer, batches_iter, config, device, amp, log_q)
         val = _validate(core, split, val_users, device, world)
         state["epoch"] = epoch
         improved = val["ndcg@10"] > state["best"]["metrics"]["ndcg@10"]
@@ -210,7 +209,7 @@ def train_loop(config: dict) -> None:
             state["best"] = {"epoch": epoch, "metrics": val}
             best_weights = checkpoints.weights(core)
         state["history"].append({"epoch": epoch, "loss": loss_sum / max(batches, 1), **val,
-                                 "seconds": time.perf_counter() - t0})
+                                 "seconds": time.perf_counter() - t0, "steps": batches})
         state["replica_digests"] = _replica_digests(core, world, device)
         report = {"epoch": epoch, "loss": loss_sum / max(batches, 1), "val_ndcg@10": val["ndcg@10"],
                   "best_val_ndcg@10": state["best"]["metrics"]["ndcg@10"]}
@@ -221,7 +220,7 @@ def train_loop(config: dict) -> None:
                   f"val NDCG@10 {val['ndcg@10']:.4f} (best {best['metrics']['ndcg@10']:.4f} at epoch "
                   f"{best['epoch'] + 1}), {state['history'][-1]['seconds']:.1f}s",
                   file=sys.__stdout__, flush=True)  # not Train's print patch, which logs it twice
-        if state["bad_epochs"] >= tc["patience"]:
+        if loop.should_stop(state, tc):
             break
 
 
@@ -242,48 +241,6 @@ class _nullcontext:
 
     def __exit__(self, *exc):
         return False
-
-
-def _train_epoch(model, core, optimizer, shard, config, epoch, device, amp, log_q) -> tuple[float, int]:
-    tc = config["train"]
-    model.train()
-    loss_sum, batches = 0.0, 0
-    batches_iter = shard.iter_batches(batch_size=tc["batch_size"], batch_format="numpy",
-                                      local_shuffle_buffer_size=4 * tc["batch_size"],
-                                      local_shuffle_seed=config["seed"] * 1000 + epoch)
-    for batch in batches_iter:
-        inp = torch.as_tensor(_matrix(batch["input"]), device=device)
-        target = torch.as_tensor(_matrix(batch["target"]), device=device)
-        mask = target > 0
-        with amp:
-            hidden = model(inp)[mask]
-            if tc["loss"] == "sampled" and config["alpha"] == 0:
-                loss = losses.sampled_softmax_loss(hidden, core.item_table(), target[mask],
-                                                   tc["num_negatives"], log_q)
-            else:
-                t_idx, t_logit = _soft(batch, device) if config["alpha"] > 0 else (None, None)
-                loss, _, _ = losses.distill_loss(core.score(hidden).float(), target[mask], t_idx, t_logit,
-                                                 config["alpha"], config["temperature"], config["kd_loss"])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss_sum += float(loss.detach())
-        batches += 1
-    return loss_sum, batches
-
-
-def _matrix(column: np.ndarray) -> np.ndarray:
-    """A fixed-size-list column as an int64 matrix (Ray Data hands it over as rows of arrays)."""
-    return np.stack(column).astype(np.int64) if column.dtype == object else column.astype(np.int64)
-
-
-def _soft(batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Soft labels of the batch's real slots, in row-major slot order (matches `hidden[mask]`)."""
-    idx = np.frombuffer(b"".join(batch["t_idx"]), dtype=np.int32)
-    logit = np.frombuffer(b"".join(batch["t_logits"]), dtype=np.float16)
-    k = len(idx) // max(int((_matrix(batch["target"]) > 0).sum()), 1)
-    return (torch.as_tensor(idx.reshape(-1, k).astype(np.int64), device=device),
-            torch.as_tensor(logit.reshape(-1, k).astype(np.float32), device=device))
 
 
 def _validate(core, split, users, device, world) -> dict:

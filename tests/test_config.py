@@ -141,3 +141,20 @@ def test_resolved_config_round_trips(tmp_path):
     assert raw["teacher"]["train"]["lr"] == pytest.approx(3e-4)
     assert raw["data"]["min_item_interactions"] == 5  # every default spelled out
     assert load_config(tmp_path / "run" / "config.yaml") == cfg
+
+
+def test_kd_curve_reuses_the_main_student_at_its_own_width(tmp_path):
+    from raykd.distill import curve_dir, sized
+
+    cfg = load_config("configs/quickstart.yaml", [f"output_dir={tmp_path}", "distill.sizes=[4,16,32]"])
+    assert curve_dir(cfg, 16) == tmp_path  # distill.model.dim is 16: student/ and student_nokd/
+    assert curve_dir(cfg, 4) == tmp_path / "kd_curve" / "d4"
+    off = cfg.model_copy(update={"distill": cfg.distill.model_copy(update={"train_nokd": False})})
+    assert curve_dir(off, 16) == tmp_path / "kd_curve" / "d16"  # no twin trained at the main width
+    assert sized(cfg.distill.model.model_copy(update={"heads": 2}), 6).heads == 2
+    assert sized(cfg.distill.model.model_copy(update={"heads": 2}), 5).heads == 1
+
+
+def test_heads_must_divide_dim_before_ray_starts():
+    with pytest.raises(RaykdError, match="divisible by heads"):
+        load_config("configs/quickstart.yaml", ["teacher.model.dim=30", "teacher.model.heads=4"])

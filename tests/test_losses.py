@@ -11,6 +11,7 @@ from raykd.losses import (
     cross_entropy,
     distill_loss,
     kd_kl,
+    kd_kl_full,
     kd_rank,
     rank_weights,
     sampled_softmax_loss,
@@ -126,7 +127,7 @@ def test_distill_loss_mixes_terms_and_skips_padding_rows():
 
 def test_distill_loss_rejects_bad_arguments():
     logits, targets = three_items(), torch.tensor([1])
-    with pytest.raises(ValueError, match="kl, rank"):
+    with pytest.raises(ValueError, match="kl, kl_full, rank"):
         distill_loss(logits, targets, None, None, 0.0, 1.0, kind="mse")
     with pytest.raises(ValueError, match="teacher"):
         distill_loss(logits, targets, None, None, 0.5, 1.0)
@@ -175,3 +176,42 @@ def test_sampled_softmax_trains_a_toy_problem():
     assert all(math.isfinite(x) for x in losses)
     assert sum(losses[-10:]) < 0.5 * sum(losses[:10])
     assert full_ce(users.weight, items.weight, targets).item() < math.log(20)
+
+
+def test_kd_kl_full_two_plus_rest_bins_by_hand():
+    # Student items 1..3 with exp = 1, 2, 5 (sum 8). Teacher top-2 = items 3, 2 with logits ln 5, ln 2
+    # and rest (item 1) log-mass ln 1 = 0: teacher bins (5, 2, 1)/8, student bins (5, 2, 1)/8 -> KL 0.
+    s = three_items()
+    idx, logits = torch.tensor([[3, 2]]), torch.tensor([[LN5, LN2]])
+    zero = kd_kl_full(s, idx, logits, torch.tensor([0.0]), 1.0)
+    assert zero.item() == pytest.approx(0.0, abs=1e-6)
+    # Teacher puts rest mass e^ln5 = 5 on item 1: bins (5, 2, 5)/12 against the student's (5, 2, 1)/8.
+    p = torch.tensor([5 / 12, 2 / 12, 5 / 12])
+    q = torch.tensor([5 / 8, 2 / 8, 1 / 8])
+    expected = float((p * (p / q).log()).sum())
+    got = kd_kl_full(s, idx, logits, torch.tensor([LN5]), 1.0)
+    assert got.item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_kd_kl_full_pushes_down_items_outside_the_teacher_top_k():
+    # Top-K KL is blind to the rest: raising item 1 (not in the teacher's top-2) changes nothing
+    # for kd_kl but raises kd_kl_full, whose gradient on item 1 is positive (push it down).
+    idx, logits, rest = torch.tensor([[3, 2]]), torch.tensor([[LN5, LN2]]), torch.tensor([0.0])
+    s = torch.tensor([[PAD, 3.0, LN2, LN5]], requires_grad=True)
+    assert kd_kl(s, idx, logits, 1.0).item() == pytest.approx(0.0, abs=1e-6)
+    loss = kd_kl_full(s, idx, logits, rest, 1.0)
+    loss.backward()
+    assert loss.item() > 0.01 and s.grad[0, 1] > 0
+
+
+def test_kd_kl_full_without_rest_is_top_k_kl():
+    s = torch.tensor([[PAD, 0.3, -1.0, 2.0, 0.5]])
+    idx, logits = torch.tensor([[3, 1]]), torch.tensor([[1.5, 0.2]])
+    full = kd_kl_full(s, idx, logits, torch.tensor([float("nan")]), 2.0)
+    assert full.item() == pytest.approx(kd_kl(s, idx, logits, 2.0).item(), abs=1e-6)
+
+
+def test_distill_loss_kl_full_needs_rest():
+    with pytest.raises(ValueError, match="rest"):
+        distill_loss(three_items(), torch.tensor([2]), torch.tensor([[3, 2]]), torch.tensor([[1.0, 0.0]]),
+                     0.5, 1.0, "kl_full")

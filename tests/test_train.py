@@ -110,6 +110,11 @@ def test_two_worker_ddp_keeps_replicas_identical(tiny_run):
                         upstream="ddp")
     digests = summary["replica_digests"]
     assert len(digests) == 2 and digests[0] == digests[1]
+    # teacher.train.batch_size is the global batch: 2 workers take about as many steps per epoch
+    # as 1 (each on half the windows, half the batch), so early stopping sees the same schedule.
+    one = json.loads((tiny_run / "teacher" / "metrics.json").read_text())["history"][0]["steps"]
+    two = summary["history"][0]["steps"]
+    assert abs(two - one) <= max(1, one // 4), (one, two)
 
 
 def test_killed_worker_resumes_from_checkpoint(tiny_run, monkeypatch):
@@ -121,3 +126,42 @@ def test_killed_worker_resumes_from_checkpoint(tiny_run, monkeypatch):
     assert summary["resumed"] >= 1
     assert summary["epochs_run"] == 3
     assert [h["epoch"] for h in summary["history"]] == [0, 1, 2]  # epoch 0 was not trained twice
+
+
+def test_soft_labels_store_the_teachers_rest_log_mass(tiny_run):
+    """rest = log Σ exp(teacher logit) over the items outside the stored top-K (padding excluded)."""
+    table = pq.read_table(tiny_run / "soft_labels" / "part-00000.parquet")
+    teacher, desc = models.load_model(tiny_run / "teacher")
+    seqs = pq.read_table(tiny_run / "data" / "sequences" / "part-00000.parquet")
+    trains = seqs["train"].to_pylist()
+    user = next(u for u, tr in enumerate(trains) if 2 < len(tr) <= desc["max_len"])  # one window holds it all
+    first = sum(len(tr) - 1 for tr in trains[:user])  # rows are in (user, t) order
+    train_u = trains[user]
+    with torch.no_grad():
+        hidden = teacher(models.left_pad([np.array(train_u[:-1])], desc["max_len"]))[0]
+        logits = teacher.score(hidden)[-(len(train_u) - 1):]  # positions t = 1..n-1
+    for t in range(len(train_u) - 1):
+        top = set(table["idx"][first + t].as_py())
+        rest = [float(logits[t, j]) for j in range(1, logits.shape[1]) if j not in top]
+        assert table["rest"][first + t].as_py() == pytest.approx(float(torch.tensor(rest).logsumexp(0)), abs=1e-3)
+
+
+def test_kd_curve_with_transfer_and_whole_catalogue_kl(tiny_run, tmp_path):
+    """distill.sizes trains a KD student and a no-KD twin per width; evaluate reports the curve."""
+    from raykd import distill, evaluate
+
+    for part in ("data", "teacher", "soft_labels"):
+        shutil.copytree(tiny_run / part, tmp_path / part)
+    cfg = tiny_config(tmp_path, "distill.sizes=[4]", "distill.transfer=true", "distill.loss=kl_full",
+                      "distill.train_nokd=false", "distill.train.epochs=1")
+    out = distill.run(cfg)
+    assert set(out) == {"student", "kd_curve/d4/student", "kd_curve/d4/student_nokd"}
+    assert json.loads((tmp_path / "kd_curve" / "d4" / "student" / "model.json").read_text())["dim"] == 4
+    report = evaluate.run(cfg)
+    (point,) = report["kd_curve"]
+    assert point["dim"] == 4 and point["params"] < report["teacher"]["params"]
+    assert point["paired"]["users"] == report["dataset"]["users"]
+    assert point["paired"]["mean_diff"] == pytest.approx(point["kd"]["ndcg@10"] - point["nokd"]["ndcg@10"], abs=1e-9)
+    assert point["rare"]["users"] == report["rare_targets"]["users"]
+    assert (tmp_path / "kd_curve.png").stat().st_size > 1000
+    assert "## KD curve" in (tmp_path / "report.md").read_text()

@@ -1,0 +1,196 @@
+"""Does distillation pay? Teachers (id-only, text) and students of several widths, KD vs no-KD.
+
+    python benchmarks/bench_kd.py --run runs/kd_beauty --seeds 0,1,2 --widths 4,8,16,32
+
+`--run` is a run directory that `raykd prepare` and `raykd embed-items` already filled (data/ and
+item_text/), e.g. from `configs/beauty.yaml`. Every model is trained in this process with raykd's
+own Ray-free loop (`raykd.loop.fit_local`: the same step, epoch, validation and early stopping as
+the Ray Train stages) and saved under `<run>/bench_kd/seed<N>/`, so an interrupted benchmark
+resumes where it stopped. Per seed: each teacher, its soft labels (top-K + rest log-mass), then per
+width a KD student and its no-KD twin (same size, budget and seed). Protocol of GUIDE.md:
+leave-one-out, full ranking, history excluded, checkpoints chosen on validation, test read once
+per final model, paired differences over users; the rare bucket is test targets seen <= 5 times
+in training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from raykd import loop, metrics, models, sequences, soft_labels
+from raykd.evaluate import paired_ndcg
+
+TEACHERS = {  # name -> (uses text, text_mode)
+    "id": (False, None),
+    "text": (True, "both"),
+}
+
+
+def train_cfg(epochs: int, lr: float, patience: int, min_epochs: int, batch: int = 128) -> dict:
+    return {"epochs": epochs, "batch_size": batch, "lr": lr, "weight_decay": 0.0, "patience": patience,
+            "min_epochs": min_epochs, "loss": "full", "num_negatives": 1000}
+
+
+def desc(num_items: int, dim: int, layers: int, heads: int, dropout: float, max_len: int = 50) -> dict:
+    return {"family": "sasrec", "num_items": num_items, "dim": dim, "layers": layers, "heads": heads,
+            "max_len": max_len, "dropout": dropout}
+
+
+def trained(out: Path, config: dict, data_dir: Path, soft_dir: Path | None = None) -> dict:
+    """Train (or reuse) one model; save it with its summary to `out`."""
+    if (out / "summary.json").exists():
+        return json.loads((out / "summary.json").read_text())
+    t0 = time.perf_counter()
+    model, summary = loop.fit_local(config, data_dir, soft_dir, log=lambda m: print("  " + m, flush=True))
+    summary["seconds"] = time.perf_counter() - t0
+    models.save_model(out, model, config["desc"])
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def score_soft(teacher_dir: Path, data_dir: Path, out: Path, top_k: int) -> None:
+    """The soft-label stage's scorer and writer, in this process."""
+    if (out / "done").exists():
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    meta = json.loads((teacher_dir / "model.json").read_text())
+    shards = sequences.shard_paths(data_dir)
+    scorer = soft_labels.TeacherScorer(str(teacher_dir), meta["max_len"], top_k, False, 256)
+    rows = {}
+    for shard in shards:
+        n = soft_labels._count_windows(shard, meta["max_len"])
+        parts = [scorer({"shard": np.array([str(shard)]), "start": np.array([s])}) for s in range(0, n, 256)]
+        cat = {k: np.concatenate([p[k] for p in parts]) for k in ("pos", "idx", "logits", "rest")}
+        order = np.argsort(cat["pos"], kind="stable")
+        rows[str(shard)] = {k: v[order] for k, v in cat.items()}
+    soft_labels.write(rows, shards, out, top_k)
+    (out / "done").write_text("1")
+
+
+def test_eval(model_dir: Path, split: dict, rare: np.ndarray) -> tuple[dict, np.ndarray]:
+    model, _ = models.load_model(model_dir)
+    hist, targets, seen = sequences.eval_inputs(split, "test")
+    m, ranks = metrics.evaluate_model(model, hist, targets, seen, return_ranks=True)
+    m["params"] = models.count_params(model)
+    m["rare_ndcg@10"] = float(np.where(ranks[rare] < 10, 1 / np.log2(ranks[rare] + 2.0), 0).mean())
+    return m, ranks
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="run dir with data/ and item_text/")
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--widths", default="4,8,16,32")
+    p.add_argument("--teachers", default="id,text")
+    p.add_argument("--kd-teacher", default="text", help="the teacher the students distil from")
+    p.add_argument("--teacher-dim", type=int, default=128)
+    p.add_argument("--teacher-epochs", type=int, default=30)
+    p.add_argument("--student-epochs", type=int, default=40)
+    p.add_argument("--kd-loss", default="kl_full")
+    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--transfer", type=int, default=1, help="1: KD students start from the teacher's items")
+    p.add_argument("--top-k", type=int, default=100)
+    p.add_argument("--tag", default="", help="suffix for the KD students' folders (variants)")
+    p.add_argument("--threads", type=int, default=0)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run = Path(args.run)
+    data_dir = run / "data"
+    text_path = run / "item_text" / "vectors.parquet"
+    split = sequences.read_split(data_dir)
+    counts = pq.read_table(data_dir / "items.parquet", columns=["count"])["count"].to_numpy()
+    rare = np.concatenate([[0], counts])[split["test"]] <= 5
+    n_items = sequences.num_items(data_dir)
+    print(f"bench_kd: {len(split['user']):,} users, {n_items:,} items, rare test targets {rare.mean():.1%}; "
+          f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads", flush=True)
+    results = {"args": vars(args), "seeds": {}}
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        base = run / "bench_kd" / f"seed{seed}"
+        res = results["seeds"][seed] = {"teachers": {}, "students": {}}
+        ranks = {}
+        for name in args.teachers.split(","):
+            use_text, mode = TEACHERS[name]
+            d = desc(n_items, args.teacher_dim, 2, 2, 0.3)
+            cfg = {"name": f"teacher_{name}", "desc": d, "seed": seed, "alpha": 0.0, "temperature": 1.0,
+                   "kd_loss": "kl", "train": train_cfg(args.teacher_epochs, 1e-3, 5, 10),
+                   "item_text": str(text_path) if use_text else None, "text_mode": mode}
+            if use_text and mode in ("fuse", "both"):
+                d["text_dim"] = loop.text_dim(text_path, args.teacher_dim)
+            s = trained(base / f"teacher_{name}", cfg, data_dir)
+            m, ranks[f"teacher_{name}"] = test_eval(base / f"teacher_{name}", split, rare)
+            res["teachers"][name] = {"test": m, "valid": s["valid"]["ndcg@10"], "best_epoch": s["best_epoch"]}
+            print(f"seed {seed} teacher {name}: valid {s['valid']['ndcg@10']:.4f} test {m['ndcg@10']:.4f} "
+                  f"(rare {m['rare_ndcg@10']:.4f}), best epoch {s['best_epoch']}, {s.get('seconds', 0):.0f}s",
+                  flush=True)
+        if "teacher_id" in ranks and "teacher_text" in ranks:
+            res["text_vs_id"] = paired_ndcg(ranks["teacher_text"], ranks["teacher_id"])
+            print(f"seed {seed} text − id teacher paired: {res['text_vs_id']}", flush=True)
+        widths = [int(w) for w in args.widths.split(",") if w]
+        tdir = base / f"teacher_{args.kd_teacher}"
+        soft_dir = base / f"soft_{args.kd_teacher}_k{args.top_k}"
+        if widths:
+            score_soft(tdir, data_dir, soft_dir, args.top_k)
+        for width in widths:
+            d = desc(n_items, width, 1, 1, 0.2)
+            common = {"desc": d, "seed": seed, "train": train_cfg(args.student_epochs, 2e-3, 5, 10)}
+            nokd = trained(base / f"nokd_d{width}", {**common, "name": f"nokd_d{width}", "alpha": 0.0,
+                                                      "temperature": 1.0, "kd_loss": "kl"}, data_dir)
+            kd_name = f"kd_{args.kd_teacher}_d{width}{args.tag}"
+            kd = trained(base / kd_name, {**common, "name": kd_name, "alpha": args.alpha,
+                                          "temperature": args.temperature, "kd_loss": args.kd_loss,
+                                          "init_from": str(tdir) if args.transfer else None},
+                         data_dir, soft_dir)
+            m_kd, r_kd = test_eval(base / kd_name, split, rare)
+            m_no, r_no = test_eval(base / f"nokd_d{width}", split, rare)
+            paired = paired_ndcg(r_kd, r_no)
+            paired_rare = paired_ndcg(r_kd[rare], r_no[rare])
+            res["students"][width] = {"kd": m_kd, "nokd": m_no, "paired": paired, "paired_rare": paired_rare,
+                                      "valid": {"kd": kd["valid"]["ndcg@10"], "nokd": nokd["valid"]["ndcg@10"]}}
+            print(f"seed {seed} d{width}: KD {m_kd['ndcg@10']:.4f} vs noKD {m_no['ndcg@10']:.4f} "
+                  f"(x{m_kd['ndcg@10'] / max(m_no['ndcg@10'], 1e-9):.3f}; paired {paired['mean_diff']:+.4f} ± "
+                  f"{paired['stderr']:.4f}; rare {paired_rare['mean_diff']:+.4f} ± {paired_rare['stderr']:.4f}); "
+                  f"valid {kd['valid']['ndcg@10']:.4f}/{nokd['valid']['ndcg@10']:.4f}; params {m_kd['params']:,}",
+                  flush=True)
+        (run / "bench_kd" / f"results{args.tag}.json").write_text(json.dumps(results, indent=1, default=str))
+    summarise(results)
+    return 0
+
+
+def summarise(results: dict) -> None:
+    seeds = list(results["seeds"].values())
+    print(f"\n== summary over {len(seeds)} seed(s) ==")
+    for name in seeds[0]["teachers"]:
+        v = [s["teachers"][name]["test"]["ndcg@10"] for s in seeds]
+        print(f"teacher {name}: test NDCG@10 {np.mean(v):.4f} ± {np.std(v):.4f}  params "
+              f"{seeds[0]['teachers'][name]['test']['params']:,}")
+    if all("text_vs_id" in s for s in seeds):
+        ratio = np.mean([s["teachers"]["text"]["test"]["ndcg@10"] for s in seeds]) / np.mean(
+            [s["teachers"]["id"]["test"]["ndcg@10"] for s in seeds])
+        diffs = [s["text_vs_id"]["mean_diff"] for s in seeds]
+        print(f"text / id teacher: x{ratio:.3f}; paired diff per seed {', '.join(f'{d:+.4f}' for d in diffs)}")
+    print("| width | params | KD NDCG@10 | noKD NDCG@10 | KD / noKD | paired (mean ± s.e. per seed) | rare paired |")
+    print("|---|---|---|---|---|---|---|")
+    for width in seeds[0]["students"] if seeds else []:
+        rows = [s["students"][width] for s in seeds if width in s["students"]]
+        kd = np.mean([r["kd"]["ndcg@10"] for r in rows])
+        no = np.mean([r["nokd"]["ndcg@10"] for r in rows])
+        paired = "; ".join(f"{r['paired']['mean_diff']:+.4f} ± {r['paired']['stderr']:.4f}" for r in rows)
+        rare = "; ".join(f"{r['paired_rare']['mean_diff']:+.4f} ± {r['paired_rare']['stderr']:.4f}" for r in rows)
+        print(f"| {width} | {rows[0]['kd']['params']:,} | {kd:.4f} | {no:.4f} | {kd / no if no else math.nan:.3f} | "
+              f"{paired} | {rare} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
