@@ -58,14 +58,14 @@ def trained(out: Path, config: dict, data_dir: Path, soft_dir: Path | None = Non
     return summary
 
 
-def score_soft(teacher_dir: Path, data_dir: Path, out: Path, top_k: int) -> None:
-    """The soft-label stage's scorer and writer, in this process."""
+def score_soft(teacher_dirs: list[Path], data_dir: Path, out: Path, top_k: int) -> None:
+    """The soft-label stage's scorer and writer, in this process (several teachers: an ensemble)."""
     if (out / "done").exists():
         return
     out.mkdir(parents=True, exist_ok=True)
-    meta = json.loads((teacher_dir / "model.json").read_text())
+    meta = json.loads((teacher_dirs[0] / "model.json").read_text())
     shards = sequences.shard_paths(data_dir)
-    scorer = soft_labels.TeacherScorer(str(teacher_dir), meta["max_len"], top_k, False, 256)
+    scorer = soft_labels.TeacherScorer([str(d) for d in teacher_dirs], meta["max_len"], top_k, False, 256)
     rows = {}
     for shard in shards:
         n = soft_labels._count_windows(shard, meta["max_len"])
@@ -92,7 +92,8 @@ def main() -> int:
     p.add_argument("--seeds", default="0")
     p.add_argument("--widths", default="4,8,16,32")
     p.add_argument("--teachers", default="id,text")
-    p.add_argument("--kd-teacher", default="text", help="the teacher the students distil from")
+    p.add_argument("--kd-teacher", default="text", help="the teacher the students distil from: id, text, or ens "
+                   "(the id and text teachers as one ensemble)")
     p.add_argument("--teacher-dim", type=int, default=128)
     p.add_argument("--teacher-epochs", type=int, default=30)
     p.add_argument("--student-epochs", type=int, default=40)
@@ -138,10 +139,10 @@ def main() -> int:
             res["text_vs_id"] = paired_ndcg(ranks["teacher_text"], ranks["teacher_id"])
             print(f"seed {seed} text − id teacher paired: {res['text_vs_id']}", flush=True)
         widths = [int(w) for w in args.widths.split(",") if w]
-        tdir = base / f"teacher_{args.kd_teacher}"
+        tdirs = [base / f"teacher_{t}" for t in (("id", "text") if args.kd_teacher == "ens" else (args.kd_teacher,))]
         soft_dir = base / f"soft_{args.kd_teacher}_k{args.top_k}"
         if widths:
-            score_soft(tdir, data_dir, soft_dir, args.top_k)
+            score_soft(tdirs, data_dir, soft_dir, args.top_k)
         for width in widths:
             d = desc(n_items, width, 1, 1, 0.2)
             common = {"desc": d, "seed": seed, "train": train_cfg(args.student_epochs, 2e-3, 5, 10)}
@@ -150,7 +151,7 @@ def main() -> int:
             kd_name = f"kd_{args.kd_teacher}_d{width}{args.tag}"
             kd = trained(base / kd_name, {**common, "name": kd_name, "alpha": args.alpha,
                                           "temperature": args.temperature, "kd_loss": args.kd_loss,
-                                          "init_from": str(tdir) if args.transfer else None},
+                                          "init_from": [str(t) for t in tdirs] if args.transfer else None},
                          data_dir, soft_dir)
             m_kd, r_kd = test_eval(base / kd_name, split, rare)
             m_no, r_no = test_eval(base / f"nokd_d{width}", split, rare)

@@ -7,11 +7,12 @@ and the valid keys, so a typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from raykd.errors import RaykdError
 
@@ -49,6 +50,9 @@ class DataConfig(Section):
     user_col: str = "user_id"
     item_col: str = "item_id"
     time_col: str | None = Field(None, description="no time column: file order is time order")
+    time_format: str | None = Field(None, description="how the time column writes dates, one strptime format for "
+                                    "the whole column (e.g. '%d/%m/%Y %H:%M') or 'ISO8601'; default: inferred "
+                                    "when only one format reads every date the same way, else an error")
     rating_col: str | None = None
     min_rating: float | None = Field(None, description="keep rows with rating >= this")
     delimiter: str = Field(",", description="csv only; any single character, e.g. '\\t'")
@@ -79,6 +83,11 @@ class DataConfig(Section):
             raise ValueError("data.min_rating is set but synthetic logs have no ratings; remove it")
         if self.min_rating is not None and self.rating_col is None and self.format != "movielens":
             raise ValueError("data.min_rating needs data.rating_col: the column that holds the ratings")
+        if self.time_format is not None and (self.time_col is None or self.format in ("synthetic", "movielens")):
+            raise ValueError("data.time_format is set but there is no date column to read with it (data.time_col "
+                             "unset, or a format whose time is epoch seconds); remove it")
+        if self.time_format is not None and "%" not in self.time_format and self.time_format != "ISO8601":
+            raise ValueError("data.time_format must be a strptime format such as '%d/%m/%Y' or 'ISO8601'")
         return self
 
 
@@ -134,6 +143,8 @@ class TeacherConfig(Section):
         "both", description="fuse: add a trained projection of the PCA-whitened text vectors to the id embedding; "
         "init: start the id embeddings from them; both")
     init_std: float = Field(0.02, gt=0, description="per-column std of item embeddings initialised from text")
+    ensemble: int = Field(1, ge=1, le=16, description="teachers to train (seeds seed, seed+1, ...), as parallel Ray "
+                          "runs when the cluster has room; soft labels average their log-probabilities")
     text_encoder: str = Field("all-MiniLM-L6-v2", description="sentence-transformers model: local dir or name")
     text_workers: int = Field(1, ge=1, description="embedding actors (a GPU each with teacher.train.use_gpu)")
 
@@ -199,7 +210,8 @@ class TuneConfig(Section):
 class ServeConfig(Section):
     """Ray Serve deployment of the student (the serve stage)."""
 
-    host: str = Field("127.0.0.1", description="bind address; 0.0.0.0 only behind auth")
+    host: str = Field("127.0.0.1", description="bind address; anything but loopback (127.0.0.1, ::1, "
+                      "localhost) is refused without an API key")
     port: int = Field(8000, ge=1, le=65535)
     max_batch_size: int = Field(32, ge=1, description="@serve.batch size")
     batch_wait_timeout_s: float = Field(0.005, ge=0)
@@ -209,9 +221,24 @@ class ServeConfig(Section):
     replica_cpus: float = Field(0.5, gt=0)
     max_k: int = Field(100, ge=1)
     max_history: int = Field(1000, ge=1)
-    max_body_bytes: int = Field(65536, ge=1024)
-    api_key: str | None = Field(None, description="bearer token; also RAYKD_API_KEY")
+    max_body_bytes: int = Field(65536, ge=1024, description="longer request bodies get 413, chunked or not")
+    api_key: SecretStr | None = Field(None, description="bearer token, a secret: never written to config.yaml; "
+                                      "prefer RAYKD_API_KEY or api_key_file, never a command line")
+    api_key_file: str | None = Field(None, description="file holding the bearer token, read where the app is built "
+                                     "and by each replica; also RAYKD_API_KEY_FILE")
     access_log: bool = Field(False, description="per-request logs cost ~30% of throughput")
+
+    @model_validator(mode="after")
+    def _exposed_needs_a_key(self) -> ServeConfig:
+        from raykd import auth
+
+        has_key = self.api_key is not None or self.api_key_file or os.environ.get(auth.API_KEY_ENV) or \
+            os.environ.get(auth.API_KEY_FILE_ENV)
+        if not has_key and not auth.is_loopback(self.host):
+            raise ValueError(f"host {self.host} is reachable from other machines but no API key is set: set the "
+                             f"{auth.API_KEY_ENV} (or {auth.API_KEY_FILE_ENV}) environment variable or "
+                             "serve.api_key_file, or bind 127.0.0.1")
+        return self
 
 
 class RayConfig(Section):
@@ -310,8 +337,11 @@ def _fields_at(loc: tuple) -> list[str]:
 
 def dump_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config (every default spelled out) next to a stage's outputs."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    # owner-only: later stages load what is in here (and Tune's resume state is pickle)
+    Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # the API key is a secret: never on disk (a reloaded "**********" would become the key)
+    data = cfg.model_dump(mode="json", exclude={"serve": {"api_key"}})
+    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
 
 
 def section_hash(*sections: BaseModel) -> str:

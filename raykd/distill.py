@@ -24,6 +24,7 @@ from raykd.config import Config, ModelConfig, dump_config
 from raykd.errors import RaykdError
 from raykd.prepare import prepared_key
 from raykd.soft_labels import soft_labels_key
+from raykd.teacher import member_dirs
 
 
 def run(cfg: Config) -> dict:
@@ -58,9 +59,10 @@ def pair(cfg: Config, run_dir: Path, prefix: str, model: ModelConfig, with_nokd:
         if d.teacher_scores:
             raise RaykdError("distill.transfer needs a raykd teacher (its item table); external "
                              "distill.teacher_scores have none: set distill.transfer=false")
-        init_from = run_dir / "teacher"
-        if not (init_from / "model.json").exists():
-            raise RaykdError(f"distill.transfer is on but {init_from} has no model: run `raykd teacher CONFIG`")
+        init_from = member_dirs(cfg)
+        missing = [str(f) for f in init_from if not (f / "model.json").exists()]
+        if missing:
+            raise RaykdError(f"distill.transfer is on but {', '.join(missing)} has no model: run `raykd teacher CONFIG`")
     out = {f"{prefix}student": train.fit(f"{prefix}student", run_dir, data_dir, model, d.train, seed=cfg.seed,
                                          soft_dir=soft_dir, alpha=d.alpha, temperature=d.temperature,
                                          kd_loss=d.loss, upstream=soft_labels_key(soft_dir), init_from=init_from)}

@@ -20,6 +20,7 @@ from torch import nn
 from raykd import distill, metrics, models, sequences
 from raykd.config import Config
 from raykd.errors import RaykdError
+from raykd.teacher import member_dirs
 
 MODELS = ("teacher", "student", "student_nokd", "tune/best")
 RARE_MAX_COUNT = 5  # the rare-item bucket: test targets seen at most this often in training
@@ -59,6 +60,11 @@ def run(cfg: Config) -> dict:
         m["valid_ndcg@10"] = train_info.get("valid", {}).get("ndcg@10")
         m["best_epoch"] = train_info.get("best_epoch")
         report[name.replace("/", "_")] = m
+    members = member_dirs(cfg)
+    if len(members) > 1 and all((d / "model.json").exists() for d in members):
+        ens = models.Ensemble([models.load_model(d)[0] for d in members])
+        m = metrics.evaluate_model(ens, hist, targets, seen)
+        report["teacher_ensemble"] = {**m, "params": models.count_params(ens), "members": len(members)}
     if not loaded:
         raise RaykdError(f"no trained models in {run_dir}: run `raykd teacher` / `raykd distill` first")
     _compare(report, ranks, loaded, hist, seen)
@@ -173,7 +179,7 @@ def markdown(report: dict) -> str:
               "interactions; leave-one-out test, full ranking, history excluded.\n"),
              "| model | NDCG@10 | HR@10 | MRR@10 | params | ms / 256 users | kept vs teacher |",
              "|---|---|---|---|---|---|---|"]
-    for name in ("popularity", "teacher", "student", "student_nokd", "tune_best"):
+    for name in ("popularity", "teacher", "teacher_ensemble", "student", "student_nokd", "tune_best"):
         m = report.get(name)
         if not m:
             continue

@@ -9,7 +9,7 @@
     alpha, temperature, kd_loss   distillation settings (alpha 0 = hard labels only)
     item_text    embed-items' vectors.parquet, or None
     text_mode    "fuse" | "init" | "both": how a text teacher uses the reduced vectors
-    init_from    a teacher folder whose item representations initialise this model's items, or None
+    init_from    teacher folder(s) whose item representations initialise this model's items, or None
     init_std     per-column std of an initialised item table
 
 Batches are dicts of NumPy arrays: input/target [B, L] (0 = padding) and, when distilling,
@@ -43,8 +43,10 @@ def build(config: dict) -> torch.nn.Module:
         if mode in ("init", "both"):
             text.init_item_table(model, text.reduce(raw, model.dim), config.get("init_std", 0.02))
     if config.get("init_from"):
-        teacher, _ = models.load_model(config["init_from"])
-        reduced = text.reduce(text.teacher_items(teacher), model.dim)
+        folders = config["init_from"] if isinstance(config["init_from"], list) else [config["init_from"]]
+        # an ensemble's members side by side: PCA finds the directions they share
+        items = np.concatenate([text.teacher_items(models.load_model(f)[0]) for f in folders], 1)
+        reduced = text.reduce(items, model.dim)
         text.init_item_table(model, reduced, config.get("init_std", 0.02))
     return model
 

@@ -170,6 +170,30 @@ class GRURec(nn.Module):
         return self.score(self.forward(seq)[:, -1])
 
 
+class Ensemble(nn.Module):
+    """Several trained models scored as one: the mean of their log-probabilities over the catalogue.
+
+        log p_ens(j) = (1/N) Σ_n log softmax(s_n)_j     (a normalised geometric mean of the members)
+
+    Scale-free, so members with differently sized logits count equally. The padding column stays
+    the dtype's most negative value, as in every model here.
+    """
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.max_len = max(m.max_len for m in members)
+        self.num_items = members[0].num_items
+
+    def combine(self, logits: list[torch.Tensor]) -> torch.Tensor:
+        out = torch.stack([x.float().log_softmax(-1) for x in logits]).mean(0)
+        out[..., 0] = torch.finfo(out.dtype).min
+        return out
+
+    def last_scores(self, seq: torch.Tensor) -> torch.Tensor:
+        return self.combine([m.last_scores(seq) for m in self.members])
+
+
 FAMILIES: dict[str, type[nn.Module]] = {"sasrec": SASRec, "gru": GRURec}
 
 

@@ -1,6 +1,7 @@
 """soft_labels: the teacher's top-K items and logits for every training position.
 
-Reads `<run>/data/` and `<run>/teacher/` (or external scores, `distill.teacher_scores`); writes `<run>/soft_labels/part-*.parquet` (one file per
+Reads `<run>/data/` and `<run>/teacher/` (plus `<run>/teacher_ensemble/*` with `teacher.ensemble`, whose
+members' log-probabilities are averaged) (or external scores, `distill.teacher_scores`); writes `<run>/soft_labels/part-*.parquet` (one file per
 sequence shard, rows in (user, t) order: user int32, t int32, idx K×int32, logits K×float16, rest
 float32 = log Σ exp(logit) over every item outside the top K, for the whole-catalogue KL) and
 `manifest.json` (rows, rows/s, bytes per row, K, the teacher it came from).
@@ -27,16 +28,19 @@ from raykd import models, sequences, teacher_scores
 from raykd.config import Config, dump_config
 from raykd.errors import RaykdError
 from raykd.runtime import ensure_ray
+from raykd.teacher import member_dirs
 
 
 def run(cfg: Config) -> dict:
     run_dir = Path(cfg.output_dir)
-    data_dir, teacher_dir, out = run_dir / "data", run_dir / "teacher", run_dir / "soft_labels"
+    data_dir, out = run_dir / "data", run_dir / "soft_labels"
     if cfg.distill.teacher_scores:
         return import_external(Path(cfg.distill.teacher_scores), data_dir, out)
-    teacher = _teacher_meta(teacher_dir)
+    members = member_dirs(cfg)
+    metas = [_teacher_meta(d) for d in members]
+    teacher = metas[0]
     top_k = min(cfg.soft_labels.top_k, teacher["num_items"])
-    key = f"{teacher['fingerprint']}-k{top_k}-rest"
+    key = "+".join(m["fingerprint"] for m in metas) + f"-k{top_k}-rest"
     if _manifest(out).get("key") == key:
         print(f"soft_labels: reusing {out} (same teacher and top_k)", flush=True)
         return _manifest(out)
@@ -44,7 +48,7 @@ def run(cfg: Config) -> dict:
     ensure_ray(cfg.ray)
     shards = sequences.shard_paths(data_dir)
     t0 = time.perf_counter()
-    rows = score_all(shards, teacher_dir, teacher["max_len"], top_k, cfg.soft_labels.num_workers,
+    rows = score_all(shards, members, teacher["max_len"], top_k, cfg.soft_labels.num_workers,
                      cfg.soft_labels.use_gpu, cfg.soft_labels.batch_size)
     seconds = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
@@ -96,11 +100,17 @@ def _teacher_meta(teacher_dir: Path) -> dict:
 
 
 class TeacherScorer:
-    """Ray Data actor: loads the teacher once, scores chunks of windows, keeps the top K."""
+    """Ray Data actor: loads the teacher once, scores chunks of windows, keeps the top K.
 
-    def __init__(self, teacher_dir: str, max_len: int, top_k: int, use_gpu: bool, chunk: int):
+    Several teacher folders (an ensemble) are scored as one: the mean of their log-probabilities
+    (models.Ensemble); a single teacher's raw logits are kept as they are.
+    """
+
+    def __init__(self, teacher_dir: str | list[str], max_len: int, top_k: int, use_gpu: bool, chunk: int):
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.model, _ = models.load_model(teacher_dir, self.device)
+        dirs = [teacher_dir] if isinstance(teacher_dir, str | Path) else list(teacher_dir)
+        self.members = [models.load_model(d, self.device)[0] for d in dirs]
+        self.model = self.members[0]
         self.max_len, self.top_k, self.chunk = max_len, top_k, chunk
         self.cached: tuple[str, dict] | None = None  # windows of the last shard (chunks come in order)
 
@@ -123,18 +133,19 @@ class TeacherScorer:
         real = torch.as_tensor(pos >= 0, device=self.device)
         amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
         with amp:
-            hidden = self.model(inp)[real]
+            hidden = [m(inp)[real] for m in self.members]
         # The item-table product runs in fp32: under bf16 autocast the logits keep only ~3
         # significant digits (coarser than the float16 they are stored as), so GPU soft labels
         # would differ from CPU ones and near-tied top-K items reorder.
-        logits = self.model.score(hidden.float())
+        scores = [m.score(h.float()) for m, h in zip(self.members, hidden)]
+        logits = scores[0] if len(scores) == 1 else models.Ensemble(self.members).combine(scores)
         top = torch.topk(logits, self.top_k, dim=1)  # sorted, best first
         rest = logits.scatter(1, top.indices, float("-inf")).logsumexp(1)  # the padding column adds exp(min) = 0
         return {"pos": pos[pos >= 0], "idx": top.indices.int().cpu().numpy(),
                 "logits": top.values.cpu().numpy().astype(np.float16), "rest": rest.cpu().numpy().astype(np.float32)}
 
 
-def score_all(shards: list[Path], teacher_dir: Path, max_len: int, top_k: int, workers: int,
+def score_all(shards: list[Path], teacher_dir: Path | list[Path], max_len: int, top_k: int, workers: int,
               use_gpu: bool, chunk: int = 256) -> dict[str, dict]:
     """Score every training position; returns per-shard arrays sorted by position."""
     chunks = []
@@ -146,7 +157,8 @@ def score_all(shards: list[Path], teacher_dir: Path, max_len: int, top_k: int, w
     ds = ray.data.from_items(chunks, override_num_blocks=min(len(chunks), 64))
     ds = ds.map_batches(
         TeacherScorer,
-        fn_constructor_kwargs={"teacher_dir": str(teacher_dir.resolve()), "max_len": max_len,
+        fn_constructor_kwargs={"teacher_dir": [str(Path(d).resolve()) for d in _as_list(teacher_dir)],
+                               "max_len": max_len,
                                "top_k": top_k, "use_gpu": use_gpu, "chunk": chunk},
         compute=ray.data.ActorPoolStrategy(min_size=workers, max_size=workers),
         batch_size=1,
@@ -170,6 +182,10 @@ def score_all(shards: list[Path], teacher_dir: Path, max_len: int, top_k: int, w
         order = np.argsort(cat["pos"], kind="stable")
         merged[shard] = {k: v[order] for k, v in cat.items()}
     return merged
+
+
+def _as_list(dirs: Path | list[Path]) -> list[Path]:
+    return [dirs] if isinstance(dirs, str | Path) else list(dirs)
 
 
 def _count_windows(shard: Path, max_len: int) -> int:

@@ -1,10 +1,12 @@
-"""teacher: train the large sequential recommender with Ray Train.
+"""teacher: train the large sequential recommender (or an ensemble of them) with Ray Train.
 
 Reads `<run>/data/` (prepare) and, with `teacher.item_text`, `<run>/item_text/` (embed-items:
 its vectors are PCA-whitened to the teacher's width, then fused and/or used as the initial id
-embeddings, `teacher.text_mode`);
-writes `<run>/teacher/` (model.safetensors, model.json,
+embeddings, `teacher.text_mode`); writes `<run>/teacher/` (model.safetensors, model.json,
 metrics.json with the validation history) and Ray Train checkpoints under `<run>/ray_train/`.
+With `teacher.ensemble: N`, members 1..N-1 (seeds seed+1, ...) go to `<run>/teacher_ensemble/m<i>/`;
+they train as parallel Ray runs when the cluster has CPUs to spare (each run's driver is a Ray
+task on the zero-CPU driver resource), one after another otherwise.
 """
 
 from __future__ import annotations
@@ -12,10 +14,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import ray
+
 from raykd import train
 from raykd.config import Config, dump_config
 from raykd.errors import RaykdError
 from raykd.prepare import prepared_key
+from raykd.runtime import DRIVER_RESOURCE, ensure_ray
+
+
+def member_dirs(cfg: Config) -> list[Path]:
+    """Every teacher folder of the run: `teacher/` first, then the ensemble's other members."""
+    run_dir = Path(cfg.output_dir)
+    return [run_dir / "teacher"] + [run_dir / "teacher_ensemble" / f"m{i}" for i in range(1, cfg.teacher.ensemble)]
 
 
 def run(cfg: Config) -> dict:
@@ -29,6 +40,41 @@ def run(cfg: Config) -> dict:
         if not manifest.exists():
             raise RaykdError(f"teacher.item_text is on but {manifest.parent} is missing: run `raykd embed-items CONFIG`")
         upstream += "-text-" + json.loads(manifest.read_text())["key"]
-    return train.fit("teacher", run_dir, data_dir, cfg.teacher.model, cfg.teacher.train, seed=cfg.seed,
-                     upstream=upstream, item_text=text, text_mode=cfg.teacher.text_mode,
-                     init_std=cfg.teacher.init_std)
+    t = cfg.teacher
+    common = {"run_dir": run_dir, "data_dir": data_dir, "model_cfg": t.model, "train_cfg": t.train,
+              "upstream": upstream, "item_text": text, "text_mode": t.text_mode, "init_std": t.init_std}
+    jobs = [{**common, "name": str(d.relative_to(run_dir)), "seed": cfg.seed + i}
+            for i, d in enumerate(member_dirs(cfg))]
+    if len(jobs) == 1:
+        return train.fit(**jobs[0])
+    ensure_ray(cfg.ray)
+    results = _fit_members(jobs, _parallel_runs(cfg))
+    return {**results[0], "ensemble": [r["valid"]["ndcg@10"] for r in results]}
+
+
+def _parallel_runs(cfg: Config) -> int:
+    """Teacher runs that fit at once: one CPU stays free for Ray Data (GUIDE.md section 4)."""
+    res = ray.cluster_resources()
+    tc = cfg.teacher.train
+    if tc.use_gpu:
+        return max(1, int(res.get("GPU", 0) // tc.num_workers))
+    spare = res.get("CPU", 1) - 1
+    fits = int(spare // (tc.num_workers * tc.cpus_per_worker))
+    return max(1, min(fits, int(res.get(DRIVER_RESOURCE, 0))))
+
+
+def _fit_members(jobs: list[dict], parallel: int) -> list[dict]:
+    """Fit every member; `parallel` > 1 runs that many fits at once, each driven by a Ray task."""
+    if parallel <= 1:
+        return [train.fit(**job) for job in jobs]
+    print(f"teacher: {len(jobs)} ensemble members, {parallel} at a time", flush=True)
+    remote_fit = ray.remote(num_cpus=0, resources={DRIVER_RESOURCE: 1}, max_retries=0)(train.fit)
+    pending, results = {}, {}
+    for i, job in enumerate(jobs):
+        if len(pending) >= parallel:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            results[pending.pop(done[0])] = ray.get(done[0])
+        pending[remote_fit.remote(**job)] = i
+    for ref, i in pending.items():
+        results[i] = ray.get(ref)
+    return [results[i] for i in range(len(jobs))]

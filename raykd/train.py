@@ -40,7 +40,7 @@ FAULT_ENV = "RAYKD_FAULT_AFTER_EPOCH"  # test hook: rank 0 dies once after this 
 def fit(name: str, run_dir: Path, data_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig,
         seed: int = 0, soft_dir: Path | None = None, alpha: float = 0.0, temperature: float = 1.0,
         kd_loss: str = "kl", upstream: str = "", item_text: Path | None = None, text_mode: str = "fuse",
-        init_from: Path | None = None, init_std: float = 0.02) -> dict:
+        init_from: list[Path] | None = None, init_std: float = 0.02) -> dict:
     """Train one model with Ray Train and export its best checkpoint to `run_dir/name`.
 
     `upstream` fingerprints the inputs (prepared data, soft labels): a finished model trained on
@@ -79,11 +79,11 @@ def fit(name: str, run_dir: Path, data_dir: Path, model_cfg: ModelConfig, train_
 def make_trainer(name: str, storage: Path, data_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig,
                  seed: int = 0, soft_dir: Path | None = None, alpha: float = 0.0, temperature: float = 1.0,
                  kd_loss: str = "kl", callbacks: list | None = None, item_text: Path | None = None,
-                 text_mode: str = "fuse", init_from: Path | None = None, init_std: float = 0.02) -> TorchTrainer:
+                 text_mode: str = "fuse", init_from: list[Path] | None = None, init_std: float = 0.02) -> TorchTrainer:
     """The TorchTrainer for one model (also what each Tune trial builds and fits).
 
     `item_text`: a `vectors.parquet` of item text vectors, fused into the model and/or used to
-    initialise its item table (`text_mode`, teacher only). `init_from`: a teacher folder whose item
+    initialise its item table (`text_mode`, teacher only). `init_from`: teacher folders whose item
     representations, reduced to this model's width, initialise its item table (embedding transfer).
     """
     desc = {"family": model_cfg.family, "num_items": sequences.num_items(data_dir),
@@ -96,7 +96,7 @@ def make_trainer(name: str, storage: Path, data_dir: Path, model_cfg: ModelConfi
                 "item_counts": _item_log_q(data_dir) if train_cfg.loss == "sampled" else None,
                 "fault_after_epoch": os.environ.get(FAULT_ENV),
                 "item_text": str(Path(item_text).resolve()) if item_text else None, "text_mode": text_mode,
-                "init_from": str(Path(init_from).resolve()) if init_from else None, "init_std": init_std}
+                "init_from": [str(Path(f).resolve()) for f in init_from] if init_from else None, "init_std": init_std}
     return TorchTrainer(
         train_loop,
         train_loop_config=loop_cfg,

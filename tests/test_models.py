@@ -140,3 +140,17 @@ def test_left_pad_by_hand():
     out = left_pad([np.array([1, 2, 3, 4, 5]), np.array([7]), np.array([], dtype=np.int64)], 3)
     assert out.dtype == torch.long
     assert out.tolist() == [[3, 4, 5], [0, 0, 7], [0, 0, 0]]
+
+
+def test_ensemble_is_the_mean_log_probability_of_its_members():
+    from raykd.models import Ensemble
+
+    desc = {"family": "sasrec", "num_items": 12, "dim": 8, "layers": 1, "heads": 1, "max_len": 6, "dropout": 0.0}
+    torch.manual_seed(0)
+    a, b = build_model(desc).eval(), build_model(desc).eval()
+    seq = torch.tensor([[0, 0, 3, 4, 5, 6]])
+    with torch.no_grad():
+        got = Ensemble([a, b]).last_scores(seq)
+        la, lb = a.last_scores(seq).log_softmax(-1), b.last_scores(seq).log_softmax(-1)
+    assert torch.allclose(got[:, 1:], (la[:, 1:] + lb[:, 1:]) / 2, atol=1e-6)
+    assert got[0, 0] == torch.finfo(torch.float32).min

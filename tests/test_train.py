@@ -165,3 +165,30 @@ def test_kd_curve_with_transfer_and_whole_catalogue_kl(tiny_run, tmp_path):
     assert point["rare"]["users"] == report["rare_targets"]["users"]
     assert (tmp_path / "kd_curve.png").stat().st_size > 1000
     assert "## KD curve" in (tmp_path / "report.md").read_text()
+
+
+def test_teacher_ensemble_trains_in_parallel_and_distils_from_the_mean(tiny_run, tmp_path, capsys):
+    """teacher.ensemble=2: two seeds as parallel Ray runs, soft labels from their mean log-probability."""
+    from raykd import distill, evaluate, teacher
+
+    shutil.copytree(tiny_run / "data", tmp_path / "data")
+    cfg = tiny_config(tmp_path, "teacher.ensemble=2", "teacher.train.cpus_per_worker=0.5", "distill.transfer=true",
+                      "distill.train_nokd=false", "distill.train.epochs=1")
+    out = teacher.run(cfg)
+    assert "2 ensemble members, 2 at a time" in capsys.readouterr().out
+    assert len(out["ensemble"]) == 2
+    first = models.load_model(tmp_path / "teacher")[0]
+    second = models.load_model(tmp_path / "teacher_ensemble" / "m1")[0]
+    assert not torch.equal(first.item_emb.weight, second.item_emb.weight)  # seeds 0 and 1
+    soft_labels.run(cfg)
+    table = pq.read_table(tmp_path / "soft_labels" / "part-00000.parquet")
+    trains = pq.read_table(tmp_path / "data" / "sequences" / "part-00000.parquet")["train"].to_pylist()
+    user = next(u for u, tr in enumerate(trains) if 2 < len(tr) <= 20)
+    row = sum(len(tr) - 1 for tr in trains[:user]) + len(trains[user]) - 2  # the user's last position
+    with torch.no_grad():
+        expected = models.Ensemble([first, second]).last_scores(models.left_pad([np.array(trains[user][:-1])], 20))
+    assert table["idx"][row].as_py()[0] == int(expected[0].argmax())
+    distill.run(cfg)
+    report = evaluate.run(cfg)
+    assert report["teacher_ensemble"]["members"] == 2
+    assert report["teacher_ensemble"]["params"] == 2 * report["teacher"]["params"]
