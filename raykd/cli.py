@@ -70,7 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="a run directory (serves tune/best, else student) or a model folder")
     p.add_argument("overrides", nargs="*", help="serve.* overrides, e.g. serve.max_replicas=4")
     p.add_argument("--config", help="experiment YAML whose serve section to use (default: defaults)")
-    p.add_argument("--host", help="bind address (default 127.0.0.1)")
+    p.add_argument("--host", help="bind address (default 127.0.0.1; any other needs RAYKD_API_KEY or "
+                   "serve.api_key_file)")
     p.add_argument("--port", type=int, help="port (default 8000)")
     p.add_argument("--debug", action="store_true", help="show Python tracebacks")
     p = sub.add_parser("synth", help="write a synthetic interaction log (Parquet)")
@@ -90,6 +91,10 @@ def _serve(args: argparse.Namespace) -> int:
     from raykd import serve
     from raykd.config import load_config
 
+    if any(o.strip().startswith("serve.api_key=") for o in args.overrides):
+        raise RaykdError("serve.api_key on the command line is visible to every user of this machine (ps, shell "
+                         "history): export RAYKD_API_KEY, or put the key in a file and pass "
+                         "serve.api_key_file=PATH (or RAYKD_API_KEY_FILE)")
     extra = [f"serve.host={args.host}"] if args.host else []
     extra += [f"serve.port={args.port}"] if args.port else []
     cfg = load_config(args.config, [*args.overrides, *extra])

@@ -8,9 +8,10 @@ and yields Arrow tables with the columns
     user, item   raw ids: text formats (csv, MovieLens) give strings, whose type (integer or text)
                  the driver decides once over all rows (`unify_ids`), so that it can never depend
                  on how the file was cut into blocks; parquet/jsonl keep their own types
-    time         float64 sort key: numbers as given (epoch units), dates as epoch microseconds
+    time         float64 sort key: numbers as given (epoch units), typed dates as epoch microseconds
                  (only when there is a time column: without one, file order is time order)
     time_kind    int8 TIME_NUMBER or TIME_DATE per row; a column mixing both is an error
+    time_text    date text, parsed by the driver with one format for the whole column (raykd.dates)
     order        int64 global file order: file index << 40 | row number, the tie-breaker
     flag         int8 row status (FLAG_* below); the driver counts them and raises on errors
     error        string, only on the one-row table of a source that could not be read
@@ -79,6 +80,7 @@ class Source:
     time_col: str | None = None
     rating_col: str | None = None
     min_rating: float | None = None
+    time_format: str | None = None  # set: every time value is date text in this format
     chunk: tuple[int, int] | list[int] = (0, 0)  # synthetic: (first_user, num_users)
     synthetic: dict = field(default_factory=dict)
     block_bytes: int = BLOCK_BYTES  # csv/jsonl block size; parquet batches of block_bytes // 64 rows
@@ -95,7 +97,8 @@ class Source:
 def plan_sources(cfg: DataConfig, block_bytes: int = BLOCK_BYTES) -> list[Source]:
     """Resolve the configured input into readable sources, or raise a RaykdError saying why not."""
     cols = {"user_col": cfg.user_col, "item_col": cfg.item_col, "time_col": cfg.time_col,
-            "rating_col": cfg.rating_col, "min_rating": cfg.min_rating, "block_bytes": block_bytes}
+            "rating_col": cfg.rating_col, "min_rating": cfg.min_rating, "block_bytes": block_bytes,
+            "time_format": cfg.time_format}
     if cfg.format == "synthetic":
         syn = cfg.synthetic.model_dump()
         return [Source(i, "synthetic", user_col="user_id", item_col="item_id", time_col="timestamp",
@@ -287,9 +290,9 @@ def normalise(raw: pa.Table, src: Source, first_row: int) -> pa.Table:
     flag = np.zeros(n, dtype=np.int8)
     columns = {"user": user, "item": item}
     if src.time_col:
-        time, kind, bad_time = _times(raw.column(src.time_col), src)
+        time, kind, bad_time, text = _times(raw.column(src.time_col), src)
         flag[bad_time] = FLAG_BAD_TIME
-        columns.update(time=time, time_kind=kind)
+        columns.update(time=time, time_kind=kind, time_text=text)
     if src.rating_col and src.min_rating is not None:
         rating = _numbers(raw.column(src.rating_col))
         flag[np.isnan(rating)] = FLAG_BAD_RATING
@@ -305,12 +308,16 @@ def _array(col: pa.ChunkedArray | pa.Array) -> pa.Array:
 
 
 def _ids(col: pa.ChunkedArray, text: bool, src: Source, setting: str) -> pa.Array:
-    """Text formats: the text as is. Typed formats: int64 for integers (and whole floats), else text."""
+    """Text formats: the text as is. Typed formats: int64 for integers (and whole floats), else text.
+
+    NaN in a float column is a missing id (a null), never the text 'nan' (raykd.ids, rule 1).
+    """
     col = _array(col)
     t = col.type
     if pa.types.is_integer(t):
         return col.cast(pa.int64())
     if pa.types.is_floating(t):
+        col = pc.if_else(pc.is_nan(col), pa.scalar(None, t), col)
         whole = pc.all(pc.equal(pc.floor(col), col)).as_py()
         return col.cast(pa.int64()) if whole in (True, None) else col.cast(pa.string())
     if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t):  # null: an empty column
@@ -323,7 +330,8 @@ def _ids(col: pa.ChunkedArray, text: bool, src: Source, setting: str) -> pa.Arra
 def unify_ids(col: pa.ChunkedArray, text: bool) -> pa.ChunkedArray:
     """Decide an id column's type once over all rows: int64 if every text id is a plain integer.
 
-    '007', '+7' or ' 7' keep the ids text, since they would not read back as the same raw id.
+    '007' or '+7' keep the ids text, since they would not read back as the same raw id (raykd.ids,
+    rule 2; surrounding whitespace is stripped before this).
     """
     if not text or not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
         return col
@@ -357,14 +365,17 @@ def _numbers(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
 _UNIT_MICROS = {"s": 1e6, "ms": 1e3, "us": 1.0, "ns": 1e-3}
 
 
-def _times(col: pa.ChunkedArray, src: Source) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Sort keys, kinds (number or date) and a bad-row mask, each row decided on its own value.
+def _times(col: pa.ChunkedArray, src: Source) -> tuple[np.ndarray, np.ndarray, np.ndarray, pa.Array]:
+    """Sort keys, kinds (number or date), a missing-value mask, and the date text left for the driver.
 
-    Numbers (epoch time in any unit) are kept as given; dates and date text become microseconds.
+    Numbers (epoch time in any unit) are kept as given and typed dates become microseconds. Date
+    text is not parsed here: one block cannot tell whether 12/01/2020 is day-first, so the driver
+    reads the whole column with one format (raykd.dates). With `time_format`, all text is dates.
     """
     col = _array(col)
     n, t = len(col), col.type
     kind = np.full(n, TIME_NUMBER, dtype=np.int8)
+    no_text = pa.nulls(n, pa.string())
     if pa.types.is_timestamp(t) or pa.types.is_date(t):
         if pa.types.is_timestamp(t):
             scale = _UNIT_MICROS[t.unit]
@@ -374,22 +385,15 @@ def _times(col: pa.ChunkedArray, src: Source) -> tuple[np.ndarray, np.ndarray, n
         micros = pc.fill_null(pc.cast(raw, pa.float64(), safe=False), np.nan).to_numpy(zero_copy_only=False) * scale
         kind[:] = TIME_DATE
         bad = np.isnan(micros)
-        return np.where(bad, 0.0, micros), kind, bad
+        return np.where(bad, 0.0, micros), kind, bad, no_text
     if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)
             or pa.types.is_string(t) or pa.types.is_large_string(t)):
         raise RaykdError(f"{src.path}: the time column data.time_col={src.time_col!r} holds {t} values; "
                          "expected numbers (epoch time), dates or date text")
-    values = _numbers(col)
-    rest = np.isnan(values) & ~pc.is_null(col).to_numpy(zero_copy_only=False)
-    if rest.any():  # text that is not a number: try dates
-        text = col.filter(pa.array(rest))
-        try:  # fast path: ISO 8601 without zone offsets (naive times are UTC, as in pandas below)
-            dates = text.cast(pa.timestamp("us")).cast(pa.int64()).to_numpy(zero_copy_only=False).astype(np.float64)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-            parsed = pd.to_datetime(pd.Series(text.to_pylist(), dtype=object), errors="coerce", utc=True,
-                                    format="mixed")
-            dates = ((parsed - pd.Timestamp(0, tz="UTC")) / pd.Timedelta(1, "us")).to_numpy(dtype=np.float64)
-        values[rest] = dates
-        kind[rest] = TIME_DATE
-    bad = np.isnan(values)
-    return np.where(bad, 0.0, values), kind, bad
+    missing = pc.is_null(col).to_numpy(zero_copy_only=False)
+    values = np.full(n, np.nan) if src.time_format else _numbers(col)
+    rest = np.isnan(values) & ~missing  # text that is not a number: dates, read by the driver
+    text = pc.if_else(pa.array(rest), col.cast(pa.string()), pa.scalar(None, pa.string())) if rest.any() else no_text
+    kind[rest] = TIME_DATE
+    bad = np.isnan(values) & ~rest
+    return np.where(np.isnan(values), 0.0, values), kind, bad, text

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import ray
 import ray.data
 
-from raykd import logs
+from raykd import dates, ids, logs
 from raykd.config import Config, DataConfig, dump_config, section_hash
 from raykd.errors import RaykdError
 from raykd.runtime import ensure_ray
@@ -118,19 +118,53 @@ def read_all(sources: list[logs.Source]) -> pa.Table:
         names = ", ".join(s.path or s.kind for s in sources[:5]) + (" ..." if len(sources) > 5 else "")
         raise RaykdError(f"no data rows in {names}: the input holds no interactions (only a header, or empty "
                          "files); point data.path at a log with rows")
-    text = sources[0].kind in logs.TEXT_KINDS
     for name in ("user", "item"):
         if len({p.schema.field(name).type for p in parts}) > 1:  # e.g. int ids in one parquet, text in another
             parts = [p.set_column(p.schema.get_field_index(name), name, p[name].cast(pa.string())) for p in parts]
-    table = pa.concat_tables(parts).combine_chunks()
+    return pa.concat_tables(parts).combine_chunks()
+
+
+def _normalise_ids(table: pa.Table, text: bool) -> tuple[pa.Table, dict[str, int]]:
+    """raykd.ids rules 1 and 2, decided once over all rows: strip text ids, then pick each vocabulary's type."""
+    stripped = {}
     for name in ("user", "item"):
-        table = table.set_column(table.schema.get_field_index(name), name, logs.unify_ids(table[name], text))
-    return table
+        col, stripped[name] = ids.strip_text(table[name])
+        if stripped[name]:  # an id that was only whitespace is now missing
+            missing = pc.is_null(col).to_numpy(zero_copy_only=False) & (table["flag"].to_numpy() == logs.FLAG_OK)
+            flag = table["flag"].to_numpy().copy()
+            flag[missing] = logs.FLAG_NULL_USER if name == "user" else logs.FLAG_NULL_ITEM
+            table = table.set_column(table.schema.get_field_index("flag"), "flag", pa.array(flag))
+        table = table.set_column(table.schema.get_field_index(name), name, logs.unify_ids(col, text))
+    return table, {f"{name}_whitespace_stripped": n for name, n in stripped.items() if n}
+
+
+def _parse_dates(table: pa.Table, data: DataConfig, sources: list[logs.Source]) -> pa.Table:
+    """Date text -> sort keys with one format for the whole column (raykd.dates); unreadable: flagged."""
+    if "time_text" not in table.column_names:
+        return table
+    text = table["time_text"].combine_chunks()
+    table = table.drop_columns(["time_text"])
+    if text.null_count == len(text):
+        return table
+    column = sources[0].time_col if sources else data.time_col
+    try:
+        micros = dates.parse(text, data.time_format, column)
+    except RaykdError as err:
+        raise RaykdError(f"{_describe(data)}: {err}") from None
+    is_text = pc.is_valid(text).to_numpy(zero_copy_only=False)
+    time = table["time"].to_numpy().copy()
+    flag = table["flag"].to_numpy().copy()
+    time[is_text] = np.nan_to_num(micros[is_text], nan=0.0)
+    flag[is_text & np.isnan(micros) & (flag == logs.FLAG_OK)] = logs.FLAG_BAD_TIME
+    table = table.set_column(table.schema.get_field_index("time"), "time", pa.array(time))
+    return table.set_column(table.schema.get_field_index("flag"), "flag", pa.array(flag))
 
 
 def clean(table: pa.Table, data: DataConfig, sources: list[logs.Source] | None = None) -> dict:
     """Validate, filter, de-duplicate, k-core, encode and split; all vectorised and deterministic."""
     total = table.num_rows
+    table, normalised = _normalise_ids(table, data.format in ("csv", "movielens"))
+    table = _parse_dates(table, data, sources or [])
     flag = table["flag"].to_numpy()
     describe = _describe(data)
     _raise_on_bad_rows(table, flag, data, sources or [])
@@ -183,7 +217,7 @@ def clean(table: pa.Table, data: DataConfig, sources: list[logs.Source] | None =
         "item_raw": items_raw.take(pa.array(items_kept)),
         "items": item,
         "lengths": lengths,
-        "stats": _stats(total, dropped, lengths, len(items_kept)),
+        "stats": {**_stats(total, dropped, lengths, len(items_kept)), "normalised_ids": normalised},
     }
 
 
@@ -215,10 +249,12 @@ def _raise_on_bad_rows(table: pa.Table, flag: np.ndarray, data: DataConfig, sour
         every = " (every row: is it the right column?)" if rows.all() else ""
         problems.append(f"{int(rows.sum()):,} with a {what} in column {column!r}{every}, first at "
                         f"{_where(order[rows], sources)}")
+    dates_hint = (" Dates are read with one format per column: set data.time_format (e.g. '%d/%m/%Y %H:%M') "
+                  "if the column's format was not inferred." if (flag[bad] == logs.FLAG_BAD_TIME).any() else "")
     raise RaykdError(
         f"{_describe(data)}: {int(bad.sum()):,} of {len(flag):,} rows are invalid: {'; '.join(problems)}. "
         "Fix or remove these rows, or check that data.user_col / data.item_col / data.time_col / "
-        "data.rating_col name the right columns.")
+        f"data.rating_col name the right columns.{dates_hint}")
 
 
 def _raise_on_mixed_times(table: pa.Table, flag: np.ndarray, data: DataConfig, sources: list[logs.Source]) -> None:

@@ -9,34 +9,67 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    model_validator,
+)
 
-from raykd import models, sequences
+from raykd import ids, models, sequences
 from raykd.errors import RaykdError
 
-RawId = StrictInt | StrictStr
+
+def _valid_text(raw: str) -> str:
+    if problem := ids.problem(raw):
+        raise ValueError(problem)
+    return raw
+
+
+# raykd.ids rule 4: 64-bit integers, or bounded valid Unicode text
+RawId = (Annotated[StrictInt, Field(ge=ids.INT64_MIN, le=ids.INT64_MAX)]
+         | Annotated[StrictStr, Field(max_length=ids.MAX_ID_CHARS), AfterValidator(_valid_text)])
 
 
 class RecommendRequest(BaseModel):
-    """Body of POST /recommend: a history of raw item ids (oldest first) or a known user id."""
+    """Body of POST /recommend: a history of raw item ids (oldest first) or a known user id.
+
+    Ids follow raykd.ids: user ids are matched in the user vocabulary, item ids in the item
+    vocabulary, each by its own type; an id that cannot be in the vocabulary is simply unknown.
+    """
 
     model_config = ConfigDict(extra="forbid")
-    history: list[RawId] | None = None
-    user_id: RawId | None = None
-    k: StrictInt = 10
-    exclude_seen: StrictBool = True
+    history: list[RawId] | None = Field(None, description="raw item ids, oldest first (at most serve.max_history)")
+    user_id: RawId | None = Field(None, description="a user of the prepared data: its whole known history is used")
+    k: StrictInt = Field(10, ge=1, description="how many items (at most serve.max_k)")
+    exclude_seen: StrictBool = Field(True, description="never recommend an item of the history")
 
     @model_validator(mode="after")
     def _one_source(self) -> RecommendRequest:
         if (self.history is None) == (self.user_id is None):
             raise ValueError("give exactly one of 'history' (a list of item ids) or 'user_id'")
         return self
+
+
+class RecommendResponse(BaseModel):
+    """Answer of POST /recommend: raw item ids best first, their scores, and the ids not in the catalogue."""
+
+    items: list[StrictInt | StrictStr]
+    scores: list[float]
+    model: str
+    unknown_items: list[StrictInt | StrictStr]
+    fallback: str | None = Field(None, description="'popularity' when no history item is known")
 
 
 class BadRequest(Exception):
@@ -65,7 +98,9 @@ class Recommender:
         self.max_k, self.max_history = max_k, max_history
         data_dir = _find_data_dir(self.model_dir)
         items = pq.read_table(data_dir / "items.parquet")
-        self.int_ids = pa.types.is_integer(items.schema.field("raw_id").type)
+        self.int_items = pa.types.is_integer(items.schema.field("raw_id").type)
+        users = data_dir / "users.parquet"
+        self.int_users = users.exists() and pa.types.is_integer(pq.read_schema(users).field("raw_id").type)
         self.raw_items = [None, *items["raw_id"].to_pylist()]
         self.index = {raw: i for i, raw in enumerate(self.raw_items) if i}
         counts = items["count"].to_numpy()
@@ -80,12 +115,12 @@ class Recommender:
         try:
             req = RecommendRequest.model_validate(body)
         except ValidationError as err:
-            raise BadRequest(422, "; ".join(_explain(e) for e in err.errors())) from None
+            raise BadRequest(422, _explain(err)) from None
         if not 1 <= req.k <= self.max_k:
             raise BadRequest(422, f"k must be between 1 and {self.max_k}, got {req.k}")
         if req.user_id is not None:
-            key = self._normalise(req.user_id)
-            if key not in self.histories:
+            key = ids.lookup_key(req.user_id, self.int_users)
+            if key is None or key not in self.histories:
                 raise BadRequest(404, f"unknown user_id {req.user_id!r}: send its 'history' instead")
             return self.histories[key], [], req.k, req.exclude_seen
         if len(req.history) > self.max_history:
@@ -93,14 +128,9 @@ class Recommender:
                                   "accepted (send the most recent ones)")
         known, unknown = [], []
         for raw in req.history:
-            idx = self.index.get(self._normalise(raw))
+            idx = self.index.get(ids.lookup_key(raw, self.int_items))
             (known.append(idx) if idx else unknown.append(raw))
         return np.asarray(known, dtype=np.int64), unknown, req.k, req.exclude_seen
-
-    def _normalise(self, raw: int | str) -> int | str:
-        if self.int_ids and isinstance(raw, str) and raw.lstrip("-").isdigit():
-            return int(raw)
-        return str(raw) if not self.int_ids and isinstance(raw, int) else raw
 
     @torch.no_grad()
     def recommend_many(self, requests: list[tuple[np.ndarray, list, int, bool]]) -> list[dict]:
@@ -158,6 +188,17 @@ def _user_histories(data_dir: Path) -> dict:
             for u, t, v, s in zip(split["user"], split["train"], split["valid"], split["test"])}
 
 
-def _explain(e: dict) -> str:
-    where = ".".join(str(p) for p in e["loc"]) or "body"
-    return f"{where}: {e['msg'].removeprefix('Value error, ')}"
+def _explain(err: ValidationError) -> str:
+    """One line per bad field; an id that is neither kind gets the id rule rather than two union errors."""
+    problems: dict[str, str] = {}
+    for e in err.errors():
+        loc = e["loc"]
+        if loc and loc[0] in ("history", "user_id"):  # drop pydantic's union member tags
+            loc = loc[:2] if loc[0] == "history" and len(loc) > 2 else loc[:1]
+        where = ".".join(str(p) for p in loc)[:100] or "body"  # loc may hold a client's (long) key
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] in ("int_type", "string_type") and where != "k":
+            msg = f"ids are 64-bit integers or text of at most {ids.MAX_ID_CHARS} characters"
+        if where not in problems or e["type"] not in ("int_type", "string_type"):
+            problems[where] = msg
+    return "; ".join(f"{where}: {msg}" for where, msg in problems.items())

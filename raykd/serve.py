@@ -17,7 +17,6 @@ below), or `serve.run(build_app(path, ServeConfig()))` from Python.
 # No `from __future__ import annotations` here: FastAPI must see the real `Request` annotations
 # through Serve's ingress wrapper.
 import json
-import os
 import signal
 import threading
 import time
@@ -25,18 +24,69 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from pydantic import ConfigDict
+from pydantic import BaseModel, ConfigDict
 from ray import serve
+from starlette.requests import ClientDisconnect
 
+from raykd import auth
 from raykd.config import ServeConfig
-from raykd.recommender import BadRequest, Recommender, RecommendRequest
+from raykd.errors import RaykdError
+from raykd.recommender import BadRequest, Recommender, RecommendRequest, RecommendResponse
 
-API_KEY_ENV = "RAYKD_API_KEY"
-app = FastAPI(title="raykd", description="Recommendations from a distilled student model.")
+app = FastAPI(title="raykd", description="Recommendations from a distilled student model. Ids follow raykd.ids; "
+              "with an API key, /recommend and /model need `Authorization: Bearer <key>`.")
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx answer: what to fix."""
+
+    error: str
+
+
+class Health(BaseModel):
+    status: str
+    model: str
+
+
+def _errors(*codes: int) -> dict:
+    what = {400: "body is not JSON", 401: "missing or wrong bearer key", 404: "unknown user_id",
+            413: "body over serve.max_body_bytes", 422: "body does not follow the schema or the limits"}
+    return {c: {"model": ErrorResponse, "description": what[c]} for c in codes}
 
 
 def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+    # never echo text that cannot be encoded (a lone surrogate in a client's key name) or is huge
+    safe = message.encode("utf-8", "backslashreplace").decode("utf-8")[:2000]
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse({"error": safe}, status_code=status, headers=headers)
+
+
+async def _read_body(request: Request, limit: int) -> bytes | None:
+    """The body, read as a stream and cut at `limit` bytes (None: over the limit), chunked or not."""
+    declared = request.headers.get("content-length", "")
+    if declared.isascii() and declared.isdigit() and (len(declared) > 18 or int(declared) > limit):
+        return None
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _proxy_host() -> str | None:
+    """The address Serve's HTTP proxies bind (None: Serve not running or not reachable)."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    if not ray.is_initialized():
+        return None
+    try:
+        controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        return ray.get(controller.get_http_config.remote(), timeout=30).host
+    except (ValueError, ray.exceptions.RayError):
+        return None
 
 
 @serve.deployment(name="recommender")
@@ -44,10 +94,14 @@ def _error(status: int, message: str) -> JSONResponse:
 class StudentDeployment:
     """One replica: loads the student once, validates requests, scores them in batches."""
 
-    def __init__(self, student_path: str, settings: dict):
-        self.settings = ServeConfig(**settings)
+    def __init__(self, student_path: str, settings: dict, verifier: tuple[bytes, bytes] | None = None):
+        self.settings = ServeConfig.model_construct(**settings)  # validated by the builder; holds no key
+        # the replica's own key (environment or file) first; else the builder's verifier of a config key
+        key = auth.resolve_key(None, self.settings.api_key_file)
+        self.verifier = auth.Verifier.for_key(key) if key else auth.Verifier(*verifier) if verifier else None
+        if self.verifier is None:  # fail closed, whatever the builder saw
+            auth.require_key(_proxy_host() or self.settings.host, None, "Serve's HTTP proxy host")
         self.rec = Recommender(student_path, self.settings.max_k, self.settings.max_history)
-        self.api_key = self.settings.api_key or os.environ.get(API_KEY_ENV)
         self._batched.set_max_batch_size(self.settings.max_batch_size)
         self._batched.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
 
@@ -55,24 +109,28 @@ class StudentDeployment:
     async def _batched(self, requests: list[tuple]) -> list[dict]:
         return self.rec.recommend_many(requests)
 
-    def _authorised(self, request: Request) -> bool:
-        return not self.api_key or request.headers.get("authorization") == f"Bearer {self.api_key}"
+    def _refused(self, request: Request) -> JSONResponse | None:
+        if self.verifier is None or self.verifier.accepts(request.headers.get("authorization")):
+            return None
+        return _error(401, "missing or wrong API key: send `Authorization: Bearer <key>`")
 
-    @app.post("/recommend", openapi_extra={"requestBody": {
-        "required": True, "content": {"application/json": {"schema": RecommendRequest.model_json_schema()}}}})
+    @app.post("/recommend", response_model=RecommendResponse, responses=_errors(400, 401, 404, 413, 422),
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": RecommendRequest.model_json_schema()}}}})
     async def recommend(self, request: Request) -> JSONResponse:
-        if not self._authorised(request):
-            return _error(401, "missing or wrong bearer token (Authorization: Bearer <key>)")
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > self.settings.max_body_bytes:
-            return _error(413, f"body over {self.settings.max_body_bytes} bytes; send fewer history items")
-        body = await request.body()
-        if len(body) > self.settings.max_body_bytes:
-            return _error(413, f"body over {self.settings.max_body_bytes} bytes; send fewer history items")
+        if refused := self._refused(request):
+            return refused
+        too_big = f"body over {self.settings.max_body_bytes} bytes; send fewer history items"
+        try:
+            body = await _read_body(request, self.settings.max_body_bytes)
+        except ClientDisconnect:
+            return _error(400, "the client went away before sending the whole body")
+        if body is None:
+            return _error(413, too_big)
         try:
             data = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as err:
-            return _error(400, f"body is not valid JSON ({err}); send e.g. {{\"history\": [1, 2], \"k\": 10}}")
+        except (ValueError, RecursionError) as err:  # RecursionError: JSON nested thousands deep
+            return _error(400, f"body is not valid JSON ({str(err)[:200]}); send e.g. {{\"history\": [1, 2], \"k\": 10}}")
         if not isinstance(data, dict):
             return _error(422, "body must be a JSON object with 'history' or 'user_id'")
         try:
@@ -81,19 +139,33 @@ class StudentDeployment:
             return _error(err.status, err.message)
         return JSONResponse(await self._batched(parsed))
 
-    @app.get("/healthz")
+    @app.get("/healthz", response_model=Health)
     async def healthz(self) -> dict:
         return {"status": "ok", "model": self.rec.model_id}
 
-    @app.get("/model")
+    @app.get("/model", responses={200: {"description": "the model, its size, metrics and limits"}, **_errors(401)})
     async def model(self, request: Request) -> JSONResponse:
-        if not self._authorised(request):
-            return _error(401, "missing or wrong bearer token (Authorization: Bearer <key>)")
+        if refused := self._refused(request):
+            return refused
         return JSONResponse(self.rec.describe())
 
 
 def build_app(student_path: str, settings: ServeConfig) -> serve.Application:
-    """The Serve application for a student folder or run directory, with autoscaling."""
+    """The Serve application for a student folder or run directory, with autoscaling.
+
+    Fails closed: with no API key, both `settings.host` and the running Serve proxy's host must be
+    loopback. The key never enters the deployment's arguments: replicas read it from their
+    environment or `api_key_file`, and fall back on a salted SHA-256 verifier of the builder's key.
+    """
+    inline = settings.api_key.get_secret_value() if settings.api_key else None
+    key = auth.resolve_key(inline, settings.api_key_file)
+    auth.require_key(settings.host, key)
+    if key is None and (proxy := _proxy_host()):
+        auth.require_key(proxy, key, "Serve's HTTP proxy host")
+    verifier = None
+    if key is not None:  # for replicas that find no key of their own (a node without the variable)
+        v = auth.Verifier.for_key(key)
+        verifier = (v.salt, v.digest)
     deployment = StudentDeployment.options(
         autoscaling_config={"min_replicas": settings.min_replicas, "max_replicas": settings.max_replicas,
                             "target_ongoing_requests": settings.target_ongoing_requests},
@@ -101,11 +173,15 @@ def build_app(student_path: str, settings: ServeConfig) -> serve.Application:
         ray_actor_options={"num_cpus": settings.replica_cpus},
         logging_config={"enable_access_log": settings.access_log},
     )
-    return deployment.bind(str(student_path), settings.model_dump())
+    return deployment.bind(str(student_path), settings.model_dump(exclude={"api_key"}), verifier)
 
 
 class AppArgs(ServeConfig):
-    """Arguments of `app_builder` (Serve config files, `serve run raykd.serve:app_builder ...`)."""
+    """Arguments of `app_builder` (Serve config files, `serve run raykd.serve:app_builder ...`).
+
+    A Serve config file's args are stored by Serve and shown by `serve status`: the key itself is
+    refused here; give replicas RAYKD_API_KEY / RAYKD_API_KEY_FILE or `api_key_file`.
+    """
 
     model_config = ConfigDict(extra="forbid")
     path: str
@@ -113,6 +189,9 @@ class AppArgs(ServeConfig):
 
 def app_builder(args: dict) -> serve.Application:
     """Typed application builder: `args` are validated like any raykd config section."""
+    if "api_key" in args:
+        raise RaykdError("api_key in a Serve config file's args is stored and shown by Serve: remove it and give "
+                         "the key as RAYKD_API_KEY / RAYKD_API_KEY_FILE or api_key_file (a mounted secret)")
     parsed = AppArgs.model_validate(args)
     return build_app(parsed.path, ServeConfig(**parsed.model_dump(exclude={"path"})))
 

@@ -10,7 +10,10 @@ user_id and the entries of `items` are raw ids as in your log; `items` (list of 
 position. `position` t (1-based) is the t-th training target of the user: the teacher's scores for
 the next item after the user's first t items, in the time order raykd prepared (train excludes
 the last two items: validation and test). A per-user row applies to every training position of that
-user. Every training position must get scores. Violations raise one error with the counts.
+user. Every training position must get scores, from exactly one row: a repeated user_id (per-user
+form) or (user_id, position) pair is an error, never resolved silently. Ids match the prepared
+vocabularies as text, with surrounding whitespace stripped (raykd.ids). Violations raise one error
+with the counts.
 
 Writes `<run>/soft_labels/` exactly as the soft_labels stage does, so distill does not care where
 the scores came from.
@@ -25,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raykd import sequences
+from raykd import ids, sequences
 from raykd.errors import RaykdError
 
 
@@ -62,7 +65,7 @@ def load(path: Path, data_dir: Path) -> tuple[dict[str, dict], int]:
                          "(every row needs the same number of items and scores)")
     vocab = _vocab(data_dir / "items.parquet")
     raw_items = table["items"].combine_chunks().values.to_pylist()
-    idx = np.array([vocab.get(str(r), 0) for r in raw_items], dtype=np.int64).reshape(-1, k)
+    idx = np.array([vocab.get(ids.text_key(r), 0) for r in raw_items], dtype=np.int64).reshape(-1, k)
     if (idx == 0).any():
         unknown = sorted({str(r) for r, i in zip(raw_items, idx.ravel()) if i == 0})
         raise RaykdError(f"{path}: {int((idx == 0).sum()):,} item ids ({len(unknown):,} distinct, e.g. "
@@ -75,12 +78,29 @@ def load(path: Path, data_dir: Path) -> tuple[dict[str, dict], int]:
     order = np.argsort(-scores, axis=1, kind="stable")  # best first, like raykd's own soft labels
     idx, scores = np.take_along_axis(idx, order, 1), np.take_along_axis(scores, order, 1)
     users = _vocab(data_dir / "users.parquet")
-    row_user = np.array([users.get(str(u), -1) for u in table["user_id"].to_pylist()])
+    row_user = np.array([users.get(ids.text_key(u), -1) for u in table["user_id"].to_pylist()], dtype=np.int64)
     if (row_user < 0).any():
         raise RaykdError(f"{path}: {int((row_user < 0).sum()):,} rows have a user_id that is not in the prepared "
                          "data (unknown, or removed by the k-core filter)")
     positions = table["position"].to_numpy(zero_copy_only=False) if "position" in cols else None
+    _raise_on_duplicates(row_user, positions, table["user_id"].to_pylist(), path)
     return _align(row_user, positions, idx, scores, data_dir, path), k
+
+
+def _raise_on_duplicates(row_user: np.ndarray, positions: np.ndarray | None, raw_users: list, path: Path) -> None:
+    """One row per user (per-user form) or per (user, position): repeats are an error with counts."""
+    if positions is not None and (no_pos := np.isnan(positions.astype(np.float64))).any():
+        raise RaykdError(f"{path}: {int(no_pos.sum()):,} rows have no position; give every row its 1-based position")
+    keys = row_user if positions is None else row_user * (1 << 32) + positions.astype(np.int64)
+    _, first, counts = np.unique(keys, return_index=True, return_counts=True)
+    if (counts > 1).any():
+        what = "user_id" if positions is None else "(user_id, position) pair"
+        example = first[np.flatnonzero(counts > 1)[0]]
+        at = "" if positions is None else f" position {int(positions[example])}"
+        raise RaykdError(
+            f"{path}: {int((counts - 1).sum()):,} rows repeat a {what} given by an earlier row ({int((counts > 1).sum()):,} "
+            f"distinct {what}s appear more than once, e.g. user_id {raw_users[example]!r}{at}); the scores to use "
+            "would be a guess: keep exactly one row each")
 
 
 def _align(row_user, positions, idx, scores, data_dir: Path, path: Path) -> dict[str, dict]:
@@ -95,7 +115,7 @@ def _align(row_user, positions, idx, scores, data_dir: Path, path: Path) -> dict
         if positions is None:
             first = {}
             for row, u in enumerate(row_user):
-                first.setdefault(int(u), row)  # a user's first row, if a user appears twice
+                first[int(u)] = row  # one row per user (_raise_on_duplicates)
             rows = np.array([first.get(int(u), -1) for u in owner])
         else:
             lookup = {(int(u), int(p)): row for row, (u, p) in enumerate(zip(row_user, positions))}

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray.data
 
-from raykd import logs, prepare, synth
+from raykd import dates, logs, prepare, synth
 from raykd.config import SyntheticConfig, load_config
 from raykd.errors import RaykdError
 
@@ -530,8 +530,9 @@ def test_one_instant_gives_one_key_however_it_is_written_or_parsed():
     spellings = pa.array(["2021-02-01 10:00:00.123456", "2021-02-01T10:00:00.123456Z",
                           "2021-02-01 11:00:00.123456+01:00"])
     src = logs.Source(0, "csv", time_col="ts")
-    keys = {float(logs._times(spellings[i:i + 1], src)[0][0]) for i in range(3)}
-    keys |= set(logs._times(spellings, src)[0].tolist())
+    assert logs._times(spellings, src)[3].to_pylist() == spellings.to_pylist()  # date text: for the driver
+    keys = {float(dates.parse(spellings[i:i + 1], None, "ts")[0]) for i in range(3)}
+    keys |= set(dates.parse(spellings, None, "ts").tolist())
     stamp = pa.array([pd.Timestamp("2021-02-01 10:00:00.123456")], pa.timestamp("ns"))
     keys.add(float(logs._times(stamp, src)[0][0]))
     assert keys == {1612173600123456.0}
