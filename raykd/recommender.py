@@ -18,6 +18,7 @@ import torch
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StrictBool,
@@ -37,8 +38,14 @@ def _valid_text(raw: str) -> str:
     return raw
 
 
+def _whole(value: Any) -> Any:
+    # JSON Schema counts 7.0 as an integer, so the API does too (never True, never "7" for k)
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Integer = Annotated[StrictInt, BeforeValidator(_whole)]
 # raykd.ids rule 4: 64-bit integers, or bounded valid Unicode text
-RawId = (Annotated[StrictInt, Field(ge=ids.INT64_MIN, le=ids.INT64_MAX)]
+RawId = (Annotated[StrictInt, Field(ge=ids.INT64_MIN, le=ids.INT64_MAX), BeforeValidator(_whole)]
          | Annotated[StrictStr, Field(max_length=ids.MAX_ID_CHARS), AfterValidator(_valid_text)])
 
 
@@ -52,14 +59,28 @@ class RecommendRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     history: list[RawId] | None = Field(None, description="raw item ids, oldest first (at most serve.max_history)")
     user_id: RawId | None = Field(None, description="a user of the prepared data: its whole known history is used")
-    k: StrictInt = Field(10, ge=1, description="how many items (at most serve.max_k)")
+    k: Integer = Field(10, ge=1, description="how many items (at most serve.max_k)")
     exclude_seen: StrictBool = Field(True, description="never recommend an item of the history")
 
     @model_validator(mode="after")
     def _one_source(self) -> RecommendRequest:
-        if (self.history is None) == (self.user_id is None):
+        given = [f for f in ("history", "user_id") if f in self.model_fields_set]
+        if len(given) != 1 or getattr(self, given[0]) is None:  # an explicit null is not a source either
             raise ValueError("give exactly one of 'history' (a list of item ids) or 'user_id'")
         return self
+
+
+def request_schema(max_k: int = 1000, max_history: int = 1000) -> dict:
+    """JSON schema of the body with a deployment's limits: exactly what `Recommender.parse` accepts."""
+    schema = RecommendRequest.model_json_schema()
+    props = schema["properties"]
+    for name in ("history", "user_id"):  # null only stands for "not given" in the model
+        props[name].pop("default", None)
+        props[name]["anyOf"] = [s for s in props[name]["anyOf"] if s.get("type") != "null"]
+    props["history"]["anyOf"][0]["maxItems"] = max_history
+    props["k"]["maximum"] = max_k
+    schema["oneOf"] = [{"required": ["history"]}, {"required": ["user_id"]}]
+    return schema
 
 
 class RecommendResponse(BaseModel):

@@ -5,7 +5,13 @@ run's `data/` for the item vocabulary and known user histories. Endpoints:
 
     POST /recommend  {"history": [raw item ids, oldest first] | "user_id": id, "k": 10, "exclude_seen": true}
                      -> {"items": [raw ids], "scores": [...], "model": id, "unknown_items": [...]}
-    GET  /healthz, GET /model, GET /docs and /openapi.json (FastAPI)
+    GET  /healthz, GET /model, GET /docs and /openapi.json (with this deployment's limits)
+
+Hostile input gets a 4xx with {"error": "..."}, never a 5xx: ids follow one rule (raykd.ids), the
+body is read as a stream and cut at serve.max_body_bytes (chunked or not), and every answer and
+error is declared in the OpenAPI schema. Auth fails closed (raykd.auth): with a key, /recommend
+and /model need `Authorization: Bearer <key>` (scheme in any case, constant-time comparison);
+without one, only a loopback bind is allowed.
 
 One deployment does both HTTP and scoring: a separate model deployment behind a handle costs a
 second hop per request (measured in benchmarks/bench_serve.py). Concurrent requests are scored
@@ -16,6 +22,7 @@ below), or `serve.run(build_app(path, ServeConfig()))` from Python.
 
 # No `from __future__ import annotations` here: FastAPI must see the real `Request` annotations
 # through Serve's ingress wrapper.
+import copy
 import json
 import signal
 import threading
@@ -23,7 +30,8 @@ import time
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict
 from ray import serve
 from starlette.requests import ClientDisconnect
@@ -31,10 +39,12 @@ from starlette.requests import ClientDisconnect
 from raykd import auth
 from raykd.config import ServeConfig
 from raykd.errors import RaykdError
-from raykd.recommender import BadRequest, Recommender, RecommendRequest, RecommendResponse
+from raykd.recommender import BadRequest, Recommender, RecommendResponse, request_schema
 
+# /openapi.json and /docs are served by the deployment itself, with this deployment's limits
 app = FastAPI(title="raykd", description="Recommendations from a distilled student model. Ids follow raykd.ids; "
-              "with an API key, /recommend and /model need `Authorization: Bearer <key>`.")
+              "with an API key, /recommend and /model need `Authorization: Bearer <key>`.",
+              openapi_url=None, docs_url=None, redoc_url=None)
 
 
 class ErrorResponse(BaseModel):
@@ -116,7 +126,7 @@ class StudentDeployment:
 
     @app.post("/recommend", response_model=RecommendResponse, responses=_errors(400, 401, 404, 413, 422),
               openapi_extra={"requestBody": {"required": True, "content": {
-                  "application/json": {"schema": RecommendRequest.model_json_schema()}}}})
+                  "application/json": {"schema": request_schema()}}}})
     async def recommend(self, request: Request) -> JSONResponse:
         if refused := self._refused(request):
             return refused
@@ -142,6 +152,20 @@ class StudentDeployment:
     @app.get("/healthz", response_model=Health)
     async def healthz(self) -> dict:
         return {"status": "ok", "model": self.rec.model_id}
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(self, request: Request) -> JSONResponse:
+        spec = copy.deepcopy(request.app.openapi())
+        body = spec["paths"]["/recommend"]["post"]["requestBody"]["content"]["application/json"]
+        body["schema"] = request_schema(self.settings.max_k, self.settings.max_history)
+        if root := request.scope.get("root_path", "").rstrip("/"):  # an app under a route prefix
+            spec["servers"] = [{"url": root}]
+        return JSONResponse(spec)
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(self, request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "").rstrip("/")
+        return get_swagger_ui_html(openapi_url=f"{root}/openapi.json", title="raykd")
 
     @app.get("/model", responses={200: {"description": "the model, its size, metrics and limits"}, **_errors(401)})
     async def model(self, request: Request) -> JSONResponse:

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from raykd import auth, cli, ids, models, prepare, teacher_scores
@@ -147,12 +147,14 @@ def test_key_sources_in_order(monkeypatch, tmp_path):
 
 # ------------------------------------------------------------------------------------ the id rule
 
+@settings(database=None)
 @given(st.integers(ids.INT64_MIN, ids.INT64_MAX))
 def test_every_int64_round_trips_as_text_and_as_a_number(i):
     assert ids.lookup_key(str(i), True) == i and ids.lookup_key(i, True) == i
     assert ids.lookup_key(i, False) == str(i) and ids.problem(i) is None
 
 
+@settings(database=None)
 @given(st.text(max_size=40) | st.text(st.sampled_from("-+0123456789 \t²٣０１e."), max_size=25))
 def test_any_text_is_an_integer_only_in_canonical_ascii_decimal(s):
     key = ids.lookup_key(s, True)
@@ -160,6 +162,7 @@ def test_any_text_is_an_integer_only_in_canonical_ascii_decimal(s):
     assert ids.lookup_key(s, False) == s.strip(ids.WHITESPACE)
 
 
+@settings(database=None)
 @given(st.one_of(st.integers(max_value=ids.INT64_MIN - 1), st.integers(min_value=ids.INT64_MAX + 1)))
 def test_integers_beyond_64_bits_are_refused(i):
     assert ids.problem(i) and ids.lookup_key(str(i), True) is None

@@ -122,16 +122,21 @@ def test_model_and_openapi_endpoints(endpoint):
     assert "/recommend" in endpoint.get("/openapi.json").json()["paths"]
 
 
-def test_serve_config_file_is_valid_and_deploys(endpoint, tiny_run):
+def test_serve_config_file_is_valid_and_deploys(endpoint, tiny_run, tmp_path):
     spec = yaml.safe_load(Path("configs/serve.yaml").read_text())
     ServeDeploySchema.model_validate(spec)  # Ray's own schema for `serve deploy`
-    args = {**spec["applications"][0]["args"], "path": str(tiny_run), "api_key": "sesame"}
+    (tmp_path / "key").write_text("sesame-sesame-sesame\n")  # a mounted secret, read by each replica
+    args = {**spec["applications"][0]["args"], "path": str(tiny_run), "api_key_file": str(tmp_path / "key")}
     serve.run(app_builder(args), name="from_config", route_prefix="/cfg")  # beside the first app
     try:
         assert endpoint.post("/cfg/recommend", json={"history": [1], "k": 2}).status_code == 401
-        ok = endpoint.post("/cfg/recommend", json={"history": [1], "k": 2},
-                           headers={"Authorization": "Bearer sesame"})
-        assert ok.status_code == 200 and len(ok.json()["items"]) == 2
+        for scheme in ("Bearer", "bearer"):
+            ok = endpoint.post("/cfg/recommend", json={"history": [1], "k": 2},
+                               headers={"Authorization": f"{scheme} sesame-sesame-sesame"})
+            assert ok.status_code == 200 and len(ok.json()["items"]) == 2
+        docs = endpoint.get("/cfg/openapi.json").json()
+        assert docs["servers"] == [{"url": "/cfg"}] and "/recommend" in docs["paths"]
+        assert endpoint.get("/cfg/docs").status_code == 200
     finally:
         serve.delete("from_config")
 
