@@ -246,3 +246,34 @@ def test_teacher_score_ids_follow_the_id_rule(tmp_path):
     rows = [{"user_id": f" {u} ", "items": [" 10", "20 "], "scores": [1.0, 0.5]} for u in (1, 2, 3)]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "s.parquet")
     assert teacher_scores.load(tmp_path / "s.parquet", tmp_path / "data")[1] == 2
+
+
+# ---------------------------------------------------------------------------- KubeRay manifests
+
+def _containers(cluster: dict) -> list[tuple[dict, dict]]:
+    groups = [cluster["headGroupSpec"], *cluster.get("workerGroupSpecs", [])]
+    return [(c, g["template"]["spec"]) for g in groups for c in g["template"]["spec"]["containers"]]
+
+
+@pytest.mark.parametrize("manifest", sorted(Path("deploy/kuberay").glob("*.yaml")), ids=lambda p: p.name)
+def test_kuberay_manifests_serve_only_with_a_required_key_file(manifest):
+    import yaml
+
+    for doc in yaml.safe_load_all(manifest.read_text()):
+        spec = (doc or {}).get("spec", {})
+        if "serveConfigV2" not in spec:
+            continue
+        serve_cfg = yaml.safe_load(spec["serveConfigV2"])
+        exposed = not auth.is_loopback(serve_cfg.get("http_options", {}).get("host", "127.0.0.1"))
+        for app in serve_cfg["applications"]:
+            args = app["args"]
+            assert "api_key" not in args  # the key itself never in a stored Serve config
+            raykd_serve.AppArgs.model_validate(args)  # no key in this test's environment: the file must be set
+            if exposed:
+                assert not auth.is_loopback(args["host"]) and args["api_key_file"]
+                key_dir = str(Path(args["api_key_file"]).parent)
+                for container, pod in _containers(spec["rayClusterConfig"]):  # every pod can build or host it
+                    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == key_dir)
+                    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+                    assert volume["secret"]["secretName"] and not volume["secret"].get("optional", False)
+        assert "optional: true" not in manifest.read_text()
