@@ -36,10 +36,24 @@ class SyntheticConfig(Section):
 class ItemTextConfig(Section):
     """A table of item text (csv, parquet or jsonl by extension): one id column, text columns."""
 
-    path: str
-    id_col: str = "item_id"
-    text_cols: list[str] = Field(default_factory=lambda: ["title"], min_length=1)
-    delimiter: str = ","
+    path: str = Field(description="the item text table (.csv/.tsv, .parquet or .jsonl)")
+    id_col: str = Field("item_id", description="column holding the item ids of the interaction log")
+    text_cols: list[str] = Field(default_factory=lambda: ["title"], min_length=1,
+                                 description="columns joined with ' | ' into each item's text")
+    delimiter: str = Field(",", description="csv only; one character, e.g. '\\t' for a tab")
+
+    @field_validator("text_cols", mode="before")
+    @classmethod
+    def _one_column(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v  # `text_cols=title` on the command line
+
+    @field_validator("delimiter", mode="before")
+    @classmethod
+    def _tab(cls, v: Any) -> Any:
+        v = {"\\t": "\t", "tab": "\t", "TAB": "\t"}.get(v, v) if isinstance(v, str) else v
+        if isinstance(v, str) and len(v) != 1:
+            raise ValueError("must be one character (write a tab as '\\t')")
+        return v
 
 
 class DataConfig(Section):

@@ -105,6 +105,8 @@ def paired_ndcg(ranks_a: np.ndarray, ranks_b: np.ndarray, k: int = 10) -> dict:
         return np.where(r < k, 1.0 / np.log2(np.asarray(r, dtype=np.float64) + 2), 0.0)
 
     diff = ndcg(ranks_a) - ndcg(ranks_b)
+    if not len(diff):  # e.g. a rare-item bucket that no test target falls in
+        return {"mean_diff": None, "stderr": None, "users": 0}
     se = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else float("nan")
     return {"mean_diff": float(diff.mean()), "stderr": se, "users": len(diff)}
 
@@ -123,8 +125,8 @@ def kd_curve(pairs: list[tuple[int, Path]], hist, targets, seen, rare: np.ndarra
         point["paired"] = paired_ndcg(ranks["kd"], ranks["nokd"])
         point["rare"] = {"users": int(rare.sum()), "paired": paired_ndcg(ranks["kd"][rare], ranks["nokd"][rare])}
         for key in ("kd", "nokd"):
-            point["rare"][key] = {"ndcg@10": float(np.where(ranks[key][rare] < 10,
-                                                             1 / np.log2(ranks[key][rare] + 2.0), 0).mean())}
+            r = ranks[key][rare]
+            point["rare"][key] = {"ndcg@10": float(np.where(r < 10, 1 / np.log2(r + 2.0), 0).mean()) if len(r) else None}
         curve.append(point)
     return curve
 
@@ -192,7 +194,7 @@ def markdown(report: dict) -> str:
         lines.append(f"\nstudent − student_nokd NDCG@10 (paired over {p['users']:,} users): "
                      f"{p['mean_diff']:+.4f} ± {p['stderr']:.4f} (standard error)")
     r = report.get("student", {}).get("paired_vs_nokd_rare")
-    if r:
+    if r and r["users"]:
         lines.append(f"rare targets (seen <= {RARE_MAX_COUNT} times in training, {r['users']:,} users): "
                      f"{r['mean_diff']:+.4f} ± {r['stderr']:.4f}")
     if report.get("kd_curve"):
@@ -201,6 +203,7 @@ def markdown(report: dict) -> str:
                   "|---|---|---|---|---|---|---|"]
         for c in report["kd_curve"]:
             kd, no, pd, pr = c["kd"]["ndcg@10"], c["nokd"]["ndcg@10"], c["paired"], c["rare"]["paired"]
+            rare = f"{pr['mean_diff']:+.4f} ± {pr['stderr']:.4f}" if pr["users"] > 1 else "no rare targets"
             lines.append(f"| {c['dim']} | {c['params']:,} | {kd:.4f} | {no:.4f} | {kd / no if no else float('nan'):.3f} | "
-                         f"{pd['mean_diff']:+.4f} ± {pd['stderr']:.4f} | {pr['mean_diff']:+.4f} ± {pr['stderr']:.4f} |")
+                         f"{pd['mean_diff']:+.4f} ± {pd['stderr']:.4f} | {rare} |")
     return "\n".join(lines) + "\n"

@@ -158,3 +158,11 @@ def test_kd_curve_reuses_the_main_student_at_its_own_width(tmp_path):
 def test_heads_must_divide_dim_before_ray_starts():
     with pytest.raises(RaykdError, match="divisible by heads"):
         load_config("configs/quickstart.yaml", ["teacher.model.dim=30", "teacher.model.heads=4"])
+
+
+def test_item_text_accepts_a_tab_and_a_single_text_column():
+    cfg = load_config("configs/beauty.yaml", ["data.item_text.delimiter=\\t", "data.item_text.text_cols=keywords",
+                                              "data.item_text.id_col=sku"])
+    assert cfg.data.item_text.delimiter == "\t" and cfg.data.item_text.text_cols == ["keywords"]
+    with pytest.raises(RaykdError, match="one character"):
+        load_config("configs/beauty.yaml", ["data.item_text.delimiter=;;"])
