@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raykd import dates, prepare
+from raykd import prepare
 from raykd.config import load_config
 from raykd.errors import RaykdError
 
@@ -85,6 +84,8 @@ def test_time_format_needs_a_time_column():
 
 
 def test_parse_keeps_one_format_on_its_own():
+    from raykd import dates
+
     keys = dates.parse(pa.array(["12/01/2020", None, "13/01/2020", "12/01/2020"]), None, "ts")
     assert np.isnan(keys[1]) and keys[0] == keys[3] and keys[2] - keys[0] == 86400e6
 
@@ -92,12 +93,14 @@ def test_parse_keeps_one_format_on_its_own():
 # -------------------------------------------------------------------------------------------- ids
 
 def test_nan_ids_in_parquet_are_missing_ids_never_an_item_called_nan(tmp_path):
-    df = pd.DataFrame({"user_id": [1.0, 1, 1, 2, 2, 2], "item_id": [10.0, np.nan, 30, 10, 20, 30]})
-    df.to_parquet(tmp_path / "log.parquet")
+    # NaN values, not nulls (pandas would write NaN as null): what Spark or NumPy exports hold
+    pq.write_table(pa.table({"user_id": pa.array([1.0, 1, 1, 2, 2, 2]),
+                             "item_id": pa.array([10.0, np.nan, 30, 10, 20, 30])}), tmp_path / "log.parquet")
+    assert pq.read_table(tmp_path / "log.parquet")["item_id"].null_count == 0
     with pytest.raises(RaykdError, match=r"1 with a missing item id in column 'item_id', first at .* row 2"):
         run(tmp_path, "data.format=parquet", f"data.path={tmp_path / 'log.parquet'}")
-    df = pd.DataFrame({"user_id": [np.nan, 1, 1, 1], "item_id": [5.0, 10, 20, 30]})
-    df.to_parquet(tmp_path / "log.parquet")
+    pq.write_table(pa.table({"user_id": pa.array([np.nan, 1, 1, 1]), "item_id": pa.array([5.0, 10, 20, 30])}),
+                   tmp_path / "log.parquet")
     with pytest.raises(RaykdError, match=r"1 with a missing user id"):
         run(tmp_path, "data.format=parquet", f"data.path={tmp_path / 'log.parquet'}")
 
