@@ -366,12 +366,9 @@ _UNIT_MICROS = {"s": 1e6, "ms": 1e3, "us": 1.0, "ns": 1e-3}
 
 
 def _times(col: pa.ChunkedArray, src: Source) -> tuple[np.ndarray, np.ndarray, np.ndarray, pa.Array]:
-    """Sort keys, kinds (number or date), a missing-value mask, and the date text left for the driver.
-
-    Numbers (epoch time in any unit) are kept as given and typed dates become microseconds. Date
-    text is not parsed here: one block cannot tell whether 12/01/2020 is day-first, so the driver
-    reads the whole column with one format (raykd.dates). With `time_format`, all text is dates.
-    """
+    """Sort keys, kinds (number or date), a missing-value mask, and date text for the driver: one block
+    cannot tell whether 12/01/2020 is day-first, so the driver reads the whole column with one format
+    (raykd.dates). Numbers (epoch, any unit) stay as given; typed dates become microseconds."""
     col = _array(col)
     n, t = len(col), col.type
     kind = np.full(n, TIME_NUMBER, dtype=np.int8)
