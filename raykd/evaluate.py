@@ -121,6 +121,8 @@ def kd_curve(pairs: list[tuple[int, Path]], hist, targets, seen, rare: np.ndarra
         for name, key in (("student", "kd"), ("student_nokd", "nokd")):
             model, _ = models.load_model(folder / name)
             point[key], ranks[key] = metrics.evaluate_model(model, hist, targets, seen, return_ranks=True)
+            per_user = np.where(ranks[key] < 10, 1 / np.log2(ranks[key] + 2.0), 0.0)
+            point[key]["ndcg@10_stderr"] = float(per_user.std(ddof=1) / math.sqrt(len(per_user))) if len(per_user) > 1 else 0.0
             point["params"] = models.count_params(model)
         point["paired"] = paired_ndcg(ranks["kd"], ranks["nokd"])
         point["rare"] = {"users": int(rare.sum()), "paired": paired_ndcg(ranks["kd"][rare], ranks["nokd"][rare])}
@@ -141,9 +143,8 @@ def plot_kd_curve(curve: list[dict], teacher: dict | None, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     params = [p["params"] for p in curve]
     for key, label in (("kd", "KD student"), ("nokd", "no-KD twin")):
-        ndcg = np.array([p[key]["ndcg@10"] for p in curve])
-        # s.e. of a mean of per-user NDCG values, bounded by sqrt(m (1 - m) / n) for values in [0, 1]
-        err = np.sqrt(ndcg * (1 - ndcg) / np.array([p[key]["users"] for p in curve]))
+        ndcg = [p[key]["ndcg@10"] for p in curve]
+        err = [p[key]["ndcg@10_stderr"] for p in curve]  # standard error of the mean over users
         ax.errorbar(params, ndcg, yerr=err, marker="o", capsize=3, label=label)
     if teacher:
         ax.errorbar([teacher["params"]], [teacher["ndcg@10"]], marker="*", markersize=12, linestyle="none",
