@@ -185,6 +185,16 @@ class DistillConfig(Section):
     train_nokd: bool = Field(True, description="also train the alpha=0 baseline student_nokd")
     teacher_scores: str | None = Field(None, description="external teacher scores (Parquet) instead of a raykd teacher")
 
+    @model_validator(mode="after")
+    def _external_scores_fit_the_loss(self) -> DistillConfig:
+        if self.teacher_scores and self.loss == "kl_full":
+            raise ValueError("distill.loss kl_full needs the teacher's log-mass outside its top-K, which external "
+                             "distill.teacher_scores do not have: use loss kl or rank")
+        if self.teacher_scores and self.transfer:
+            raise ValueError("distill.transfer needs a raykd teacher's item table; external distill.teacher_scores "
+                             "have none: set distill.transfer=false")
+        return self
+
 
 class SearchDim(Section):
     """One searched config key: `loguniform`/`uniform` over [low, high], `int`, or `choice`."""

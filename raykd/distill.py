@@ -23,6 +23,7 @@ from raykd import train
 from raykd.config import Config, ModelConfig, dump_config
 from raykd.errors import RaykdError
 from raykd.prepare import prepared_key
+from raykd.runtime import ensure_ray
 from raykd.soft_labels import soft_labels_key
 from raykd.teacher import member_dirs
 
@@ -31,11 +32,17 @@ def run(cfg: Config) -> dict:
     run_dir = Path(cfg.output_dir)
     dump_config(cfg, run_dir / "config.yaml")
     d = cfg.distill
-    out = pair(cfg, run_dir, "", d.model, d.train_nokd)
+    jobs = pair(cfg, run_dir, "", d.model, d.train_nokd)
     for width in d.sizes:
         if curve_dir(cfg, width) != run_dir:  # the main student's own width is not trained twice
-            out |= pair(cfg, run_dir, f"kd_curve/d{width}/", sized(d.model, width), True)
-    return out
+            jobs += pair(cfg, run_dir, f"kd_curve/d{width}/", sized(d.model, width), True)
+    # the student, its twin and the curve's pairs are independent runs: in parallel when CPUs allow
+    parallel = 1
+    if len(jobs) > 1 and any(not train.reusable(run_dir / j["name"], train.fingerprint_of(**j)) for j in jobs):
+        ensure_ray(cfg.ray)
+        parallel = train.parallel_runs(d.train)
+    results = train.fit_many(jobs, parallel)
+    return {job["name"]: result for job, result in zip(jobs, results)}
 
 
 def curve_dir(cfg: Config, width: int) -> Path:
@@ -50,8 +57,8 @@ def sized(model: ModelConfig, width: int) -> ModelConfig:
     return model.model_copy(update={"dim": width, "heads": math.gcd(model.heads, width)})
 
 
-def pair(cfg: Config, run_dir: Path, prefix: str, model: ModelConfig, with_nokd: bool) -> dict:
-    """One KD student and (optionally) its no-KD twin, under `run_dir/prefix`."""
+def pair(cfg: Config, run_dir: Path, prefix: str, model: ModelConfig, with_nokd: bool) -> list[dict]:
+    """`train.fit` arguments of one KD student and (optionally) its no-KD twin, under `run_dir/prefix`."""
     d = cfg.distill
     data_dir, soft_dir = run_dir / "data", run_dir / "soft_labels"
     init_from = None
@@ -63,10 +70,10 @@ def pair(cfg: Config, run_dir: Path, prefix: str, model: ModelConfig, with_nokd:
         missing = [str(f) for f in init_from if not (f / "model.json").exists()]
         if missing:
             raise RaykdError(f"distill.transfer is on but {', '.join(missing)} has no model: run `raykd teacher CONFIG`")
-    out = {f"{prefix}student": train.fit(f"{prefix}student", run_dir, data_dir, model, d.train, seed=cfg.seed,
-                                         soft_dir=soft_dir, alpha=d.alpha, temperature=d.temperature,
-                                         kd_loss=d.loss, upstream=soft_labels_key(soft_dir), init_from=init_from)}
+    common = {"run_dir": run_dir, "data_dir": data_dir, "model_cfg": model, "train_cfg": d.train, "seed": cfg.seed}
+    jobs = [{**common, "name": f"{prefix}student", "soft_dir": soft_dir, "alpha": d.alpha,
+             "temperature": d.temperature, "kd_loss": d.loss, "upstream": soft_labels_key(soft_dir),
+             "init_from": init_from}]
     if with_nokd:
-        out[f"{prefix}student_nokd"] = train.fit(f"{prefix}student_nokd", run_dir, data_dir, model, d.train,
-                                                 seed=cfg.seed, upstream=prepared_key(data_dir))
-    return out
+        jobs.append({**common, "name": f"{prefix}student_nokd", "upstream": prepared_key(data_dir)})
+    return jobs

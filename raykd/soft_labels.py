@@ -43,7 +43,7 @@ def run(cfg: Config) -> dict:
     key = "+".join(m["fingerprint"] for m in metas) + f"-k{top_k}-rest"
     if _manifest(out).get("key") == key:
         print(f"soft_labels: reusing {out} (same teacher and top_k)", flush=True)
-        return _manifest(out)
+        return {**_manifest(out), "reused": True}
     dump_config(cfg, run_dir / "config.yaml")
     ensure_ray(cfg.ray)
     shards = sequences.shard_paths(data_dir)
@@ -66,7 +66,7 @@ def import_external(path: Path, data_dir: Path, out: Path) -> dict:
     key = teacher_scores.fingerprint(path)
     if _manifest(out).get("key") == key:
         print(f"soft_labels: reusing {out} (same external teacher scores)", flush=True)
-        return _manifest(out)
+        return {**_manifest(out), "reused": True}
     t0 = time.perf_counter()
     rows, top_k = teacher_scores.load(path, data_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -14,13 +14,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import ray
-
 from raykd import train
 from raykd.config import Config, dump_config
 from raykd.errors import RaykdError
 from raykd.prepare import prepared_key
-from raykd.runtime import DRIVER_RESOURCE, ensure_ray
+from raykd.runtime import ensure_ray
 
 
 def member_dirs(cfg: Config) -> list[Path]:
@@ -48,33 +46,5 @@ def run(cfg: Config) -> dict:
     if len(jobs) == 1:
         return train.fit(**jobs[0])
     ensure_ray(cfg.ray)
-    results = _fit_members(jobs, _parallel_runs(cfg))
-    return {**results[0], "ensemble": [r["valid"]["ndcg@10"] for r in results]}
-
-
-def _parallel_runs(cfg: Config) -> int:
-    """Teacher runs that fit at once: one CPU stays free for Ray Data (GUIDE.md section 4)."""
-    res = ray.cluster_resources()
-    tc = cfg.teacher.train
-    if tc.use_gpu:
-        return max(1, int(res.get("GPU", 0) // tc.num_workers))
-    spare = res.get("CPU", 1) - 1
-    fits = int(spare // (tc.num_workers * tc.cpus_per_worker))
-    return max(1, min(fits, int(res.get(DRIVER_RESOURCE, 0))))
-
-
-def _fit_members(jobs: list[dict], parallel: int) -> list[dict]:
-    """Fit every member; `parallel` > 1 runs that many fits at once, each driven by a Ray task."""
-    if parallel <= 1:
-        return [train.fit(**job) for job in jobs]
-    print(f"teacher: {len(jobs)} ensemble members, {parallel} at a time", flush=True)
-    remote_fit = ray.remote(num_cpus=0, resources={DRIVER_RESOURCE: 1}, max_retries=0)(train.fit)
-    pending, results = {}, {}
-    for i, job in enumerate(jobs):
-        if len(pending) >= parallel:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            results[pending.pop(done[0])] = ray.get(done[0])
-        pending[remote_fit.remote(**job)] = i
-    for ref, i in pending.items():
-        results[i] = ray.get(ref)
-    return [results[i] for i in range(len(jobs))]
+    results = train.fit_many(jobs, train.parallel_runs(t.train))
+    return {**results[0], "ensemble": [r["valid"]["ndcg@10"] for r in results], "member_runs": results}

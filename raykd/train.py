@@ -32,7 +32,7 @@ from ray.train.torch import TorchTrainer
 from raykd import checkpoints, loop, metrics, models, sequences
 from raykd.config import ModelConfig, TrainConfig, section_hash
 from raykd.errors import RaykdError
-from raykd.runtime import ensure_ray
+from raykd.runtime import DRIVER_RESOURCE, ensure_ray
 
 FAULT_ENV = "RAYKD_FAULT_AFTER_EPOCH"  # test hook: rank 0 dies once after this epoch's checkpoint
 
@@ -48,12 +48,12 @@ def fit(name: str, run_dir: Path, data_dir: Path, model_cfg: ModelConfig, train_
     """
     run_dir, data_dir = Path(run_dir).resolve(), Path(data_dir).resolve()
     out = run_dir / name
-    fingerprint = (section_hash(model_cfg, train_cfg) + f"-{seed}-{alpha}-{temperature}-{kd_loss}-{upstream}"
-                   + (f"-text:{text_mode}" if item_text else "") + (f"-init:{init_std}" if item_text or init_from else ""))
+    fingerprint = fingerprint_of(model_cfg, train_cfg, seed, alpha, temperature, kd_loss, upstream, item_text,
+                                 text_mode, init_from, init_std)
     done = reusable(out, fingerprint)
     if done:
         print(f"{name}: reusing {out} (same inputs and settings)", flush=True)
-        return done
+        return {**done, "reused": True}
     ensure_ray()
     storage = run_dir / "ray_train"
     ray_name = name.replace("/", "-")  # kd_curve/d8/student -> one flat Ray Train run name
@@ -74,6 +74,43 @@ def fit(name: str, run_dir: Path, data_dir: Path, model_cfg: ModelConfig, train_
     print(f"{name}: best valid NDCG@10 {summary['valid']['ndcg@10']:.4f} at epoch {summary['best_epoch'] + 1} "
           f"({summary['epochs_run']} epochs, {summary['train_seconds']:.0f}s) -> {out}", flush=True)
     return summary
+
+
+def fingerprint_of(model_cfg: ModelConfig, train_cfg: TrainConfig, seed: int = 0, alpha: float = 0.0,
+                   temperature: float = 1.0, kd_loss: str = "kl", upstream: str = "", item_text: Path | None = None,
+                   text_mode: str = "fuse", init_from: list[Path] | None = None, init_std: float = 0.02,
+                   **_: object) -> str:
+    """What a finished model must have been trained with to be reused (extra `fit` arguments ignored)."""
+    return (section_hash(model_cfg, train_cfg) + f"-{seed}-{alpha}-{temperature}-{kd_loss}-{upstream}"
+            + (f"-text:{text_mode}" if item_text else "") + (f"-init:{init_std}" if item_text or init_from else ""))
+
+
+def parallel_runs(train_cfg: TrainConfig) -> int:
+    """Training runs of this size that fit at once; one CPU stays free for Ray Data (GUIDE.md section 4)."""
+    res = ray.cluster_resources()
+    if train_cfg.use_gpu:
+        fits = int(res.get("GPU", 0) // train_cfg.num_workers)
+    else:
+        fits = int((res.get("CPU", 1) - 1) // (train_cfg.num_workers * train_cfg.cpus_per_worker))
+    return max(1, min(fits, int(res.get(DRIVER_RESOURCE, 0))))
+
+
+def fit_many(jobs: list[dict], parallel: int) -> list[dict]:
+    """`fit(**job)` for every job, in order; `parallel` > 1 runs that many at once, each driven by a
+    Ray task on the zero-CPU driver resource (as Tune drives its trials)."""
+    if parallel <= 1 or len(jobs) == 1:
+        return [fit(**job) for job in jobs]
+    print(f"{len(jobs)} training runs, {parallel} at a time: {', '.join(j['name'] for j in jobs)}", flush=True)
+    remote_fit = ray.remote(num_cpus=0, resources={DRIVER_RESOURCE: 1}, max_retries=0)(fit)
+    pending, results = {}, {}
+    for i, job in enumerate(jobs):
+        if len(pending) >= parallel:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            results[pending.pop(done[0])] = ray.get(done[0])
+        pending[remote_fit.remote(**job)] = i
+    for ref, i in pending.items():
+        results[i] = ray.get(ref)
+    return [results[i] for i in range(len(jobs))]
 
 
 def make_trainer(name: str, storage: Path, data_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig,

@@ -51,6 +51,7 @@ from raykd import models, sequences, train
 from raykd.config import Config, TuneConfig, dump_config, section_hash
 from raykd.errors import RaykdError
 from raykd.runtime import DRIVER_RESOURCE, ensure_ray
+from raykd.teacher import member_dirs
 from raykd.tune_report import METRIC, SIZE_METRICS, analyse, experiment_trials, fmt, read_json
 from raykd.tune_space import apply_values, configured_point, parse_space
 
@@ -83,7 +84,7 @@ def run(cfg: Config) -> dict:
             and (out / "best" / "model.json").exists()):
         print(f"tune: reusing {out} (same search settings and inputs): winner {summary['winner']['trial_id']}, "
               f"val NDCG@10 {summary['winner']['val_ndcg@10']:.4f}", flush=True)
-        return summary
+        return {**summary, "reused": True}
     exp_dir = out / "search"
     if not (read_json(out / "search.json").get("key") == key and _complete(exp_dir, tc)):
         dump_config(cfg, run_dir / "config.yaml")
@@ -295,7 +296,9 @@ def _trial(config: dict, setup: dict) -> None:
     trial_id = ray.tune.get_context().get_trial_id()
     train_cfg = d.train.model_copy(update={"cpus_per_worker": setup["cpus_per_worker"]})
     trainer = train.make_trainer(f"trial_{trial_id}", Path(setup["storage"]), data_dir, d.model, train_cfg,
-                                 setup["seed"], soft_dir, d.alpha, d.temperature, d.loss, callbacks=[TrialReport(size)])
+                                 setup["seed"], soft_dir, d.alpha, d.temperature, d.loss, callbacks=[TrialReport(size)],
+                                 init_from=member_dirs(cfg.model_copy(update={"output_dir": str(run_dir)}))
+                                 if d.transfer else None)
     result = trainer.fit()
     with result.checkpoint.as_directory() as ckpt:
         state = json.loads((Path(ckpt) / "state.json").read_text())

@@ -162,7 +162,7 @@ def analyse(cfg: Config, out: Path, key: str) -> dict:
     search = read_json(out / "search.json")
     summary = {"key": key, "max_quality_drop": tc.max_quality_drop, "objective": tc.objective,
                "size_metric": tc.size_metric, "trials": len(table), "states": counts,
-               "search_seconds": search.get("seconds"),
+               "search_seconds": search.get("seconds"), "loop_s": float(table["loop_s"].fillna(0).sum()),
                "resources": {k: search.get(k) for k in ("max_concurrent_trials", "workers_per_trial", "cpus_per_worker")},
                "winner": winner,
                "pareto_front": table.loc[table["pareto"], ["trial_id", "val_ndcg@10", "params", "latency_ms"]]

@@ -166,3 +166,10 @@ def test_item_text_accepts_a_tab_and_a_single_text_column():
     assert cfg.data.item_text.delimiter == "\t" and cfg.data.item_text.text_cols == ["keywords"]
     with pytest.raises(RaykdError, match="one character"):
         load_config("configs/beauty.yaml", ["data.item_text.delimiter=;;"])
+
+
+@pytest.mark.parametrize("setting, message", [("distill.loss=kl_full", "kl_full needs"),
+                                              ("distill.transfer=true", "transfer needs")])
+def test_external_scores_refuse_what_needs_a_raykd_teacher(setting, message):
+    with pytest.raises(RaykdError, match=message):
+        load_config("configs/quickstart.yaml", ["distill.teacher_scores=s.parquet", setting])

@@ -33,6 +33,13 @@ def test_report_has_every_section_and_metric(tiny_run):
     assert report["student"]["paired_vs_nokd"]["users"] == report["dataset"]["users"]
     assert report["teacher"]["users"] == report["dataset"]["users"]
     assert "| teacher |" in (tiny_run / "report.md").read_text()
+    timing = report["timing"]  # the pipeline's per-stage breakdown
+    assert set(timing) == {"prepare", "teacher", "soft_labels", "distill", "tune", "evaluate", "total"}
+    for t in timing.values():
+        assert 0 <= t["compute_s"] <= t["wall_s"]
+    assert timing["teacher"]["compute_s"] > 0 and timing["distill"]["compute_s"] > 0
+    assert timing["total"]["compute_s"] == pytest.approx(sum(t["compute_s"] for k, t in timing.items() if k != "total"),
+                                                         abs=0.05)
 
 
 def test_report_matches_an_independent_scoring_of_the_exported_student(tiny_run):
@@ -175,7 +182,7 @@ def test_teacher_ensemble_trains_in_parallel_and_distils_from_the_mean(tiny_run,
     cfg = tiny_config(tmp_path, "teacher.ensemble=2", "teacher.train.cpus_per_worker=0.5", "distill.transfer=true",
                       "distill.train_nokd=false", "distill.train.epochs=1")
     out = teacher.run(cfg)
-    assert "2 ensemble members, 2 at a time" in capsys.readouterr().out
+    assert "2 training runs, 2 at a time: teacher, teacher_ensemble/m1" in capsys.readouterr().out
     assert len(out["ensemble"]) == 2
     first = models.load_model(tmp_path / "teacher")[0]
     second = models.load_model(tmp_path / "teacher_ensemble" / "m1")[0]
