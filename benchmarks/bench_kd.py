@@ -46,10 +46,19 @@ def desc(num_items: int, dim: int, layers: int, heads: int, dropout: float, max_
             "max_len": max_len, "dropout": dropout}
 
 
+REPORT_ONLY = False  # --report-only: summarise what is trained, train nothing
+
+
+class NotTrained(Exception):
+    pass
+
+
 def trained(out: Path, config: dict, data_dir: Path, soft_dir: Path | None = None) -> dict:
     """Train (or reuse) one model; save it with its summary to `out`."""
     if (out / "summary.json").exists():
         return json.loads((out / "summary.json").read_text())
+    if REPORT_ONLY:
+        raise NotTrained(out)
     t0 = time.perf_counter()
     model, summary = loop.fit_local(config, data_dir, soft_dir, log=lambda m: print("  " + m, flush=True))
     summary["seconds"] = time.perf_counter() - t0
@@ -104,7 +113,10 @@ def main() -> int:
     p.add_argument("--top-k", type=int, default=100)
     p.add_argument("--tag", default="", help="suffix for the KD students' folders (variants)")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--report-only", action="store_true", help="summarise the models already trained; train none")
     args = p.parse_args()
+    global REPORT_ONLY
+    REPORT_ONLY = args.report_only
     if args.threads:
         torch.set_num_threads(args.threads)
     run = Path(args.run)
@@ -129,7 +141,11 @@ def main() -> int:
                    "item_text": str(text_path) if use_text else None, "text_mode": mode}
             if use_text and mode in ("fuse", "both"):
                 d["text_dim"] = loop.text_dim(text_path, args.teacher_dim)
-            s = trained(base / f"teacher_{name}", cfg, data_dir)
+            try:
+                s = trained(base / f"teacher_{name}", cfg, data_dir)
+            except NotTrained:
+                print(f"seed {seed} teacher {name}: not trained yet; skipped", flush=True)
+                continue
             m, ranks[f"teacher_{name}"] = test_eval(base / f"teacher_{name}", split, rare)
             res["teachers"][name] = {"test": m, "valid": s["valid"]["ndcg@10"], "best_epoch": s["best_epoch"]}
             print(f"seed {seed} teacher {name}: valid {s['valid']['ndcg@10']:.4f} test {m['ndcg@10']:.4f} "
@@ -141,55 +157,67 @@ def main() -> int:
         widths = [int(w) for w in args.widths.split(",") if w]
         tdirs = [base / f"teacher_{t}" for t in (("id", "text") if args.kd_teacher == "ens" else (args.kd_teacher,))]
         soft_dir = base / f"soft_{args.kd_teacher}_k{args.top_k}"
-        if widths:
+        if widths and not (REPORT_ONLY and not (soft_dir / "done").exists()):
             score_soft(tdirs, data_dir, soft_dir, args.top_k)
         for width in widths:
-            d = desc(n_items, width, 1, 1, 0.2)
-            common = {"desc": d, "seed": seed, "train": train_cfg(args.student_epochs, 2e-3, 5, 10)}
-            nokd = trained(base / f"nokd_d{width}", {**common, "name": f"nokd_d{width}", "alpha": 0.0,
-                                                      "temperature": 1.0, "kd_loss": "kl"}, data_dir)
-            kd_name = f"kd_{args.kd_teacher}_d{width}{args.tag}"
-            kd = trained(base / kd_name, {**common, "name": kd_name, "alpha": args.alpha,
-                                          "temperature": args.temperature, "kd_loss": args.kd_loss,
-                                          "init_from": [str(t) for t in tdirs] if args.transfer else None},
-                         data_dir, soft_dir)
-            m_kd, r_kd = test_eval(base / kd_name, split, rare)
-            m_no, r_no = test_eval(base / f"nokd_d{width}", split, rare)
-            paired = paired_ndcg(r_kd, r_no)
-            paired_rare = paired_ndcg(r_kd[rare], r_no[rare])
-            res["students"][width] = {"kd": m_kd, "nokd": m_no, "paired": paired, "paired_rare": paired_rare,
-                                      "valid": {"kd": kd["valid"]["ndcg@10"], "nokd": nokd["valid"]["ndcg@10"]}}
-            print(f"seed {seed} d{width}: KD {m_kd['ndcg@10']:.4f} vs noKD {m_no['ndcg@10']:.4f} "
-                  f"(x{m_kd['ndcg@10'] / max(m_no['ndcg@10'], 1e-9):.3f}; paired {paired['mean_diff']:+.4f} ± "
-                  f"{paired['stderr']:.4f}; rare {paired_rare['mean_diff']:+.4f} ± {paired_rare['stderr']:.4f}); "
-                  f"valid {kd['valid']['ndcg@10']:.4f}/{nokd['valid']['ndcg@10']:.4f}; params {m_kd['params']:,}",
-                  flush=True)
+            try:
+                student_pair(args, seed, width, base, tdirs, soft_dir, data_dir, split, rare, n_items, res)
+            except NotTrained as missing:
+                print(f"seed {seed} d{width}: not trained yet ({missing}); skipped", flush=True)
         (run / "bench_kd" / f"results{args.tag}.json").write_text(json.dumps(results, indent=1, default=str))
     summarise(results)
     return 0
 
 
+def student_pair(args, seed, width, base, tdirs, soft_dir, data_dir, split, rare, n_items, res) -> None:
+    """A KD student and its no-KD twin at one width: train (or reuse), test, compare paired."""
+    d = desc(n_items, width, 1, 1, 0.2)
+    common = {"desc": d, "seed": seed, "train": train_cfg(args.student_epochs, 2e-3, 5, 10)}
+    nokd = trained(base / f"nokd_d{width}", {**common, "name": f"nokd_d{width}", "alpha": 0.0,
+                                              "temperature": 1.0, "kd_loss": "kl"}, data_dir)
+    kd_name = f"kd_{args.kd_teacher}_d{width}{args.tag}"
+    kd = trained(base / kd_name, {**common, "name": kd_name, "alpha": args.alpha,
+                                  "temperature": args.temperature, "kd_loss": args.kd_loss,
+                                  "init_from": [str(t) for t in tdirs] if args.transfer else None},
+                 data_dir, soft_dir)
+    m_kd, r_kd = test_eval(base / kd_name, split, rare)
+    m_no, r_no = test_eval(base / f"nokd_d{width}", split, rare)
+    paired = paired_ndcg(r_kd, r_no)
+    paired_rare = paired_ndcg(r_kd[rare], r_no[rare])
+    res["students"][width] = {"kd": m_kd, "nokd": m_no, "paired": paired, "paired_rare": paired_rare,
+                              "valid": {"kd": kd["valid"]["ndcg@10"], "nokd": nokd["valid"]["ndcg@10"]}}
+    print(f"seed {seed} d{width}: KD {m_kd['ndcg@10']:.4f} vs noKD {m_no['ndcg@10']:.4f} "
+          f"(x{m_kd['ndcg@10'] / max(m_no['ndcg@10'], 1e-9):.3f}; paired {paired['mean_diff']:+.4f} ± "
+          f"{paired['stderr']:.4f}; rare {paired_rare['mean_diff']:+.4f} ± {paired_rare['stderr']:.4f}); "
+          f"valid {kd['valid']['ndcg@10']:.4f}/{nokd['valid']['ndcg@10']:.4f}; params {m_kd['params']:,}",
+          flush=True)
+
+
 def summarise(results: dict) -> None:
     seeds = list(results["seeds"].values())
     print(f"\n== summary over {len(seeds)} seed(s) ==")
-    for name in seeds[0]["teachers"]:
-        v = [s["teachers"][name]["test"]["ndcg@10"] for s in seeds]
-        print(f"teacher {name}: test NDCG@10 {np.mean(v):.4f} ± {np.std(v):.4f}  params "
-              f"{seeds[0]['teachers'][name]['test']['params']:,}")
-    if all("text_vs_id" in s for s in seeds):
-        ratio = np.mean([s["teachers"]["text"]["test"]["ndcg@10"] for s in seeds]) / np.mean(
-            [s["teachers"]["id"]["test"]["ndcg@10"] for s in seeds])
-        diffs = [s["text_vs_id"]["mean_diff"] for s in seeds]
-        print(f"text / id teacher: x{ratio:.3f}; paired diff per seed {', '.join(f'{d:+.4f}' for d in diffs)}")
-    print("| width | params | KD NDCG@10 | noKD NDCG@10 | KD / noKD | paired (mean ± s.e. per seed) | rare paired |")
-    print("|---|---|---|---|---|---|---|")
-    for width in seeds[0]["students"] if seeds else []:
+    for name in sorted({n for s in seeds for n in s["teachers"]}):
+        rows = [s["teachers"][name]["test"] for s in seeds if name in s["teachers"]]
+        v = [r["ndcg@10"] for r in rows]
+        print(f"teacher {name}: test NDCG@10 {np.mean(v):.4f} ± {np.std(v):.4f} over {len(v)} seed(s) "
+              f"(rare {np.mean([r['rare_ndcg@10'] for r in rows]):.4f}); params {rows[0]['params']:,}")
+    both = [s for s in seeds if "text_vs_id" in s]
+    if both:
+        ratio = np.mean([s["teachers"]["text"]["test"]["ndcg@10"] for s in both]) / np.mean(
+            [s["teachers"]["id"]["test"]["ndcg@10"] for s in both])
+        diffs = ", ".join(f"{s['text_vs_id']['mean_diff']:+.4f} ± {s['text_vs_id']['stderr']:.4f}" for s in both)
+        print(f"text / id teacher over {len(both)} seed(s): x{ratio:.3f}; paired diff per seed {diffs}")
+    print("| width | params | seeds | KD NDCG@10 | noKD NDCG@10 | KD / noKD | paired (mean ± s.e. per seed) | "
+          "rare paired |")
+    print("|---|---|---|---|---|---|---|---|")
+    for width in sorted({w for s in seeds for w in s["students"]}):
         rows = [s["students"][width] for s in seeds if width in s["students"]]
         kd = np.mean([r["kd"]["ndcg@10"] for r in rows])
         no = np.mean([r["nokd"]["ndcg@10"] for r in rows])
         paired = "; ".join(f"{r['paired']['mean_diff']:+.4f} ± {r['paired']['stderr']:.4f}" for r in rows)
         rare = "; ".join(f"{r['paired_rare']['mean_diff']:+.4f} ± {r['paired_rare']['stderr']:.4f}" for r in rows)
-        print(f"| {width} | {rows[0]['kd']['params']:,} | {kd:.4f} | {no:.4f} | {kd / no if no else math.nan:.3f} | "
+        print(f"| {width} | {rows[0]['kd']['params']:,} | {len(rows)} | {kd:.4f} | {no:.4f} | "
+              f"{kd / no if no else math.nan:.3f} | "
               f"{paired} | {rare} |")
 
 
