@@ -193,7 +193,8 @@ class Recommender:
 
 
 def _find_data_dir(model_dir: Path) -> Path:
-    for candidate in (model_dir, model_dir.parent / "data", model_dir.parent.parent / "data"):
+    # a model folder: teacher/, tune/best/, or kd_curve/d<width>/student/ three levels down
+    for candidate in (model_dir, *(model_dir.parents[i] / "data" for i in range(min(3, len(model_dir.parents))))):
         if (candidate / "items.parquet").exists():
             return candidate
     raise RaykdError(f"no item vocabulary (items.parquet) next to {model_dir} or in its run's data/")

@@ -172,6 +172,13 @@ def test_kd_curve_with_transfer_and_whole_catalogue_kl(tiny_run, tmp_path):
     assert point["rare"]["users"] == report["rare_targets"]["users"]
     assert (tmp_path / "kd_curve.png").stat().st_size > 1000
     assert "## KD curve" in (tmp_path / "report.md").read_text()
+    # a curve's student is servable from where it lies (its run's vocabulary is three levels up)
+    from raykd.recommender import Recommender
+
+    rec = Recommender(tmp_path / "kd_curve" / "d4" / "student")
+    raw = pq.read_table(tmp_path / "data" / "items.parquet")["raw_id"].to_pylist()[:3]
+    (answer,) = rec.recommend_many([rec.parse({"history": raw, "k": 5})])
+    assert len(answer["items"]) == 5 and "fallback" not in answer and "sasrec4x1" in answer["model"]
 
 
 def test_teacher_ensemble_trains_in_parallel_and_distils_from_the_mean(tiny_run, tmp_path, capsys):
