@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.command == "serve":
             return _serve(args)
+        if args.command == "config":
+            return _config(args)
 
         cfg = load_config(args.config, args.overrides)
         module = importlib.import_module(STAGES[args.command][0])
@@ -60,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raykd", description="Knowledge distillation for recommenders on Ray.")
+    parser.add_argument("--version", action="version", version=f"raykd {_version()}")
     sub = parser.add_subparsers(dest="command")
     for name, (_, help_text) in STAGES.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -73,6 +76,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="bind address (default 127.0.0.1; any other needs RAYKD_API_KEY or "
                    "serve.api_key_file)")
     p.add_argument("--port", type=int, help="port (default 8000)")
+    p.add_argument("--debug", action="store_true", help="show Python tracebacks")
+    p = sub.add_parser("config", help="print the resolved config (with every key described) or its JSON schema")
+    p.add_argument("action", choices=["show", "schema"], help="show: resolved YAML with comments; schema: JSON schema")
+    p.add_argument("config", nargs="?", help="experiment YAML (show; default: the defaults)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. teacher.train.lr=3e-4")
     p.add_argument("--debug", action="store_true", help="show Python tracebacks")
     p = sub.add_parser("synth", help="write a synthetic interaction log (Parquet)")
     p.add_argument("--users", type=int, default=2000)
@@ -99,6 +107,26 @@ def _serve(args: argparse.Namespace) -> int:
     extra += [f"serve.port={args.port}"] if args.port else []
     cfg = load_config(args.config, [*args.overrides, *extra])
     serve.run_blocking(args.path, cfg.serve)
+    return 0
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("raykd")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _config(args: argparse.Namespace) -> int:
+    from raykd import config_docs
+    from raykd.config import load_config
+
+    if args.action == "schema":
+        print(config_docs.schema())
+        return 0
+    print(config_docs.show(load_config(args.config, args.overrides)), end="")
     return 0
 
 

@@ -8,6 +8,7 @@ and the valid keys, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import os
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,7 +31,7 @@ class SyntheticConfig(Section):
     clusters: int = Field(20, ge=1, description="user taste clusters")
     popularity_skew: float = Field(1.0, ge=0, description="Zipf exponent of item popularity")
     markov: float = Field(0.6, ge=0, le=1, description="chance the next item follows the last one")
-    seed: int = 0
+    seed: int = Field(0, description="generator seed (the same seed gives the same log)")
 
 
 class ItemTextConfig(Section):
@@ -59,15 +60,17 @@ class ItemTextConfig(Section):
 class DataConfig(Section):
     """Where the interaction log is and how to read and clean it (the prepare stage)."""
 
-    format: Literal["movielens", "csv", "parquet", "jsonl", "synthetic"] = "synthetic"
+    format: Literal["movielens", "csv", "parquet", "jsonl", "synthetic"] = Field(
+        "synthetic", description="input format: movielens (u.data / ratings.dat / ratings.csv), csv, parquet, "
+        "jsonl, or synthetic (generated, no file)")
     path: str | None = Field(None, description="file or folder (not used by synthetic)")
-    user_col: str = "user_id"
-    item_col: str = "item_id"
+    user_col: str = Field("user_id", description="column of user ids (0-based index for a headerless csv)")
+    item_col: str = Field("item_id", description="column of item ids (0-based index for a headerless csv)")
     time_col: str | None = Field(None, description="no time column: file order is time order")
     time_format: str | None = Field(None, description="how the time column writes dates, one strptime format for "
                                     "the whole column (e.g. '%d/%m/%Y %H:%M') or 'ISO8601'; default: inferred "
                                     "when only one format reads every date the same way, else an error")
-    rating_col: str | None = None
+    rating_col: str | None = Field(None, description="column of ratings, for data.min_rating")
     min_rating: float | None = Field(None, description="keep rows with rating >= this")
     delimiter: str = Field(",", description="csv only; any single character, e.g. '\\t'")
     header: bool = Field(True, description="csv only; without a header, *_col are 0-based indices")
@@ -108,12 +111,12 @@ class DataConfig(Section):
 class ModelConfig(Section):
     """Size of a sequential recommender (teacher or student)."""
 
-    family: Literal["sasrec", "gru"] = "sasrec"
-    dim: int = Field(64, ge=2)
-    layers: int = Field(2, ge=1)
-    heads: int = Field(2, ge=1)
+    family: Literal["sasrec", "gru"] = Field("sasrec", description="sasrec (self-attention) or gru (GRU4Rec)")
+    dim: int = Field(64, ge=2, description="embedding width (the item table is num_items x dim)")
+    layers: int = Field(2, ge=1, description="transformer blocks (sasrec) or GRU layers (gru)")
+    heads: int = Field(2, ge=1, description="attention heads (sasrec; must divide dim)")
     max_len: int = Field(50, ge=2, description="histories keep their last max_len items")
-    dropout: float = Field(0.2, ge=0, lt=1)
+    dropout: float = Field(0.2, ge=0, lt=1, description="dropout on embeddings and blocks")
 
     @model_validator(mode="after")
     def _heads_divide_dim(self) -> ModelConfig:
@@ -125,19 +128,19 @@ class ModelConfig(Section):
 class TrainConfig(Section):
     """One training loop for teacher and students (Ray Train TorchTrainer)."""
 
-    epochs: int = Field(30, ge=1)
+    epochs: int = Field(30, ge=1, description="at most this many epochs (early stopping may end sooner)")
     batch_size: int = Field(128, ge=1, description="training windows per step, in all (split across workers: "
                             "the number of steps per epoch does not depend on num_workers)")
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="Adam weight decay")
     patience: int = Field(5, ge=1, description="early stop after this many epochs without gain")
     min_epochs: int = Field(0, ge=0, description="never stop early before this many epochs (students may "
                             "plateau before they climb)")
     loss: Literal["full", "sampled"] = Field("full", description="sampled: log-Q sampled softmax")
     num_negatives: int = Field(1000, ge=1, description="sampled softmax negatives")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP)")
-    cpus_per_worker: float = Field(1.0, gt=0)
-    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each Train worker reserves (fractions allowed)")
+    use_gpu: bool = Field(False, description="one GPU per worker, bf16 autocast")
     max_failures: int = Field(2, ge=0, description="worker losses survived via checkpoints")
 
 
@@ -165,15 +168,16 @@ class TeacherConfig(Section):
 
 class SoftLabelsConfig(Section):
     top_k: int = Field(100, ge=1, description="teacher items kept per training position")
-    num_workers: int = Field(1, ge=1)
+    num_workers: int = Field(1, ge=1, description="scoring actors (one teacher copy each)")
     batch_size: int = Field(256, ge=1, description="windows (users × max_len) scored per forward pass")
-    use_gpu: bool = False
+    use_gpu: bool = Field(False, description="one GPU per scoring actor")
 
 
 class DistillConfig(Section):
     model: ModelConfig = Field(default_factory=_student_model)
     train: TrainConfig = Field(default_factory=TrainConfig)
-    temperature: float = Field(1.0, gt=0)
+    temperature: float = Field(1.0, gt=0, description="softmax temperature T of the KL (kl, kl_full); rank-weight "
+                               "decay for rank")
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the distillation term")
     loss: Literal["kl", "kl_full", "rank"] = Field(
         "kl", description="kl: KL over the teacher's top-K; kl_full: (K+1)-bin KL over top-K and the rest of the "
@@ -199,10 +203,10 @@ class DistillConfig(Section):
 class SearchDim(Section):
     """One searched config key: `loguniform`/`uniform` over [low, high], `int`, or `choice`."""
 
-    type: Literal["loguniform", "uniform", "int", "choice"]
-    low: float | None = None
-    high: float | None = None
-    values: list[Any] | None = None
+    type: Literal["loguniform", "uniform", "int", "choice"] = Field(description="how values are drawn")
+    low: float | None = Field(None, description="lower bound (loguniform, uniform, int)")
+    high: float | None = Field(None, description="upper bound (loguniform, uniform, int)")
+    values: list[Any] | None = Field(None, description="the candidates (choice)")
 
 
 def _default_space() -> dict[str, SearchDim]:
@@ -223,12 +227,13 @@ class TuneConfig(Section):
     size_metric: Literal["params", "latency"] = Field("params", description="pareto's second objective")
     max_quality_drop: float = Field(0.02, ge=0, lt=1, description="pareto pick: within this of the best")
     num_samples: int = Field(6, ge=1, description="trials")
-    max_concurrent_trials: int = Field(1, ge=1)
+    max_concurrent_trials: int = Field(1, ge=1, description="trials running at once")
     time_budget_s: float | None = Field(None, gt=0, description="stop starting trials after this")
     grace_period: int = Field(2, ge=1, description="ASHA: epochs before a trial can be stopped")
     cpus_per_trial: float = Field(1.0, gt=0, description="CPUs of each trial's Train worker")
     seed: int = Field(0, description="TPE sampler seed")
-    space: dict[str, SearchDim] = Field(default_factory=_default_space)
+    space: dict[str, SearchDim] = Field(default_factory=_default_space,
+                                        description="searched keys (dotted distill.* paths) and their ranges")
 
 
 class ServeConfig(Section):
@@ -236,15 +241,15 @@ class ServeConfig(Section):
 
     host: str = Field("127.0.0.1", description="bind address; anything but loopback (127.0.0.1, ::1, "
                       "localhost) is refused without an API key")
-    port: int = Field(8000, ge=1, le=65535)
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port of the Serve proxy")
     max_batch_size: int = Field(32, ge=1, description="@serve.batch size")
-    batch_wait_timeout_s: float = Field(0.005, ge=0)
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(2, ge=1)
-    target_ongoing_requests: float = Field(16, gt=0)
-    replica_cpus: float = Field(0.5, gt=0)
-    max_k: int = Field(100, ge=1)
-    max_history: int = Field(1000, ge=1)
+    batch_wait_timeout_s: float = Field(0.005, ge=0, description="@serve.batch wait for a fuller batch")
+    min_replicas: int = Field(1, ge=0, description="autoscaling floor")
+    max_replicas: int = Field(2, ge=1, description="autoscaling ceiling")
+    target_ongoing_requests: float = Field(16, gt=0, description="autoscaling target per replica")
+    replica_cpus: float = Field(0.5, gt=0, description="CPUs each replica reserves")
+    max_k: int = Field(100, ge=1, description="largest k a request may ask for")
+    max_history: int = Field(1000, ge=1, description="longest history a request may send")
     max_body_bytes: int = Field(65536, ge=1024, description="longer request bodies get 413, chunked or not")
     api_key: SecretStr | None = Field(None, description="bearer token, a secret: never written to config.yaml; "
                                       "prefer RAYKD_API_KEY or api_key_file, never a command line")
@@ -271,9 +276,9 @@ class RayConfig(Section):
 
 
 class Config(Section):
-    name: str = "quickstart"
-    output_dir: str = "runs/quickstart"
-    seed: int = 0
+    name: str = Field("quickstart", description="experiment name")
+    output_dir: str = Field("runs/quickstart", description="the run directory every stage reads and writes")
+    seed: int = Field(0, description="seed of every stage (init, shuffling, splits of ties)")
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     soft_labels: SoftLabelsConfig = Field(default_factory=SoftLabelsConfig)
@@ -351,12 +356,24 @@ def _explain(err: ValidationError) -> str:
 
 def _fields_at(loc: tuple) -> list[str]:
     model: type[BaseModel] = Config
-    for part in loc:
-        field = model.model_fields.get(str(part))
-        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+    parts = [str(p) for p in loc]
+    while parts:
+        field = model.model_fields.get(parts.pop(0))
+        sub = section_type(field.annotation) if field else None
+        if sub is None:
             return []
-        model = field.annotation
+        if typing.get_origin(field.annotation) is dict and parts:
+            parts.pop(0)  # a key of a dict of sections, e.g. tune.space.<searched key>
+        model = sub
     return list(model.model_fields)
+
+
+def section_type(annotation: Any) -> type[BaseModel] | None:
+    """The config section a field holds: its type, or the X of `X | None` and `dict[str, X]`."""
+    for t in (annotation, *typing.get_args(annotation)):
+        if isinstance(t, type) and issubclass(t, BaseModel):
+            return t
+    return None
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:

@@ -173,3 +173,42 @@ def test_item_text_accepts_a_tab_and_a_single_text_column():
 def test_external_scores_refuse_what_needs_a_raykd_teacher(setting, message):
     with pytest.raises(RaykdError, match=message):
         load_config("configs/quickstart.yaml", ["distill.teacher_scores=s.parquet", setting])
+
+
+def test_every_config_key_has_a_description():
+    from raykd import config_docs
+
+    missing = [key for key, description in config_docs.keys() if not description]
+    assert not missing, f"keys without a description: {missing}"
+    assert ("tune.space.<key>.low", "lower bound (loguniform, uniform, int)") in config_docs.keys()
+
+
+def test_config_show_is_the_resolved_config_with_descriptions(capsys):
+    from raykd.cli import main
+
+    assert main(["config", "show", "configs/beauty.yaml", "tune.num_samples=7"]) == 0
+    text = capsys.readouterr().out
+    assert "  num_samples: 7  # trials\n" in text
+    shown = yaml.safe_load(text)  # the comments are YAML comments: the text loads as the config
+    assert Config.model_validate(shown) == load_config("configs/beauty.yaml", ["tune.num_samples=7"])
+
+
+def test_config_schema_and_version(capsys):
+    import json
+    import subprocess
+    import sys
+
+    from raykd.cli import main
+
+    assert main(["config", "schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert schema["additionalProperties"] is False and "distill" in schema["properties"]
+    out = subprocess.run([sys.executable, "-m", "raykd", "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("raykd ")
+
+
+def test_unknown_key_in_an_optional_section_lists_its_keys():
+    with pytest.raises(RaykdError, match="valid keys here: path, id_col, text_cols, delimiter"):
+        load_config("configs/beauty.yaml", ["data.item_text.foo=1"])
+    with pytest.raises(RaykdError, match="valid keys here: type, low, high, values"):
+        load_config("configs/quickstart.yaml", ["tune.space.x.bogus=1"])
