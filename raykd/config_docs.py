@@ -15,7 +15,7 @@ from pydantic import BaseModel
 from raykd.config import Config, section_type
 
 
-def keys(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, str | None]]:
+def described_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, str | None]]:
     """Every leaf key of the config as (dotted key, description); a dict of sections' keys as `<key>`."""
     out = []
     for name, field in model.model_fields.items():
@@ -24,7 +24,7 @@ def keys(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, s
             out.append((prefix + name, field.description))
         else:
             keyed = typing.get_origin(field.annotation) is dict
-            out += keys(sub, f"{prefix}{name}.{'<key>.' if keyed else ''}")
+            out += described_keys(sub, f"{prefix}{name}.{'<key>.' if keyed else ''}")
     return out
 
 

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
-from raykd import distill, metrics, models, sequences
+from raykd import distill, metrics, models, report_md, sequences
 from raykd.config import Config
 from raykd.errors import RaykdError
 from raykd.teacher import member_dirs
@@ -54,11 +54,12 @@ def run(cfg: Config) -> dict:
         model, desc = models.load_model(run_dir / name)
         loaded[name] = model
         m, ranks[name] = metrics.evaluate_model(model, hist, targets, seen, return_ranks=True)
-        m["params"] = models.count_params(model)
+        m["params"], m["dim"] = models.count_params(model), desc["dim"]
         m["latency_ms_256"] = metrics.scoring_latency_ms(model, desc["max_len"], desc["num_items"])
         train_info = _read_json(run_dir / name / "metrics.json")
         m["valid_ndcg@10"] = train_info.get("valid", {}).get("ndcg@10")
-        m["best_epoch"] = train_info.get("best_epoch")
+        m["best_epoch"], m["epochs_run"] = train_info.get("best_epoch"), train_info.get("epochs_run")
+        m["history"] = [{"epoch": h["epoch"], "ndcg@10": h["ndcg@10"]} for h in train_info.get("history", [])]
         report[name.replace("/", "_")] = m
     members = member_dirs(cfg)
     if len(members) > 1 and all((d / "model.json").exists() for d in members):
@@ -72,13 +73,15 @@ def run(cfg: Config) -> dict:
     curve = kd_curve([(w, distill.curve_dir(cfg, w)) for w in cfg.distill.sizes], hist, targets, seen, rare)
     if curve:
         report["kd_curve"] = curve
-        plot_kd_curve(curve, report.get("teacher"), run_dir / "kd_curve.png")
     if "student" in ranks and "student_nokd" in ranks:
         report["student"]["paired_vs_nokd_rare"] = paired_ndcg(ranks["student"][rare], ranks["student_nokd"][rare])
     report["rare_targets"] = {"max_train_count": RARE_MAX_COUNT, "users": int(rare.sum())}
+    report["meta"] = report_md.metadata(cfg)
+    report["warnings"] = report_md.warnings(report)
+    report["plots"] = report_md.plots(report, run_dir)
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))
-    (run_dir / "report.md").write_text(markdown(report))
-    print(markdown(report), flush=True)
+    (run_dir / "report.md").write_text(report_md.markdown(report))
+    print(report_md.markdown(report), flush=True)
     return report
 
 
@@ -133,34 +136,6 @@ def kd_curve(pairs: list[tuple[int, Path]], hist, targets, seen, rare: np.ndarra
     return curve
 
 
-def plot_kd_curve(curve: list[dict], teacher: dict | None, path: Path) -> None:
-    """NDCG@10 against parameters for KD students, no-KD twins and the teacher (error bars: s.e.)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    params = [p["params"] for p in curve]
-    for key, label in (("kd", "KD student"), ("nokd", "no-KD twin")):
-        ndcg = [p[key]["ndcg@10"] for p in curve]
-        err = [p[key]["ndcg@10_stderr"] for p in curve]  # standard error of the mean over users
-        ax.errorbar(params, ndcg, yerr=err, marker="o", capsize=3, label=label)
-    if teacher:
-        ax.errorbar([teacher["params"]], [teacher["ndcg@10"]], marker="*", markersize=12, linestyle="none",
-                    label="teacher")
-    for p in curve:
-        ax.annotate(f"d{p['dim']}", (p["params"], p["kd"]["ndcg@10"]), textcoords="offset points", xytext=(4, 4))
-    ax.set_xscale("log")
-    ax.set_xlabel("parameters")
-    ax.set_ylabel("test NDCG@10")
-    ax.set_title("KD gain across student sizes")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def _agreement(teacher, student, hist, seen, limit: int = 2048) -> float:
     h = models.left_pad(hist[:limit], teacher.max_len)
     hs = models.left_pad(hist[:limit], student.max_len)
@@ -174,37 +149,3 @@ def _read_json(path: Path) -> dict:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-
-
-def markdown(report: dict) -> str:
-    d = report["dataset"]
-    lines = [(f"# raykd report\n\n{d['users']:,} users, {d['items']:,} items, {d['interactions']:,} "
-              "interactions; leave-one-out test, full ranking, history excluded.\n"),
-             "| model | NDCG@10 | HR@10 | MRR@10 | params | ms / 256 users | kept vs teacher |",
-             "|---|---|---|---|---|---|---|"]
-    for name in ("popularity", "teacher", "teacher_ensemble", "student", "student_nokd", "tune_best"):
-        m = report.get(name)
-        if not m:
-            continue
-        kept = m.get("ndcg_kept_vs_teacher")
-        lines.append(f"| {name} | {m['ndcg@10']:.4f} | {m['hr@10']:.4f} | {m['mrr@10']:.4f} | "
-                     f"{m.get('params', 0):,} | {m.get('latency_ms_256', 0):.2f} | "
-                     f"{'' if kept is None else f'{kept:.1%}'} |")
-    p = report.get("student", {}).get("paired_vs_nokd")
-    if p:
-        lines.append(f"\nstudent − student_nokd NDCG@10 (paired over {p['users']:,} users): "
-                     f"{p['mean_diff']:+.4f} ± {p['stderr']:.4f} (standard error)")
-    r = report.get("student", {}).get("paired_vs_nokd_rare")
-    if r and r["users"]:
-        lines.append(f"rare targets (seen <= {RARE_MAX_COUNT} times in training, {r['users']:,} users): "
-                     f"{r['mean_diff']:+.4f} ± {r['stderr']:.4f}")
-    if report.get("kd_curve"):
-        lines += ["\n## KD curve (kd_curve.png)\n",
-                  "| width | params | KD NDCG@10 | no-KD NDCG@10 | KD / no-KD | paired diff ± s.e. | rare paired diff ± s.e. |",
-                  "|---|---|---|---|---|---|---|"]
-        for c in report["kd_curve"]:
-            kd, no, pd, pr = c["kd"]["ndcg@10"], c["nokd"]["ndcg@10"], c["paired"], c["rare"]["paired"]
-            rare = f"{pr['mean_diff']:+.4f} ± {pr['stderr']:.4f}" if pr["users"] > 1 else "no rare targets"
-            lines.append(f"| {c['dim']} | {c['params']:,} | {kd:.4f} | {no:.4f} | {kd / no if no else float('nan'):.3f} | "
-                         f"{pd['mean_diff']:+.4f} ± {pd['stderr']:.4f} | {rare} |")
-    return "\n".join(lines) + "\n"

@@ -71,7 +71,7 @@ def fit(name: str, run_dir: Path, data_dir: Path, model_cfg: ModelConfig, train_
         summary = export(Path(ckpt), out, {"name": name, "train_seconds": time.perf_counter() - t0,
                                            "alpha": alpha, "temperature": temperature,
                                            "kd_loss": kd_loss if alpha > 0 else None, "fingerprint": fingerprint})
-    print(f"{name}: best valid NDCG@10 {summary['valid']['ndcg@10']:.4f} at epoch {summary['best_epoch'] + 1} "
+    print(f"{name}: best valid NDCG@10 {summary['valid']['ndcg@10']:.4f} at epoch {summary['best_epoch']} "
           f"({summary['epochs_run']} epochs, {summary['train_seconds']:.0f}s) -> {out}", flush=True)
     return summary
 
@@ -151,8 +151,9 @@ def export(ckpt: Path, out: Path, extra: dict) -> dict:
     state = checkpoints.read_state(ckpt)
     model, desc = models.load_model(Path(ckpt) / "best")
     best = state["best"]
-    summary = {**extra, "best_epoch": best["epoch"], "valid": best["metrics"],
-               "epochs_run": state["epoch"] + 1, "history": state["history"],
+    # epochs count from 1 in every file and line a user reads (the checkpoint state counts from 0)
+    summary = {**extra, "best_epoch": best["epoch"] + 1, "valid": best["metrics"],
+               "epochs_run": state["epoch"] + 1, "history": [{**h, "epoch": h["epoch"] + 1} for h in state["history"]],
                "resumed": state.get("resumed", 0), "replica_digests": state.get("replica_digests", []),
                "params": models.count_params(model)}
     models.save_model(out, model, desc, extra={"fingerprint": extra.get("fingerprint")})
