@@ -1,9 +1,13 @@
 """Does distillation pay? Teachers (id-only, text) and students of several widths, KD vs no-KD.
 
-    python benchmarks/bench_kd.py --run runs/kd_beauty --seeds 0,1,2 --widths 4,8,16,32
+    raykd prepare configs/beauty.yaml output_dir=runs/kd_beauty
+    raykd embed-items configs/beauty.yaml output_dir=runs/kd_beauty
+    python benchmarks/bench_kd.py --run runs/kd_beauty --seeds 0,1,2 --widths 8,4
+    python benchmarks/bench_kd.py --run runs/kd_beauty --seeds 0,1,2 --widths 8,4 --report-only  # the table
 
 `--run` is a run directory that `raykd prepare` and `raykd embed-items` already filled (data/ and
-item_text/), e.g. from `configs/beauty.yaml`. Every model is trained in this process with raykd's
+item_text/). Seeds and widths can run as separate processes (`--threads 1` each) into the same
+run directory; `--report-only` then summarises whatever has finished. Every model is trained in this process with raykd's
 own Ray-free loop (`raykd.loop.fit_local`: the same step, epoch, validation and early stopping as
 the Ray Train stages) and saved under `<run>/bench_kd/seed<N>/`, so an interrupted benchmark
 resumes where it stopped. Per seed: each teacher, its soft labels (top-K + rest log-mass), then per
@@ -103,8 +107,8 @@ def main() -> int:
     p.add_argument("--teachers", default="id,text")
     p.add_argument("--kd-teacher", default="text", help="the teacher the students distil from: id, text, or ens "
                    "(the id and text teachers as one ensemble)")
-    p.add_argument("--teacher-dim", type=int, default=128)
-    p.add_argument("--teacher-epochs", type=int, default=30)
+    p.add_argument("--teacher-dim", type=int, default=64)
+    p.add_argument("--teacher-epochs", type=int, default=25)
     p.add_argument("--student-epochs", type=int, default=40)
     p.add_argument("--kd-loss", default="kl_full")
     p.add_argument("--alpha", type=float, default=0.5)
