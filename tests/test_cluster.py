@@ -126,7 +126,8 @@ def _check_ray_cluster_spec(spec: dict, tune_drivers: bool) -> dict[str, str]:
         claims = {v["name"]: v["persistentVolumeClaim"]["claimName"]
                   for v in group["template"]["spec"].get("volumes", []) if "persistentVolumeClaim" in v}
         for m in containers[0].get("volumeMounts", []):
-            mounts[m["mountPath"]] = claims[m["name"]]
+            if m["name"] in claims:  # shared storage; other mounts (the API-key Secret) are not PVCs
+                mounts[m["mountPath"]] = claims[m["name"]]
     if tune_drivers:  # KubeRay passes the string on to `ray start --resources=...`
         resources = json.loads(head["rayStartParams"]["resources"].strip('"').replace('\\"', '"'))
         assert resources[DRIVER_RESOURCE] >= 100, "Tune trial drivers need the zero-CPU resource"
