@@ -121,7 +121,7 @@ class ModelConfig(Section):
     @model_validator(mode="after")
     def _heads_divide_dim(self) -> ModelConfig:
         if self.family == "sasrec" and self.dim % self.heads:
-            raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
+            raise ValueError(f"SASRec needs dim divisible by heads: dim {self.dim}, heads {self.heads}")
         return self
 
 
