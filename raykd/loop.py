@@ -18,7 +18,6 @@ t_idx/t_logits/t_rest, one bytes object per window holding its real slots' soft 
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -63,6 +62,13 @@ def load_vectors(path: str | Path) -> np.ndarray:
     out = np.zeros((table.num_rows + 1, d), np.float32)
     out[table["index"].to_numpy()] = table["vector"].combine_chunks().values.to_numpy().reshape(-1, d)
     return out
+
+
+def item_log_q(data_dir: str | Path) -> list[float]:
+    """log of each item's share of training interactions (add-one smoothed; entry 0 = padding)."""
+    counts = pq.read_table(Path(data_dir) / "items.parquet", columns=["count"])["count"].to_numpy()
+    q = np.concatenate([[1.0], counts + 1.0])
+    return np.log(q / q.sum()).tolist()
 
 
 def train_epoch(model, core, optimizer, batches, config: dict, device, amp, log_q) -> tuple[float, int]:
@@ -159,11 +165,7 @@ def fit_local(config: dict, data_dir: str | Path, soft_dir: str | Path | None = 
     cols = windows_in_memory(data_dir, config["desc"]["max_len"], soft_dir if config["alpha"] > 0 else None)
     split = sequences.read_split(data_dir)
     hist, targets, seen = sequences.eval_inputs(split, "valid")
-    log_q = None
-    if tc["loss"] == "sampled":
-        counts = pq.read_table(Path(data_dir) / "items.parquet", columns=["count"])["count"].to_numpy()
-        q = np.concatenate([[1.0], counts + 1.0])
-        log_q = torch.tensor(np.log(q / q.sum()), dtype=torch.float32, device=device)
+    log_q = torch.tensor(item_log_q(data_dir), device=device) if tc["loss"] == "sampled" else None
     state = {"epoch": -1, "best": {"epoch": -1, "metrics": {"ndcg@10": -1.0}}, "bad_epochs": 0, "history": []}
     best = {k: v.clone() for k, v in model.state_dict().items()}
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast(
@@ -190,7 +192,3 @@ def fit_local(config: dict, data_dir: str | Path, soft_dir: str | Path | None = 
                "epochs_run": state["epoch"] + 1, "history": state["history"],
                "params": models.count_params(model)}
     return model.eval(), summary
-
-
-def describe(config: dict) -> str:
-    return json.dumps({k: v for k, v in config.items() if k != "desc"}, sort_keys=True, default=str)

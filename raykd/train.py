@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import ray
 import ray.train
 import torch
@@ -130,7 +129,7 @@ def make_trainer(name: str, storage: Path, data_dir: Path, model_cfg: ModelConfi
     ds = window_dataset(data_dir, model_cfg.max_len, soft_dir if alpha > 0 else None)
     loop_cfg = {"name": name, "desc": desc, "train": train_cfg.model_dump(), "data_dir": str(Path(data_dir).resolve()),
                 "seed": seed, "alpha": alpha, "temperature": temperature, "kd_loss": kd_loss,
-                "item_counts": _item_log_q(data_dir) if train_cfg.loss == "sampled" else None,
+                "item_counts": loop.item_log_q(data_dir) if train_cfg.loss == "sampled" else None,
                 "fault_after_epoch": os.environ.get(FAULT_ENV),
                 "item_text": str(Path(item_text).resolve()) if item_text else None, "text_mode": text_mode,
                 "init_from": [str(Path(f).resolve()) for f in init_from] if init_from else None, "init_std": init_std}
@@ -178,12 +177,6 @@ def _forget_stale_run(path: Path, fingerprint: str) -> None:
         shutil.rmtree(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(fingerprint)
-
-
-def _item_log_q(data_dir: Path) -> list[float]:
-    counts = pq.read_table(Path(data_dir) / "items.parquet", columns=["count"])["count"].to_numpy()
-    q = np.concatenate([[1.0], counts + 1.0])
-    return np.log(q / q.sum()).tolist()
 
 
 def window_dataset(data_dir: Path, max_len: int, soft_dir: Path | None) -> ray.data.Dataset:
