@@ -10,16 +10,10 @@ import traceback
 
 from raykd.errors import RaykdError
 
-# subcommand -> (module with run(cfg), help)
-STAGES = {
-    "prepare": ("raykd.prepare", "logs -> cleaned, split, sharded sequences (Ray Data)"),
-    "embed-items": ("raykd.embed_items", "item text -> language-model vectors (Ray Data actors)"),
-    "teacher": ("raykd.teacher", "train the teacher (Ray Train)"),
-    "soft-labels": ("raykd.soft_labels", "teacher top-K scores for every training position"),
-    "distill": ("raykd.distill", "train the student on hard + soft labels (and student_nokd)"),
-    "tune": ("raykd.tune", "Ray Tune + Optuna search over temperature, alpha and student size"),
-    "evaluate": ("raykd.evaluate", "test metrics of every trained model -> report.json"),
-    "pipeline": ("raykd.pipeline", "every stage in order, reusing finished ones"),
+# commands on a finished run: module with add_arguments(parser) and main(args), help
+TOOLS = {
+    "recommend": ("raykd.recommend", "top-k for every user (or a list) as Parquet, on a Ray Data actor pool"),
+    "export": ("raykd.export", "a self-contained model bundle (safetensors, TorchScript or ONNX)"),
 }
 
 
@@ -29,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    args.command = args.command.replace("-", "_") if args.command not in TOOLS else args.command
     try:
         if args.command == "synth":
             return _synth(args)
@@ -38,10 +33,18 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(args)
         if args.command == "config":
             return _config(args)
+        if args.command in TOOLS:  # commands on a finished run: RUN_DIR and flags, not a config
+            return importlib.import_module(TOOLS[args.command][0]).main(args) or 0
 
         cfg = load_config(args.config, args.overrides)
-        module = importlib.import_module(STAGES[args.command][0])
-        module.run(cfg)
+        if args.command == "pipeline":
+            from raykd import pipeline
+
+            pipeline.run(cfg)
+        else:
+            from raykd import stages
+
+            stages.run(cfg, [args.command])
         return 0
     except RaykdError as err:
         if args.debug:
@@ -64,10 +67,18 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raykd", description="Knowledge distillation for recommenders on Ray.")
     parser.add_argument("--version", action="version", version=f"raykd {_version()}")
     sub = parser.add_subparsers(dest="command")
-    for name, (_, help_text) in STAGES.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+    from raykd.stages import STAGES
+
+    commands = [(s.name, s.help) for s in STAGES] + [("pipeline", "every stage in order, reusing finished ones")]
+    for name, help_text in commands:
+        dashed = [name.replace("_", "-")] if "_" in name else []  # `raykd soft-labels` works too
+        p = sub.add_parser(name, aliases=dashed, help=help_text, description=help_text)
         p.add_argument("config", help="experiment YAML, e.g. configs/quickstart.yaml")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.path=x.csv teacher.train.lr=3e-4")
+        p.add_argument("--debug", action="store_true", help="show Python tracebacks")
+    for name, (module, help_text) in TOOLS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(module).add_arguments(p)
         p.add_argument("--debug", action="store_true", help="show Python tracebacks")
     p = sub.add_parser("serve", help="serve a student over HTTP with Ray Serve (blocks; Ctrl-C stops)")
     p.add_argument("path", help="a run directory (serves tune/best, else student) or a model folder")
@@ -106,8 +117,26 @@ def _serve(args: argparse.Namespace) -> int:
     extra = [f"serve.host={args.host}"] if args.host else []
     extra += [f"serve.port={args.port}"] if args.port else []
     cfg = load_config(args.config, [*args.overrides, *extra])
+    from raykd.runtime import ensure_ray
+
+    _check_servable(args.path, cfg.serve)  # a missing, stale or broken model: said before Ray starts
+    ensure_ray(cfg.ray)
     serve.run_blocking(args.path, cfg.serve)
     return 0
+
+
+def _check_servable(path: str, settings) -> None:
+    """Load what would be served, as a replica will: model, vocabulary, and that they match."""
+    from raykd.recommender import Recommender
+
+    try:
+        Recommender(path, settings.max_k, settings.max_history)
+    except RaykdError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a truncated or foreign file: the user's to fix
+        raise RaykdError(f"{path} cannot be served: its model does not load ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0][:200] if str(err) else ''}). Retrain it (`raykd distill "
+                         "CONFIG`) or export it again") from None
 
 
 def _version() -> str:

@@ -256,6 +256,16 @@ class ServeConfig(Section):
     api_key_file: str | None = Field(None, description="file holding the bearer token, read where the app is built "
                                      "and by each replica; also RAYKD_API_KEY_FILE")
     access_log: bool = Field(False, description="per-request logs cost ~30% of throughput")
+    exclude_seen: bool = Field(True, description="never recommend an item of the user's history (a request's "
+                               "default); evaluate scores test targets by the same rule, so report.json describes "
+                               "what is served")
+
+    @model_validator(mode="after")
+    def _replicas_in_order(self) -> ServeConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas}): "
+                             "raise max_replicas or lower min_replicas")
+        return self
 
     @model_validator(mode="after")
     def _exposed_needs_a_key(self) -> ServeConfig:
@@ -374,15 +384,6 @@ def section_type(annotation: Any) -> type[BaseModel] | None:
         if isinstance(t, type) and issubclass(t, BaseModel):
             return t
     return None
-
-
-def dump_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config (every default spelled out) next to a stage's outputs."""
-    # owner-only: later stages load what is in here (and Tune's resume state is pickle)
-    Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    # the API key is a secret: never on disk (a reloaded "**********" would become the key)
-    data = cfg.model_dump(mode="json", exclude={"serve": {"api_key"}})
-    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
 
 
 def section_hash(*sections: BaseModel) -> str:

@@ -19,37 +19,43 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from raykd import train
-from raykd.config import Config, ModelConfig, dump_config
+from raykd import rundir, train
+from raykd.config import Config, ModelConfig
 from raykd.errors import RaykdError
-from raykd.prepare import prepared_key
-from raykd.runtime import ensure_ray
-from raykd.soft_labels import soft_labels_key
-from raykd.teacher import member_dirs
+from raykd.spec import KD, RunSpec
 
 
 def run(cfg: Config) -> dict:
-    run_dir = Path(cfg.output_dir)
-    dump_config(cfg, run_dir / "config.yaml")
-    d = cfg.distill
-    jobs = pair(cfg, run_dir, "", d.model, d.train_nokd)
-    for width in d.sizes:
-        if curve_dir(cfg, width) != run_dir:  # the main student's own width is not trained twice
-            jobs += pair(cfg, run_dir, f"kd_curve/d{width}/", sized(d.model, width), True)
+    root = Path(cfg.output_dir)
+    jobs = specs(cfg)
     # the student, its twin and the curve's pairs are independent runs: in parallel when CPUs allow
-    parallel = 1
-    if len(jobs) > 1 and any(not train.reusable(run_dir / j["name"], train.fingerprint_of(**j)) for j in jobs):
-        ensure_ray(cfg.ray)
-        parallel = train.parallel_runs(d.train)
-    results = train.fit_many(jobs, parallel)
-    return {job["name"]: result for job, result in zip(jobs, results)}
+    parallel = train.parallel_runs(cfg.distill.train) if len(jobs) > 1 else 1
+    results = train.fit_many(jobs, root, parallel)
+    for spec in jobs:
+        rundir.record(root, spec.name, "distill", list(spec.upstream))
+    return {spec.name: result for spec, result in zip(jobs, results)}
 
 
-def curve_dir(cfg: Config, width: int) -> Path:
-    """Where the KD curve's pair of width `width` lives: `student/` and `student_nokd/` under it."""
-    run_dir = Path(cfg.output_dir)
-    same = sized(cfg.distill.model, width) == cfg.distill.model and cfg.distill.train_nokd
-    return run_dir if same else run_dir / "kd_curve" / f"d{width}"
+def specs(cfg: Config) -> list[RunSpec]:
+    """The student, its no-KD twin (unless off) and each width of `distill.sizes` as a pair."""
+    d = cfg.distill
+    jobs = pair(cfg, rundir.STUDENT, rundir.STUDENT_NOKD if d.train_nokd else None, d.model)
+    for width in d.sizes:
+        if not main_width(cfg, width):  # the main student's own width is not trained twice
+            jobs += pair(cfg, rundir.curve(width, True), rundir.curve(width, False), sized(d.model, width))
+    return jobs
+
+
+def main_width(cfg: Config, width: int) -> bool:
+    """Whether the KD curve's pair at `width` is the main student/student_nokd pair."""
+    return sized(cfg.distill.model, width) == cfg.distill.model and cfg.distill.train_nokd
+
+
+def curve_pair(cfg: Config, width: int) -> tuple[str, str]:
+    """The artifacts (KD student, no-KD twin) of the KD curve at `width`."""
+    if main_width(cfg, width):
+        return rundir.STUDENT, rundir.STUDENT_NOKD
+    return rundir.curve(width, True), rundir.curve(width, False)
 
 
 def sized(model: ModelConfig, width: int) -> ModelConfig:
@@ -57,23 +63,28 @@ def sized(model: ModelConfig, width: int) -> ModelConfig:
     return model.model_copy(update={"dim": width, "heads": math.gcd(model.heads, width)})
 
 
-def pair(cfg: Config, run_dir: Path, prefix: str, model: ModelConfig, with_nokd: bool) -> list[dict]:
-    """`train.fit` arguments of one KD student and (optionally) its no-KD twin, under `run_dir/prefix`."""
-    d = cfg.distill
-    data_dir, soft_dir = run_dir / "data", run_dir / "soft_labels"
-    init_from = None
+def kd_settings(cfg: Config, needed_by: str = "distill") -> tuple[KD, dict]:
+    """The KD settings of this config's students and the upstream keys they depend on."""
+    root, d = Path(cfg.output_dir), cfg.distill
+    upstream = {rundir.DATA: rundir.require(root, rundir.DATA, needed_by),
+                rundir.SOFT_LABELS: rundir.require(root, rundir.SOFT_LABELS, needed_by)}
+    transfer: tuple[Path, ...] = ()
     if d.transfer:
         if d.teacher_scores:
             raise RaykdError("distill.transfer needs a raykd teacher (its item table); external "
                              "distill.teacher_scores have none: set distill.transfer=false")
-        init_from = member_dirs(cfg)
-        missing = [str(f) for f in init_from if not (f / "model.json").exists()]
-        if missing:
-            raise RaykdError(f"distill.transfer is on but {', '.join(missing)} has no model: run `raykd teacher CONFIG`")
-    common = {"run_dir": run_dir, "data_dir": data_dir, "model_cfg": model, "train_cfg": d.train, "seed": cfg.seed}
-    jobs = [{**common, "name": f"{prefix}student", "soft_dir": soft_dir, "alpha": d.alpha,
-             "temperature": d.temperature, "kd_loss": d.loss, "upstream": soft_labels_key(soft_dir),
-             "init_from": init_from}]
-    if with_nokd:
-        jobs.append({**common, "name": f"{prefix}student_nokd", "upstream": prepared_key(data_dir)})
+        members = [rundir.member(i) for i in range(cfg.teacher.ensemble)]
+        upstream |= {m: rundir.require(root, m, "distill.transfer") for m in members}
+        transfer = tuple(root / m for m in members)
+    kd = KD(root / rundir.SOFT_LABELS, d.alpha, d.temperature, d.loss, transfer)
+    return kd, upstream
+
+
+def pair(cfg: Config, student: str, nokd: str | None, model: ModelConfig) -> list[RunSpec]:
+    """The specs of one KD student and (optionally) its no-KD twin: same model, budget and seed."""
+    kd, upstream = kd_settings(cfg)
+    d = cfg.distill
+    jobs = [RunSpec(student, model, d.train, cfg.seed, kd=kd, upstream=upstream)]
+    if nokd:
+        jobs.append(RunSpec(nokd, model, d.train, cfg.seed, upstream={rundir.DATA: upstream[rundir.DATA]}))
     return jobs

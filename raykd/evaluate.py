@@ -1,9 +1,14 @@
 """evaluate: test metrics for every trained model, in one report.
 
-Reads `<run>/data/` and each model folder present (`teacher/`, `student/`, `student_nokd/`,
-`tune/best/`); writes `<run>/report.json` and `<run>/report.md`. Protocol (GUIDE.md section 2):
-leave-one-out, full ranking over the catalogue, the user's history excluded; test is read here
-only, once per final model; checkpoints were chosen on validation during training.
+Reads `<run>/data/` and each model the run record lists as current (`teacher/`, `student/`,
+`student_nokd/`, `tune/best/`, the KD curve's pairs; raykd.rundir): a folder left by an earlier
+config, or made from data prepared again since, is named in the report and never scored. Writes
+`<run>/report.json` and `<run>/report.md`. Protocol (GUIDE.md section 2): leave-one-out, full
+ranking over the catalogue; test is read here only, once per final model; checkpoints were chosen
+on validation during training. Seen items follow `serve.exclude_seen`, the rule the endpoint
+applies: with it (the default) every history item is excluded and a test target that repeats one
+is a miss, so report.json scores exactly what is served; the repeat-aware variant (nothing
+excluded) is reported beside it whenever such repeats exist.
 """
 
 from __future__ import annotations
@@ -17,12 +22,11 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
-from raykd import distill, metrics, models, report_md, sequences
+from raykd import distill, metrics, models, report_md, rundir, sequences
 from raykd.config import Config
 from raykd.errors import RaykdError
-from raykd.teacher import member_dirs
 
-MODELS = ("teacher", "student", "student_nokd", "tune/best")
+MODELS = (rundir.TEACHER, rundir.STUDENT, rundir.STUDENT_NOKD, rundir.TUNE_BEST)
 RARE_MAX_COUNT = 5  # the rare-item bucket: test targets seen at most this often in training
 
 
@@ -40,37 +44,53 @@ class Popularity(nn.Module):
 
 
 def run(cfg: Config) -> dict:
-    run_dir = Path(cfg.output_dir)
-    data_dir = run_dir / "data"
+    root = Path(cfg.output_dir)
+    rundir.require(root, rundir.DATA, "evaluate")
+    data_dir = root / rundir.DATA
     split = sequences.read_split(data_dir)
     hist, targets, seen = sequences.eval_inputs(split, "test")
     counts = pq.read_table(data_dir / "items.parquet", columns=["count"])["count"].to_numpy()
-    report = {"dataset": json.loads((data_dir / "stats.json").read_text())}
-    report["popularity"] = metrics.evaluate_model(Popularity(counts), hist, targets, seen)
-    ranks, loaded = {}, {}
+    exclude = cfg.serve.exclude_seen
+    protocol = Protocol(seen if exclude else None, exclude)
+    repeats = np.fromiter((t in set(h.tolist()) for h, t in zip(hist, targets)), bool, len(targets))
+    report = {"dataset": json.loads((data_dir / "stats.json").read_text()),
+              "protocol": {"exclude_seen": exclude, "repeat_targets": int(repeats.sum()),
+                           "repeat_share": float(repeats.mean()) if len(repeats) else 0.0}}
+    report["popularity"] = protocol.score(Popularity(counts), hist, targets)[0]
+    ranks, loaded, skipped = {}, {}, {}
     for name in MODELS:
-        if not (run_dir / name / "model.json").exists():
+        if rundir.current(root, name) is None:
+            if (root / name).exists():  # on disk but not from this config, or made from older inputs
+                skipped[name] = rundir.stale_reason(root, name)
             continue
-        model, desc = models.load_model(run_dir / name)
+        model, desc = models.load_model(root / name)
         loaded[name] = model
-        m, ranks[name] = metrics.evaluate_model(model, hist, targets, seen, return_ranks=True)
+        m, ranks[name] = protocol.score(model, hist, targets)
+        if exclude and repeats.any():  # what the endpoint answers with exclude_seen=false
+            m["repeat_aware"] = metrics.evaluate_model(model, hist, targets, None)
         m["params"], m["dim"] = models.count_params(model), desc["dim"]
         m["latency_ms_256"] = metrics.scoring_latency_ms(model, desc["max_len"], desc["num_items"])
-        train_info = _read_json(run_dir / name / "metrics.json")
+        train_info = _read_json(root / name / "metrics.json")
         m["valid_ndcg@10"] = train_info.get("valid", {}).get("ndcg@10")
         m["best_epoch"], m["epochs_run"] = train_info.get("best_epoch"), train_info.get("epochs_run")
         m["history"] = [{"epoch": h["epoch"], "ndcg@10": h["ndcg@10"]} for h in train_info.get("history", [])]
         report[name.replace("/", "_")] = m
-    members = member_dirs(cfg)
-    if len(members) > 1 and all((d / "model.json").exists() for d in members):
-        ens = models.Ensemble([models.load_model(d)[0] for d in members])
-        m = metrics.evaluate_model(ens, hist, targets, seen)
+    for name, why in skipped.items():
+        print(f"evaluate: not reporting {name}/: {why}", flush=True)
+    if skipped:
+        report["skipped"] = skipped
+    members = [rundir.member(i) for i in range(cfg.teacher.ensemble)]
+    if len(members) > 1 and all(rundir.current(root, m) for m in members):
+        ens = models.Ensemble([models.load_model(root / m)[0] for m in members])
+        m = protocol.score(ens, hist, targets)[0]
         report["teacher_ensemble"] = {**m, "params": models.count_params(ens), "members": len(members)}
     if not loaded:
-        raise RaykdError(f"no trained models in {run_dir}: run `raykd teacher` / `raykd distill` first")
+        raise RaykdError(f"no trained models of this config in {root}: run `raykd teacher CONFIG` and "
+                         "`raykd distill CONFIG` first (or `raykd pipeline CONFIG`)")
     _compare(report, ranks, loaded, hist, seen)
     rare = np.concatenate([[0], counts])[np.asarray(targets)] <= RARE_MAX_COUNT
-    curve = kd_curve([(w, distill.curve_dir(cfg, w)) for w in cfg.distill.sizes], hist, targets, seen, rare)
+    pairs = [(w, distill.curve_pair(cfg, w)) for w in cfg.distill.sizes]
+    curve = kd_curve(root, pairs, protocol, hist, targets, rare)
     if curve:
         report["kd_curve"] = curve
     if "student" in ranks and "student_nokd" in ranks:
@@ -78,11 +98,26 @@ def run(cfg: Config) -> dict:
     report["rare_targets"] = {"max_train_count": RARE_MAX_COUNT, "users": int(rare.sum())}
     report["meta"] = report_md.metadata(cfg)
     report["warnings"] = report_md.warnings(report)
-    report["plots"] = report_md.plots(report, run_dir)
-    (run_dir / "report.json").write_text(json.dumps(report, indent=2))
-    (run_dir / "report.md").write_text(report_md.markdown(report))
+    report["plots"] = report_md.plots(report, root)
+    (root / rundir.REPORT_JSON).write_text(json.dumps(report, indent=2))
+    (root / rundir.REPORT_MD).write_text(report_md.markdown(report))
     print(report_md.markdown(report), flush=True)
     return report
+
+
+class Protocol:
+    """How test targets are scored: the rule the endpoint applies (`serve.exclude_seen`).
+
+    With exclusion, every history item leaves the candidates, and a target that repeats one is a
+    miss (the endpoint can never return it); without, every item is a candidate.
+    """
+
+    def __init__(self, seen: list | None, exclude: bool):
+        self.seen, self.exclude = seen, exclude
+
+    def score(self, model, hist, targets) -> tuple[dict, np.ndarray]:
+        return metrics.evaluate_model(model, hist, targets, self.seen, return_ranks=True,
+                                      exclude_target=self.exclude)
 
 
 def _compare(report: dict, ranks: dict, loaded: dict, hist: list, seen: list) -> None:
@@ -114,16 +149,19 @@ def paired_ndcg(ranks_a: np.ndarray, ranks_b: np.ndarray, k: int = 10) -> dict:
     return {"mean_diff": float(diff.mean()), "stderr": se, "users": len(diff)}
 
 
-def kd_curve(pairs: list[tuple[int, Path]], hist, targets, seen, rare: np.ndarray) -> list[dict]:
+def kd_curve(root: Path, pairs: list[tuple[int, tuple[str, str]]], protocol: Protocol, hist, targets,
+             rare: np.ndarray) -> list[dict]:
     """KD student vs its no-KD twin at each width of `distill.sizes` (paired over the same users)."""
     curve = []
-    for width, folder in pairs:
-        if not (folder / "student" / "model.json").exists() or not (folder / "student_nokd" / "model.json").exists():
-            raise RaykdError(f"distill.sizes has width {width} but {folder} lacks a trained pair: run `raykd distill CONFIG`")
+    for width, (kd_name, nokd_name) in pairs:
+        stale = [n for n in (kd_name, nokd_name) if rundir.current(root, n) is None]
+        if stale:
+            raise RaykdError(f"distill.sizes has width {width} but {rundir.stale_reason(root, stale[0])}: "
+                             "run `raykd distill CONFIG`")
         point, ranks = {"dim": width}, {}
-        for name, key in (("student", "kd"), ("student_nokd", "nokd")):
-            model, _ = models.load_model(folder / name)
-            point[key], ranks[key] = metrics.evaluate_model(model, hist, targets, seen, return_ranks=True)
+        for name, key in ((kd_name, "kd"), (nokd_name, "nokd")):
+            model, _ = models.load_model(root / name)
+            point[key], ranks[key] = protocol.score(model, hist, targets)
             per_user = np.where(ranks[key] < 10, 1 / np.log2(ranks[key] + 2.0), 0.0)
             point[key]["ndcg@10_stderr"] = float(per_user.std(ddof=1) / math.sqrt(len(per_user))) if len(per_user) > 1 else 0.0
             point["params"] = models.count_params(model)

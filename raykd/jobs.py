@@ -14,7 +14,6 @@ arguments), so `ray job status` says FAILED.
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 import time
@@ -23,18 +22,7 @@ from pathlib import Path
 
 from raykd.errors import RaykdError
 
-# stage -> (module with run(cfg), the stages it runs, for the placement summary)
-STAGES: dict[str, tuple[str, tuple[str, ...] | None]] = {
-    "prepare": ("raykd.prepare", ("prepare",)),
-    "embed_items": ("raykd.embed_items", ()),
-    "teacher": ("raykd.teacher", ("teacher",)),
-    "soft_labels": ("raykd.soft_labels", ("soft_labels",)),
-    "distill": ("raykd.distill", ("distill",)),
-    "tune": ("raykd.tune", ("tune",)),
-    "evaluate": ("raykd.evaluate", ()),
-    "pipeline": ("raykd.pipeline", None),  # None: every pipeline stage
-    "serve": ("raykd.serve", ("serve",)),
-}
+OTHER_JOBS = ("pipeline", "serve")  # besides the stages of raykd.stages.STAGES (same names as the CLI)
 # Set by the Ray job supervisor for the job's driver process (ray/_private/runtime_env/constants.py).
 IN_RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
@@ -55,27 +43,36 @@ def parser(stage: str) -> argparse.ArgumentParser:
 
 def main(stage: str, argv: list[str] | None = None) -> int:
     """Run one stage (or the pipeline) as a job; returns the exit status."""
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; one of {', '.join(STAGES)}")
+    from raykd.stages import BY_NAME
+
+    if stage not in BY_NAME and stage not in OTHER_JOBS:
+        raise ValueError(f"unknown stage {stage!r}; one of {', '.join([*BY_NAME, *OTHER_JOBS])}")
     args = parser(stage).parse_args(argv)  # bad arguments: usage on stderr, exit status 2
     prog = f"jobs/{stage}.py"
     try:
+        check_working_directory()
+        from raykd import stages
         from raykd.config import load_config
 
         cfg = load_config(args.config, args.overrides)  # bad configs fail here, before Ray is imported
         run_dir = run_directory(cfg.output_dir)
         print(f"{prog}: run directory {run_dir}", flush=True)
+        if stage in stages.BY_NAME and stages.get(stage).enabled(cfg):
+            stages.preflight(cfg, stages.get(stage))  # a missing upstream: said before Ray starts
         from raykd.runtime import check_shared_storage, describe_placement, ensure_ray
 
         ensure_ray(cfg.ray)
-        if stage != "pipeline":  # pipeline.run prints its own
-            describe_placement(cfg, STAGES[stage][1])
         check_shared_storage(run_dir)
         t0 = time.perf_counter()
         if stage == "serve":
+            describe_placement(cfg, ["serve"])
             _serve(cfg, args.path or str(run_dir), args.block)
+        elif stage == "pipeline":
+            from raykd import pipeline
+
+            pipeline.run(cfg)
         else:
-            importlib.import_module(STAGES[stage][0]).run(cfg)
+            stages.run(cfg, [stage])
         print(f"{prog}: done in {time.perf_counter() - t0:.0f}s; run directory {run_dir}", flush=True)
         return 0
     except RaykdError as err:
@@ -88,6 +85,31 @@ def main(stage: str, argv: list[str] | None = None) -> int:
         traceback.print_exc()
         print(f"{prog}: failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
         return 1
+
+
+def check_working_directory() -> None:
+    """Fail with the fix when this process's working directory was deleted under it.
+
+    `ray job submit --working-dir .` unpacks the job's files into Ray's temp dir. When a second
+    node on the same machine shares the head's `--temp-dir`, Ray re-installs the working
+    directory there and deletes the driver's current directory; torch's start-up `getcwd` then
+    dies with "Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so".
+    """
+    try:
+        os.getcwd()
+        return
+    except FileNotFoundError:
+        pass
+    again = os.environ.get("PWD", "")
+    if again and os.path.isdir(again):  # re-created by the re-install: step back into it
+        os.chdir(again)
+        print(f"jobs: the working directory was replaced while the job started; continuing in {again}", flush=True)
+        return
+    raise RaykdError(
+            "this job's working directory was deleted while it started. This happens when two Ray nodes on one "
+            "machine share one --temp-dir: Ray re-installs the job's --working-dir for the second node and removes "
+            "the driver's copy. Start every extra node on the same machine with its own --temp-dir (required, see "
+            "README 'Two nodes on one machine'), then submit the job again")
 
 
 def run_directory(output_dir: str) -> Path:

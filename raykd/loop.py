@@ -160,6 +160,7 @@ def fit_local(config: dict, data_dir: str | Path, soft_dir: str | Path | None = 
     Returns the best-on-validation model and a summary (best_epoch counted from 1, valid metrics, history).
     """
     tc = config["train"]
+    soft_dir = soft_dir or config.get("soft_dir")
     model = build(config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=tc["lr"], weight_decay=tc["weight_decay"])
     cols = windows_in_memory(data_dir, config["desc"]["max_len"], soft_dir if config["alpha"] > 0 else None)

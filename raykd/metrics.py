@@ -22,13 +22,16 @@ from raykd.models import left_pad, unwrap
 MISS_RANK = 2**31 - 1  # rank given to a NaN or padding target: beyond any cut-off k
 
 
-def target_ranks(scores: torch.Tensor, targets: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
+def target_ranks(scores: torch.Tensor, targets: torch.Tensor, exclude: torch.Tensor | None = None,
+                 exclude_target: bool = False) -> torch.Tensor:
     """0-based pessimistic rank of each target among the non-excluded items.
 
         rank_i = |{ j ∉ E_i ∪ {0, y_i} : s_ij >= s_iy  or  s_ij is NaN }|
 
     A NaN (or padding, y = 0) target is a miss: rank = MISS_RANK, beyond every cut-off k.
     scores [B, V+1] float; targets [B] long; exclude [B, V+1] bool (True = not a candidate).
+    exclude_target: a target inside E_i is a miss too (what a server that never recommends a seen
+    item answers); by default it stays a candidate.
     """
     target_scores = scores.gather(1, targets.unsqueeze(1))
     above = (scores >= target_scores) | torch.isnan(scores)
@@ -39,6 +42,8 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor, exclude: torch.Ten
     candidates.scatter_(1, targets.unsqueeze(1), False)  # the target never competes with itself
     ranks = (above & candidates).sum(1)
     miss = torch.isnan(target_scores.squeeze(1)) | (targets == 0)
+    if exclude_target and exclude is not None:
+        miss |= exclude.gather(1, targets.unsqueeze(1)).squeeze(1)
     return ranks.masked_fill(miss, MISS_RANK)
 
 
@@ -86,12 +91,14 @@ def evaluate_model(
     device: torch.device | str | None = None,
     ks: Sequence[int] = (10, 20),
     return_ranks: bool = False,
+    exclude_target: bool = False,
 ) -> dict[str, float] | tuple[dict[str, float], np.ndarray]:
     """Full-catalogue metrics of `model.last_scores` on (history, next item) pairs.
 
     histories: 1-D item arrays (left-padded here to the model's max_len, last max_len kept) or
     an already padded LongTensor [U, L]. seen[u]: items excluded from user u's candidates
-    (typically the history; the target itself always stays a candidate). device: where to score;
+    (typically the history); the target itself stays a candidate unless `exclude_target`, which
+    makes a target found in seen[u] a miss, as for a server that never recommends a seen item. device: where to score;
     None uses the model's own device, otherwise the model is moved there. The model is put in
     eval mode for the call and its training flag restored afterwards.
 
@@ -116,7 +123,7 @@ def evaluate_model(
                 stop = start + batch_size
                 scores = net.last_scores(histories[start:stop].to(device))
                 exclude = None if seen is None else exclusion_mask(seen[start:stop], scores.shape[1], device)
-                ranks.append(target_ranks(scores, targets[start:stop].to(device), exclude).cpu())
+                ranks.append(target_ranks(scores, targets[start:stop].to(device), exclude, exclude_target).cpu())
     finally:
         net.train(was_training)
     all_ranks = torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)

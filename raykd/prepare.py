@@ -29,51 +29,36 @@ import pyarrow.parquet as pq
 import ray
 import ray.data
 
-from raykd import dates, ids, logs
-from raykd.config import Config, DataConfig, dump_config, section_hash
+from raykd import dates, ids, logs, rundir
+from raykd.config import Config, DataConfig, section_hash
 from raykd.errors import RaykdError
-from raykd.runtime import ensure_ray
 
 USERS_PER_SHARD = 50_000
 
 
 def run(cfg: Config) -> Path:
     """Prepare `cfg.data` into `<output_dir>/data`; reuse it when it exists for the same config and input."""
-    out = Path(cfg.output_dir) / "data"
-    sources = logs.plan_sources(cfg.data)  # fails fast, before Ray starts
+    root = Path(cfg.output_dir)
+    out = root / rundir.DATA
+    sources = logs.plan_sources(cfg.data)  # fails fast, before any work
     key = f"{section_hash(cfg.data)}-{_fingerprint(sources)}"
-    if _manifest_key(out) == key:
+    if rundir.key_of(out) == key:
         print(f"prepare: reusing {out} (same data config and input files)", flush=True)
-        return out
-    dump_config(cfg, Path(cfg.output_dir) / "config.yaml")
-    ensure_ray(cfg.ray)
-    t0 = time.perf_counter()
-    table = read_all(sources)
-    print(f"prepare: read {table.num_rows:,} rows from {len(sources)} source(s) "
-          f"in {time.perf_counter() - t0:.1f}s", flush=True)
-    result = clean(table, cfg.data, sources)
-    (out / "manifest.json").unlink(missing_ok=True)  # a half-written folder is never reused
-    write(result, out, cfg.data.num_shards)
-    (out / "manifest.json").write_text(json.dumps({"config_hash": key}))
-    s = result["stats"]
-    print(f"prepare: {s['users']:,} users, {s['items']:,} items, {s['interactions']:,} interactions "
-          f"(dropped: {s['dropped'] or 'none'}) -> {out} in {time.perf_counter() - t0:.1f}s", flush=True)
+    else:
+        t0 = time.perf_counter()
+        table = read_all(sources)
+        print(f"prepare: read {table.num_rows:,} rows from {len(sources)} source(s) "
+              f"in {time.perf_counter() - t0:.1f}s", flush=True)
+        result = clean(table, cfg.data, sources)
+        with rundir.staged(out) as tmp:  # a killed run never leaves a half-written data/
+            write(result, tmp, cfg.data.num_shards)
+            rundir.write_manifest(tmp, key, config_hash=section_hash(cfg.data),
+                                  vocab_digest=rundir.vocab_digest(result["item_raw"].to_pylist()))
+        s = result["stats"]
+        print(f"prepare: {s['users']:,} users, {s['items']:,} items, {s['interactions']:,} interactions "
+              f"(dropped: {s['dropped'] or 'none'}) -> {out} in {time.perf_counter() - t0:.1f}s", flush=True)
+    rundir.record(root, rundir.DATA, "prepare")
     return out
-
-
-def prepared_key(data_dir: Path) -> str:
-    """Fingerprint of prepared data, for later stages' reuse checks; fails if not prepared."""
-    key = _manifest_key(Path(data_dir))
-    if key is None:
-        raise RaykdError(f"no prepared data in {data_dir}: run `raykd prepare CONFIG` first")
-    return key
-
-
-def _manifest_key(out: Path) -> str | None:
-    try:
-        return json.loads((out / "manifest.json").read_text())["config_hash"]
-    except (OSError, ValueError, KeyError):
-        return None
 
 
 def _fingerprint(sources: list[logs.Source]) -> str:

@@ -111,9 +111,7 @@ def markdown(report: dict) -> str:
     lines = [f"# raykd report: {meta.get('name', '')}\n",
              (f"config hash `{meta.get('config_hash')}`, seed {meta.get('seed')}, {meta.get('date')}; raykd "
              f"{v.get('raykd')}, Ray {v.get('ray')}, torch {v.get('torch')}, Python {v.get('python')}\n"),
-             (f"{d['users']:,} users, {d['items']:,} items, {d['interactions']:,} interactions; leave-one-out test, "
-             "full ranking over the catalogue, the user's history excluded (a test target that repeats a history "
-             "item stays a candidate).\n"),
+             f"{d['users']:,} users, {d['items']:,} items, {d['interactions']:,} interactions; {_protocol(report)}\n",
              ("| model | NDCG@10 | HR@10 | MRR@10 | params | params vs teacher | ms / 256 users | kept vs teacher "
              "| top-10 agreement with teacher | best epoch |"),
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -143,11 +141,28 @@ def markdown(report: dict) -> str:
             rare = f"{pr['mean_diff']:+.4f} ± {pr['stderr']:.4f}" if pr["users"] > 1 else "no rare targets"
             lines.append(f"| {c['dim']} | {c['params']:,} | {kd:.4f} | {no:.4f} | {kd / no if no else float('nan'):.3f} | "
                          f"{pd['mean_diff']:+.4f} ± {pd['stderr']:.4f} | {rare} |")
+    aware = {n: report[n]["repeat_aware"] for n in ("teacher", "student", "student_nokd", "tune_best")
+             if report.get(n, {}).get("repeat_aware")}
+    if aware:
+        lines += ["\nRepeat-aware variant (nothing excluded: the endpoint's answers with `exclude_seen: false`): "
+                  + ", ".join(f"{n} NDCG@10 {m['ndcg@10']:.4f}" for n, m in aware.items())]
+    if report.get("skipped"):
+        lines += ["\n## Not reported\n", *[f"- {n}/: {why}" for n, why in report["skipped"].items()]]
     if report.get("warnings"):
         lines += ["\n## Warnings\n", *[f"- {w}" for w in report["warnings"]]]
     if report.get("plots"):
         lines += ["\n## Plots\n", *[f"- [{name}]({file})" for name, file in report["plots"].items()]]
     return "\n".join(lines) + "\n"
+
+
+def _protocol(report: dict) -> str:
+    p = report.get("protocol", {"exclude_seen": True})
+    text = "leave-one-out test, full ranking over the catalogue"
+    if not p["exclude_seen"]:
+        return text + ", nothing excluded (serve.exclude_seen is false, as the endpoint answers)."
+    text += (", the user's history excluded as the endpoint excludes it (serve.exclude_seen): a test target that "
+             "repeats a history item counts as a miss")
+    return text + (f" ({p['repeat_targets']:,} of them, {p['repeat_share']:.1%})." if p.get("repeat_targets") else ".")
 
 
 def _pct(x: float | None) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 import ray
 import ray.data
 
-from raykd.config import Config, RayConfig, TrainConfig
+from raykd.config import Config, RayConfig
 from raykd.errors import RaykdError
 
 # A zero-CPU custom resource that Tune trial drivers claim, so that they never take a CPU that
@@ -114,95 +114,58 @@ def cpu_count() -> int:
 
 # ---------------------------------------------------------------- placement
 
-PLACEMENT_STAGES = ("prepare", "embed_items", "teacher", "soft_labels", "distill", "tune", "serve")
-
-
-def describe_placement(cfg: Config, stages: tuple[str, ...] | list[str] | None = None,
-                       quiet: bool = False) -> list[str]:
+def describe_placement(cfg: Config, stages: list[str] | None = None, quiet: bool = False) -> list[str]:
     """Print how each stage will use the cluster; return (and print) warnings for what cannot fit.
 
-    Call it after `ensure_ray` (it calls it itself otherwise). `stages` defaults to the pipeline's
-    (tune only when `tune.enabled`); serving is described only when asked for. A warning names the
-    setting to change: Ray itself waits silently for resources that never come on a fixed-size
-    cluster (on an autoscaling one, until the autoscaler adds nodes).
+    The resources come from the stage list (`raykd.stages`; default: the stages the pipeline
+    runs for this config; serving when asked for by name). Call it after `ensure_ray`. A warning
+    names the setting to change: Ray itself waits silently for resources that never come on a
+    fixed-size cluster (on an autoscaling one, until the autoscaler adds nodes).
     """
+    from raykd import stages as stage_list
+
     ensure_ray(cfg.ray, quiet=True)
-    if stages is None:
-        skip = {"serve", *(() if cfg.tune.enabled else ("tune",)),
-                *(() if getattr(cfg.teacher, "item_text", False) else ("embed_items",))}
-        stages = [s for s in PLACEMENT_STAGES if s not in skip]
+    names = None if stages is None else [s for s in stages if s != "serve"]
+    needs = stage_list.needs(cfg, names) + (stage_list.serve_needs(cfg) if stages and "serve" in stages else [])
     nodes = [n.get("Resources", {}) for n in alive_nodes()]
     total = {k: sum(n.get(k, 0) for n in nodes) for k in ("CPU", "GPU", DRIVER_RESOURCE)}
     largest = {k: max((n.get(k, 0) for n in nodes), default=0) for k in ("CPU", "GPU")}
     lines, warnings = [], []
-
-    def need(what: str, count: int, cpus: float, gpus: float, setting: str) -> None:
-        """`count` units of (cpus, gpus) at once: warn if one unit or all of them cannot fit."""
-        if gpus and total["GPU"] < gpus:
-            warnings.append(f"{what} needs a GPU but the cluster has none: set {setting}.use_gpu=false or add "
-                            "GPU nodes")
-        elif cpus > largest["CPU"] + 1e-9:
-            warnings.append(f"{what}: one unit needs {cpus:g} CPU but the largest node has {largest['CPU']:g}; "
-                            f"lower {setting}")
-        elif count * cpus > total["CPU"] + 1e-9 or count * gpus > total["GPU"] + 1e-9:
-            warnings.append(f"{what} needs {count * cpus:g} CPU{f' and {count * gpus:g} GPU' if gpus else ''} at "
-                            f"once but the cluster has {total['CPU']:g} CPU{f' and {total[GPU]:g} GPU' if gpus else ''};"
-                            f" lower {setting}")
-
-    def train(stage: str, tc: TrainConfig, runs: str) -> None:
-        gpu = "1 GPU + " if tc.use_gpu else ""
-        span = ""
-        if len(nodes) > 1 and tc.num_workers > 1:
-            fit_one = largest["CPU"] >= tc.num_workers * tc.cpus_per_worker
-            span = " (may share one node)" if fit_one else " (spread over nodes: DDP over the network)"
-        lines.append(f"{stage}: {runs}, each {tc.num_workers} Train worker(s) x {gpu}{tc.cpus_per_worker:g} CPU"
-                     f" ({'NCCL' if tc.use_gpu else 'gloo'} DDP){span}")
-        need(f"{stage} training", tc.num_workers, tc.cpus_per_worker, 1 if tc.use_gpu else 0, f"{stage}.train")
-
-    for stage in stages:
-        if stage == "prepare":
-            lines.append(f"prepare: Ray Data read/clean tasks, 1 CPU each, up to {total['CPU']:g} at once")
-        elif stage == "embed_items":
-            n, gpu = getattr(cfg.teacher, "text_workers", 1), cfg.teacher.train.use_gpu
-            lines.append(f"embed_items: {n} Ray Data actor(s) x {'1 GPU' if gpu else '1 CPU'}, one text encoder each")
-            need("embed_items", n, 0 if gpu else 1.0, 1 if gpu else 0, "teacher.text_workers")
-        elif stage == "teacher":
-            if getattr(cfg.distill, "teacher_scores", None) is None:
-                train("teacher", cfg.teacher.train, "1 run")
-        elif stage == "soft_labels":
-            sl = cfg.soft_labels
-            unit = "1 GPU + 0.5 CPU" if sl.use_gpu else "1 CPU"
-            lines.append(f"soft_labels: {sl.num_workers} Ray Data actor(s) x {unit}, one teacher copy each")
-            need("soft_labels", sl.num_workers, 0.5 if sl.use_gpu else 1.0, 1 if sl.use_gpu else 0, "soft_labels")
-        elif stage == "distill":
-            train("distill", cfg.distill.train, "student + student_nokd" if cfg.distill.train_nokd else "student")
-        elif stage == "tune":
-            t = cfg.tune
-            workers = cfg.distill.train.num_workers
-            lines.append(f"tune: {t.num_samples} trial(s), up to {t.max_concurrent_trials} at once, each a driver on "
-                         f"{DRIVER_RESOURCE} (0 CPU) + {workers} Train worker(s) x {t.cpus_per_trial:g} CPU "
-                         "(may shrink to fit); 1 CPU kept free for Ray Data")
-            if total[DRIVER_RESOURCE] < t.max_concurrent_trials:
-                warnings.append(f"tune: the cluster lacks the custom resource {DRIVER_RESOURCE} (needs "
-                                f"{t.max_concurrent_trials}); start the head node with "
-                                f"--resources='{{\"{DRIVER_RESOURCE}\": {LOCAL_DRIVER_UNITS}}}'")
-            spare = total["CPU"] - 1 if total["CPU"] >= 2 else total["CPU"]
-            explicit = {"cpus_per_trial", "max_concurrent_trials"} & t.model_fields_set or \
-                "num_workers" in cfg.distill.train.model_fields_set  # else tune shrinks cpus_per_trial to fit
-            if explicit and t.max_concurrent_trials * workers * t.cpus_per_trial > spare + 1e-9:
-                warnings.append(f"tune: {t.max_concurrent_trials} trial(s) x {workers} worker(s) x "
-                                f"{t.cpus_per_trial:g} CPU > {spare:g} CPU left after Ray Data's; lower "
-                                "tune.cpus_per_trial or tune.max_concurrent_trials")
-        elif stage == "serve":
-            s = cfg.serve
-            lines.append(f"serve: {s.min_replicas}-{s.max_replicas} replica(s) x {s.replica_cpus:g} CPU (autoscaling"
-                         f" on {s.target_ongoing_requests:g} ongoing requests per replica)")
-            need("serve at max_replicas", s.max_replicas, s.replica_cpus, 0, "serve.replica_cpus or serve.max_replicas")
+    for need in needs:
+        line = need.line
+        if need.ddp and len(nodes) > 1 and need.count > 1:
+            line += (" (may share one node)" if largest["CPU"] >= need.count * need.cpus
+                     else " (spread over nodes: DDP over the network)")
+        lines.append(line)
+        warnings += _fits(need, total, largest)
     if not quiet:
         print("placement:\n  " + "\n  ".join(lines), flush=True)
         for w in warnings:
             print(f"placement warning: {w}", flush=True)
     return warnings
+
+
+def _fits(need, total: dict, largest: dict) -> list[str]:
+    """Why `need` cannot be placed on this cluster (empty when it can)."""
+    out = []
+    if need.drivers and total[DRIVER_RESOURCE] < need.drivers:
+        out.append(f"{need.what}: the cluster lacks the custom resource {DRIVER_RESOURCE} (needs {need.drivers}); "
+                   f"start the head node with --resources='{{\"{DRIVER_RESOURCE}\": {LOCAL_DRIVER_UNITS}}}'")
+    if not need.count:
+        return out
+    cpus = total["CPU"] - need.keep_free if total["CPU"] > need.keep_free else total["CPU"]
+    if need.gpus and total["GPU"] < need.gpus:
+        out.append(f"{need.what} needs a GPU but the cluster has none: set {need.gpu_flag}=false or add GPU nodes")
+    elif need.cpus > largest["CPU"] + 1e-9:
+        out.append(f"{need.what}: one unit needs {need.cpus:g} CPU but the largest node has {largest['CPU']:g}; "
+                   f"lower {need.setting}")
+    elif need.count * need.cpus > cpus + 1e-9 or need.count * need.gpus > total["GPU"] + 1e-9:
+        gpu = f" and {need.count * need.gpus:g} GPU" if need.gpus else ""
+        have = f" and {total[GPU]:g} GPU" if need.gpus else ""
+        free = f" (with {need.keep_free:g} kept free for Ray Data)" if need.keep_free else ""
+        out.append(f"{need.what} needs {need.count * need.cpus:g} CPU{gpu} at once but the cluster has "
+                   f"{total['CPU']:g} CPU{have}{free}; lower {need.setting}")
+    return out
 
 
 # ---------------------------------------------------------------- storage shared by every node

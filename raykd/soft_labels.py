@@ -24,72 +24,63 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from raykd import models, sequences, teacher_scores
-from raykd.config import Config, dump_config
+from raykd import models, rundir, sequences, teacher_scores
+from raykd.config import Config, section_hash
 from raykd.errors import RaykdError
-from raykd.runtime import ensure_ray
-from raykd.teacher import member_dirs
 
 
 def run(cfg: Config) -> dict:
-    run_dir = Path(cfg.output_dir)
-    data_dir, out = run_dir / "data", run_dir / "soft_labels"
+    root = Path(cfg.output_dir)
+    data_dir, out = root / rundir.DATA, root / rundir.SOFT_LABELS
+    upstream = {rundir.DATA: rundir.require(root, rundir.DATA, "soft-labels")}
     if cfg.distill.teacher_scores:
-        return import_external(Path(cfg.distill.teacher_scores), data_dir, out)
-    members = member_dirs(cfg)
-    metas = [_teacher_meta(d) for d in members]
-    teacher = metas[0]
+        info = import_external(Path(cfg.distill.teacher_scores), data_dir, out, upstream)
+    else:
+        members = [rundir.member(i) for i in range(cfg.teacher.ensemble)]
+        upstream |= {m: rundir.require(root, m, "soft-labels") for m in members}
+        info = score_teachers(cfg, [root / m for m in members], data_dir, out, upstream)
+    rundir.record(root, rundir.SOFT_LABELS, "soft_labels", list(upstream))
+    return info
+
+
+def score_teachers(cfg: Config, members: list[Path], data_dir: Path, out: Path, upstream: dict) -> dict:
+    """Score every training position with the teacher(s) on a Ray Data actor pool; write the shards."""
+    teacher = _teacher_meta(members[0])
     top_k = min(cfg.soft_labels.top_k, teacher["num_items"])
-    key = "+".join(m["fingerprint"] for m in metas) + f"-k{top_k}-rest"
-    if _manifest(out).get("key") == key:
+    key = "+".join(upstream[m] for m in upstream if m != rundir.DATA) + f"-k{top_k}-rest"
+    if rundir.key_of(out) == key:
         print(f"soft_labels: reusing {out} (same teacher and top_k)", flush=True)
-        return {**_manifest(out), "reused": True}
-    dump_config(cfg, run_dir / "config.yaml")
-    ensure_ray(cfg.ray)
+        return {**rundir.read_manifest(out), "reused": True}
     shards = sequences.shard_paths(data_dir)
     t0 = time.perf_counter()
     rows = score_all(shards, members, teacher["max_len"], top_k, cfg.soft_labels.num_workers,
                      cfg.soft_labels.use_gpu, cfg.soft_labels.batch_size)
     seconds = time.perf_counter() - t0
-    out.mkdir(parents=True, exist_ok=True)
-    n, size = write(rows, shards, out, top_k)
-    info = {"key": key, "rows": n, "top_k": top_k, "seconds": seconds, "rows_per_s": n / seconds,
-            "bytes_per_row": size / max(n, 1), "workers": cfg.soft_labels.num_workers}
-    (out / "manifest.json").write_text(json.dumps(info, indent=2))
+    with rundir.staged(out) as tmp:
+        n, size = write(rows, shards, tmp, top_k)
+        info = {"rows": n, "top_k": top_k, "seconds": seconds, "rows_per_s": n / seconds,
+                "bytes_per_row": size / max(n, 1), "workers": cfg.soft_labels.num_workers}
+        info = rundir.write_manifest(tmp, key, upstream, section_hash(cfg.soft_labels), **info)
     print(f"soft_labels: {n:,} positions, top-{top_k}, {info['rows_per_s']:,.0f} rows/s, "
           f"{info['bytes_per_row']:.0f} bytes/row (K x 6 = {top_k * 6}) -> {out}", flush=True)
     return info
 
 
-def import_external(path: Path, data_dir: Path, out: Path) -> dict:
+def import_external(path: Path, data_dir: Path, out: Path, upstream: dict) -> dict:
     """Soft labels from an external teacher's scores (raykd.teacher_scores documents the schema)."""
-    key = teacher_scores.fingerprint(path)
-    if _manifest(out).get("key") == key:
-        print(f"soft_labels: reusing {out} (same external teacher scores)", flush=True)
-        return {**_manifest(out), "reused": True}
+    # the prepared data's key too: the same file over re-prepared data maps to other positions
+    key = f"{teacher_scores.fingerprint(path)}-{upstream[rundir.DATA]}"
+    if rundir.key_of(out) == key:
+        print(f"soft_labels: reusing {out} (same external teacher scores and data)", flush=True)
+        return {**rundir.read_manifest(out), "reused": True}
     t0 = time.perf_counter()
     rows, top_k = teacher_scores.load(path, data_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    n, size = write(rows, sequences.shard_paths(data_dir), out, top_k)
-    info = {"key": key, "rows": n, "top_k": top_k, "seconds": time.perf_counter() - t0,
-            "bytes_per_row": size / max(n, 1), "source": str(path)}
-    (out / "manifest.json").write_text(json.dumps(info, indent=2))
+    with rundir.staged(out) as tmp:
+        n, size = write(rows, sequences.shard_paths(data_dir), tmp, top_k)
+        info = rundir.write_manifest(tmp, key, upstream, rows=n, top_k=top_k, seconds=time.perf_counter() - t0,
+                                     bytes_per_row=size / max(n, 1), source=str(path))
     print(f"soft_labels: imported {n:,} positions, top-{top_k}, from external scores {path} -> {out}", flush=True)
     return info
-
-
-def soft_labels_key(soft_dir: Path) -> str:
-    key = _manifest(Path(soft_dir)).get("key")
-    if key is None:
-        raise RaykdError(f"no soft labels in {soft_dir}: run `raykd soft-labels CONFIG` first")
-    return key
-
-
-def _manifest(out: Path) -> dict:
-    try:
-        return json.loads((out / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def _teacher_meta(teacher_dir: Path) -> dict:

@@ -11,40 +11,36 @@ task on the zero-CPU driver resource), one after another otherwise.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from raykd import train
-from raykd.config import Config, dump_config
-from raykd.errors import RaykdError
-from raykd.prepare import prepared_key
-from raykd.runtime import ensure_ray
+from raykd import rundir, train
+from raykd.config import Config
+from raykd.spec import ItemText, RunSpec
 
 
 def member_dirs(cfg: Config) -> list[Path]:
     """Every teacher folder of the run: `teacher/` first, then the ensemble's other members."""
-    run_dir = Path(cfg.output_dir)
-    return [run_dir / "teacher"] + [run_dir / "teacher_ensemble" / f"m{i}" for i in range(1, cfg.teacher.ensemble)]
+    return [Path(cfg.output_dir) / rundir.member(i) for i in range(cfg.teacher.ensemble)]
+
+
+def specs(cfg: Config) -> list[RunSpec]:
+    """The teacher (and ensemble members) this config trains; checks their inputs exist."""
+    root, t = Path(cfg.output_dir), cfg.teacher
+    upstream = {rundir.DATA: rundir.require(root, rundir.DATA, "the teacher")}
+    text = None
+    if t.item_text:
+        upstream[rundir.ITEM_TEXT] = rundir.require(root, rundir.ITEM_TEXT, "teacher.item_text")
+        text = ItemText(root / rundir.ITEM_TEXT / "vectors.parquet", t.text_mode, t.init_std)
+    return [RunSpec(rundir.member(i), t.model, t.train, cfg.seed + i, text=text, upstream=upstream)
+            for i in range(t.ensemble)]
 
 
 def run(cfg: Config) -> dict:
-    run_dir = Path(cfg.output_dir)
-    data_dir = run_dir / "data"
-    dump_config(cfg, run_dir / "config.yaml")
-    upstream, text = prepared_key(data_dir), None
-    if cfg.teacher.item_text:
-        text = run_dir / "item_text" / "vectors.parquet"
-        manifest = run_dir / "item_text" / "manifest.json"
-        if not manifest.exists():
-            raise RaykdError(f"teacher.item_text is on but {manifest.parent} is missing: run `raykd embed-items CONFIG`")
-        upstream += "-text-" + json.loads(manifest.read_text())["key"]
-    t = cfg.teacher
-    common = {"run_dir": run_dir, "data_dir": data_dir, "model_cfg": t.model, "train_cfg": t.train,
-              "upstream": upstream, "item_text": text, "text_mode": t.text_mode, "init_std": t.init_std}
-    jobs = [{**common, "name": str(d.relative_to(run_dir)), "seed": cfg.seed + i}
-            for i, d in enumerate(member_dirs(cfg))]
+    root = Path(cfg.output_dir)
+    jobs = specs(cfg)
+    results = train.fit_many(jobs, root, train.parallel_runs(cfg.teacher.train) if len(jobs) > 1 else 1)
+    for spec in jobs:
+        rundir.record(root, spec.name, "teacher", list(spec.upstream))
     if len(jobs) == 1:
-        return train.fit(**jobs[0])
-    ensure_ray(cfg.ray)
-    results = train.fit_many(jobs, train.parallel_runs(t.train))
+        return results[0]
     return {**results[0], "ensemble": [r["valid"]["ndcg@10"] for r in results], "member_runs": results}

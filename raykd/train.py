@@ -1,8 +1,9 @@
 """The one training loop for teacher and students, run by Ray Train's TorchTrainer.
 
-`fit(...)` builds the window dataset (Ray Data, with soft labels when distilling), runs
-`train_loop` on `num_workers` DDP workers, and exports the checkpoint that was best on validation
-NDCG@10 to `<run>/<name>/` (model.safetensors + model.json + metrics.json). Every epoch each
+`fit(spec, run_dir)` (a `raykd.spec.RunSpec`) builds the window dataset (Ray Data, with soft
+labels when distilling), runs `train_loop` on `num_workers` DDP workers, and publishes the
+checkpoint that was best on validation NDCG@10 as the artifact `<run>/<spec.name>/`
+(model.safetensors, model.json, metrics.json, manifest.json; see raykd.rundir). Every epoch each
 worker trains on its shard, all workers evaluate a slice of the validation users (summed with an
 all-reduce, so every rank takes the same early-stopping decision), and rank 0 reports a
 checkpoint. A rerun, or a restart after a lost worker (FailureConfig), resumes from the latest.
@@ -13,11 +14,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,60 +29,47 @@ import torch.distributed as dist
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from raykd import checkpoints, loop, metrics, models, sequences
-from raykd.config import ModelConfig, TrainConfig, section_hash
+from raykd import checkpoints, loop, metrics, models, rundir, sequences
+from raykd.config import TrainConfig
 from raykd.errors import RaykdError
-from raykd.runtime import DRIVER_RESOURCE, ensure_ray
+from raykd.runtime import DRIVER_RESOURCE
+from raykd.spec import RunSpec, loop_config
 
-FAULT_ENV = "RAYKD_FAULT_AFTER_EPOCH"  # test hook: rank 0 dies once after this epoch's checkpoint
 
+def fit(spec: RunSpec, run_dir: Path, before_epoch: Callable[[int], None] | None = None) -> dict:
+    """Train one run with Ray Train and publish its best checkpoint as the artifact `run_dir/spec.name`.
 
-def fit(name: str, run_dir: Path, data_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig,
-        seed: int = 0, soft_dir: Path | None = None, alpha: float = 0.0, temperature: float = 1.0,
-        kd_loss: str = "kl", upstream: str = "", item_text: Path | None = None, text_mode: str = "fuse",
-        init_from: list[Path] | None = None, init_std: float = 0.02) -> dict:
-    """Train one model with Ray Train and export its best checkpoint to `run_dir/name`.
-
-    `upstream` fingerprints the inputs (prepared data, soft labels): a finished model trained on
-    the same inputs with the same settings is reused instead of retrained.
+    A finished model with the same fingerprint (settings and upstream keys) is reused instead.
+    `before_epoch(epoch)` runs on rank 0 as each epoch starts (tests inject worker faults with it).
     """
-    run_dir, data_dir = Path(run_dir).resolve(), Path(data_dir).resolve()
-    out = run_dir / name
-    fingerprint = fingerprint_of(model_cfg, train_cfg, seed, alpha, temperature, kd_loss, upstream, item_text,
-                                 text_mode, init_from, init_std)
+    run_dir = Path(run_dir).resolve()
+    data_dir = run_dir / rundir.DATA
+    out = run_dir / spec.name
+    fingerprint = spec.fingerprint
     done = reusable(out, fingerprint)
     if done:
-        print(f"{name}: reusing {out} (same inputs and settings)", flush=True)
+        print(f"{spec.name}: reusing {out} (same inputs and settings)", flush=True)
         return {**done, "reused": True}
-    ensure_ray()
     storage = run_dir / "ray_train"
-    ray_name = name.replace("/", "-")  # kd_curve/d8/student -> one flat Ray Train run name
+    ray_name = spec.name.replace("/", "-")  # kd_curve/d8/student -> one flat Ray Train run name
     _forget_stale_run(storage / ray_name, fingerprint)
-    trainer = make_trainer(ray_name, storage, data_dir, model_cfg, train_cfg, seed, soft_dir, alpha, temperature,
-                           kd_loss, item_text=item_text, text_mode=text_mode, init_from=init_from,
-                           init_std=init_std)
-    print(f"{name}: training {model_cfg.family} dim={model_cfg.dim} layers={model_cfg.layers} on "
-          f"{train_cfg.num_workers} worker(s) ({'GPU' if train_cfg.use_gpu else 'CPU'})", flush=True)
+    trainer = make_trainer(spec, ray_name, storage, data_dir, before_epoch=before_epoch)
+    m, tc = spec.model, spec.train
+    print(f"{spec.name}: training {m.family} dim={m.dim} layers={m.layers} on "
+          f"{tc.num_workers} worker(s) ({'GPU' if tc.use_gpu else 'CPU'})", flush=True)
     t0 = time.perf_counter()
     result = trainer.fit()
     if result.error or result.checkpoint is None:
-        raise RaykdError(f"{name}: training failed: {result.error}")
+        raise RaykdError(f"{spec.name}: training failed: {result.error}")
+    kd = spec.kd
     with result.checkpoint.as_directory() as ckpt:
-        summary = export(Path(ckpt), out, {"name": name, "train_seconds": time.perf_counter() - t0,
-                                           "alpha": alpha, "temperature": temperature,
-                                           "kd_loss": kd_loss if alpha > 0 else None, "fingerprint": fingerprint})
-    print(f"{name}: best valid NDCG@10 {summary['valid']['ndcg@10']:.4f} at epoch {summary['best_epoch']} "
+        summary = export(Path(ckpt), out, spec, data_dir, {
+            "name": spec.name, "train_seconds": time.perf_counter() - t0, "alpha": kd.alpha if kd else 0.0,
+            "temperature": kd.temperature if kd else 1.0, "kd_loss": kd.loss if kd and kd.alpha > 0 else None,
+            "fingerprint": fingerprint})
+    print(f"{spec.name}: best valid NDCG@10 {summary['valid']['ndcg@10']:.4f} at epoch {summary['best_epoch']} "
           f"({summary['epochs_run']} epochs, {summary['train_seconds']:.0f}s) -> {out}", flush=True)
     return summary
-
-
-def fingerprint_of(model_cfg: ModelConfig, train_cfg: TrainConfig, seed: int = 0, alpha: float = 0.0,
-                   temperature: float = 1.0, kd_loss: str = "kl", upstream: str = "", item_text: Path | None = None,
-                   text_mode: str = "fuse", init_from: list[Path] | None = None, init_std: float = 0.02,
-                   **_: object) -> str:
-    """What a finished model must have been trained with to be reused (extra `fit` arguments ignored)."""
-    return (section_hash(model_cfg, train_cfg) + f"-{seed}-{alpha}-{temperature}-{kd_loss}-{upstream}"
-            + (f"-text:{text_mode}" if item_text else "") + (f"-init:{init_std}" if item_text or init_from else ""))
 
 
 def parallel_runs(train_cfg: TrainConfig) -> int:
@@ -94,45 +82,32 @@ def parallel_runs(train_cfg: TrainConfig) -> int:
     return max(1, min(fits, int(res.get(DRIVER_RESOURCE, 0))))
 
 
-def fit_many(jobs: list[dict], parallel: int) -> list[dict]:
-    """`fit(**job)` for every job, in order; `parallel` > 1 runs that many at once, each driven by a
-    Ray task on the zero-CPU driver resource (as Tune drives its trials)."""
-    if parallel <= 1 or len(jobs) == 1:
-        return [fit(**job) for job in jobs]
-    print(f"{len(jobs)} training runs, {parallel} at a time: {', '.join(j['name'] for j in jobs)}", flush=True)
+def fit_many(specs: list[RunSpec], run_dir: Path, parallel: int) -> list[dict]:
+    """`fit` for every spec, in order; `parallel` > 1 runs that many at once, each driven by a
+    Ray task on the zero-CPU driver resource (as Tune drives its trials). Finished ones are reused."""
+    todo = [s for s in specs if not reusable(Path(run_dir) / s.name, s.fingerprint)]
+    if min(parallel, len(todo)) <= 1:
+        return [fit(s, run_dir) for s in specs]
+    print(f"{len(todo)} training runs, {parallel} at a time: {', '.join(s.name for s in todo)}", flush=True)
     remote_fit = ray.remote(num_cpus=0, resources={DRIVER_RESOURCE: 1}, max_retries=0)(fit)
     pending, results = {}, {}
-    for i, job in enumerate(jobs):
+    for i, spec in enumerate(specs):
         if len(pending) >= parallel:
             done, _ = ray.wait(list(pending), num_returns=1)
             results[pending.pop(done[0])] = ray.get(done[0])
-        pending[remote_fit.remote(**job)] = i
+        pending[remote_fit.remote(spec, run_dir)] = i
     for ref, i in pending.items():
         results[i] = ray.get(ref)
-    return [results[i] for i in range(len(jobs))]
+    return [results[i] for i in range(len(specs))]
 
 
-def make_trainer(name: str, storage: Path, data_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig,
-                 seed: int = 0, soft_dir: Path | None = None, alpha: float = 0.0, temperature: float = 1.0,
-                 kd_loss: str = "kl", callbacks: list | None = None, item_text: Path | None = None,
-                 text_mode: str = "fuse", init_from: list[Path] | None = None, init_std: float = 0.02) -> TorchTrainer:
-    """The TorchTrainer for one model (also what each Tune trial builds and fits).
-
-    `item_text`: a `vectors.parquet` of item text vectors, fused into the model and/or used to
-    initialise its item table (`text_mode`, teacher only). `init_from`: teacher folders whose item
-    representations, reduced to this model's width, initialise its item table (embedding transfer).
-    """
-    desc = {"family": model_cfg.family, "num_items": sequences.num_items(data_dir),
-            **model_cfg.model_dump(exclude={"family"})}
-    if item_text is not None and text_mode in ("fuse", "both"):
-        desc["text_dim"] = loop.text_dim(item_text, model_cfg.dim)
-    ds = window_dataset(data_dir, model_cfg.max_len, soft_dir if alpha > 0 else None)
-    loop_cfg = {"name": name, "desc": desc, "train": train_cfg.model_dump(), "data_dir": str(Path(data_dir).resolve()),
-                "seed": seed, "alpha": alpha, "temperature": temperature, "kd_loss": kd_loss,
-                "item_counts": loop.item_log_q(data_dir) if train_cfg.loss == "sampled" else None,
-                "fault_after_epoch": os.environ.get(FAULT_ENV),
-                "item_text": str(Path(item_text).resolve()) if item_text else None, "text_mode": text_mode,
-                "init_from": [str(Path(f).resolve()) for f in init_from] if init_from else None, "init_std": init_std}
+def make_trainer(spec: RunSpec, name: str, storage: Path, data_dir: Path, callbacks: list | None = None,
+                 before_epoch: Callable[[int], None] | None = None) -> TorchTrainer:
+    """The TorchTrainer for one run (also what each Tune trial builds and fits)."""
+    loop_cfg = loop_config(spec, data_dir, before_epoch)
+    loop_cfg["name"] = spec.name
+    ds = window_dataset(data_dir, spec.model.max_len, loop_cfg["soft_dir"])
+    train_cfg = spec.train
     return TorchTrainer(
         train_loop,
         train_loop_config=loop_cfg,
@@ -145,8 +120,12 @@ def make_trainer(name: str, storage: Path, data_dir: Path, model_cfg: ModelConfi
     )
 
 
-def export(ckpt: Path, out: Path, extra: dict) -> dict:
-    """Write a checkpoint's best-on-validation model to `out` (servable as is) with its summary."""
+def export(ckpt: Path, out: Path, spec: RunSpec, data_dir: Path, extra: dict) -> dict:
+    """Publish a checkpoint's best-on-validation model as the artifact `out` (servable as is).
+
+    Written into a staging folder and renamed into place, its manifest last: a run killed
+    mid-export leaves the previous model or none, never a mix of the two.
+    """
     state = checkpoints.read_state(ckpt)
     model, desc = models.load_model(Path(ckpt) / "best")
     best = state["best"]
@@ -155,19 +134,23 @@ def export(ckpt: Path, out: Path, extra: dict) -> dict:
                "epochs_run": state["epoch"] + 1, "history": [{**h, "epoch": h["epoch"] + 1} for h in state["history"]],
                "resumed": state.get("resumed", 0), "replica_digests": state.get("replica_digests", []),
                "params": models.count_params(model)}
-    models.save_model(out, model, desc, extra={"fingerprint": extra.get("fingerprint")})
-    (Path(out) / "metrics.json").write_text(json.dumps(summary, indent=2))
+    data = rundir.read_manifest(data_dir)  # the model is tied to the vocabulary it was trained on
+    with rundir.staged(out) as tmp:
+        models.save_model(tmp, model, desc, extra={"fingerprint": spec.fingerprint})
+        (tmp / "metrics.json").write_text(json.dumps(summary, indent=2))
+        rundir.write_manifest(tmp, spec.fingerprint, spec.upstream, role=spec.role,
+                              vocab_digest=data.get("vocab_digest"), num_items=desc["num_items"])
     return summary
 
 
 def reusable(out: Path, fingerprint: str) -> dict | None:
     """The stored summary of a finished model with this fingerprint, else None."""
+    if rundir.key_of(out) != fingerprint:
+        return None
     try:
-        if json.loads((out / "model.json").read_text()).get("fingerprint") == fingerprint:
-            return json.loads((out / "metrics.json").read_text())
+        return json.loads((out / "metrics.json").read_text())
     except (OSError, ValueError):
-        pass
-    return None
+        return None
 
 
 def _forget_stale_run(path: Path, fingerprint: str) -> None:
@@ -226,8 +209,8 @@ def train_loop(config: dict) -> None:
         if loop.should_stop(state, tc):  # resumed a run that had already stopped early
             break
         t0 = time.perf_counter()
-        if rank == 0 and config["fault_after_epoch"] == str(epoch - 1):
-            _die_once(config["data_dir"])
+        if rank == 0 and config.get("before_epoch"):
+            config["before_epoch"](epoch)  # a test hook (fault injection); None in real runs
         batches_iter = shard.iter_batches(batch_size=loop.worker_batch(tc["batch_size"], world), batch_format="numpy",
                                           local_shuffle_buffer_size=4 * tc["batch_size"],
                                           local_shuffle_seed=config["seed"] * 1000 + epoch)
@@ -309,17 +292,3 @@ def _report(report, core, optimizer, state, desc, rank, best_weights) -> None:
         checkpoints.save(d, core, optimizer, state, desc, best_weights)
         ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
 
-
-def _die_once(data_dir: str) -> None:
-    """Fault injection for tests: the process exits hard, once per run directory.
-
-    It waits past Ray Train's 2 s health-check interval first, so the controller has registered
-    the previous epoch's checkpoint (a crash right after a report may lose that report: the
-    epoch is then retrained, which is correct but not what the test checks).
-    """
-    marker = Path(data_dir).parent / ".fault_injected"
-    if not marker.exists():
-        marker.write_text("1")
-        time.sleep(5)
-        print("fault injection: worker exits", flush=True)
-        os._exit(1)

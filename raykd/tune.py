@@ -44,16 +44,16 @@ from pathlib import Path
 
 import numpy as np
 from ray.tune import Callback
-from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.search.optuna import OptunaSearch
 
-from raykd import models, sequences, train
-from raykd.config import Config, TuneConfig, dump_config, section_hash
+from raykd import rundir
+from raykd.config import Config, TuneConfig, section_hash
+from raykd.distill import kd_settings
 from raykd.errors import RaykdError
-from raykd.runtime import DRIVER_RESOURCE, ensure_ray
-from raykd.teacher import member_dirs
+from raykd.runtime import DRIVER_RESOURCE
 from raykd.tune_report import METRIC, SIZE_METRICS, analyse, experiment_trials, fmt, read_json
-from raykd.tune_space import apply_values, configured_point, parse_space
+from raykd.tune_space import configured_point, parse_space
+from raykd.tune_trial import run_trial, trial_spec
 
 # Fixed cost of one trial beyond its epochs (trial actor, Train controller and worker start,
 # dataset), measured on 2 busy cores: the floor for the time-budget check.
@@ -66,30 +66,29 @@ ASHA_REDUCTION = 2  # keep the better half at each rung: with a handful of trial
 def run(cfg: Config) -> dict:
     """Search, or resume or reuse a search; write the trials table, best.yaml, best/ and plots."""
     tc = cfg.tune
+    run_dir = Path(cfg.output_dir).resolve()
+    rundir.forget(run_dir, "tune")  # a search that is off, or about to run, describes no current model
     if not tc.enabled:
         print("tune: skipped (tune.enabled is false)", flush=True)
         return {}
-    # every config mistake is reported before Ray starts
+    # every config mistake is reported before any work
     space = parse_space(cfg)
-    run_dir = Path(cfg.output_dir).resolve()
     check_budget(cfg, run_dir)
-    data_dir, soft_dir, out = run_dir / "data", run_dir / "soft_labels", run_dir / "tune"
-    from raykd.prepare import prepared_key
-    from raykd.soft_labels import soft_labels_key
-
-    upstream = f"{prepared_key(data_dir)}-{soft_labels_key(soft_dir)}"
-    key = search_key(cfg, upstream)
+    _, upstream = kd_settings(cfg, "tune")
+    out = run_dir / rundir.TUNE
+    key = search_key(cfg, "-".join(f"{k}:{v}" for k, v in sorted(upstream.items())))
     summary = read_json(out / "summary.json")
     if (summary.get("key") == key and summary.get("max_quality_drop") == tc.max_quality_drop
-            and (out / "best" / "model.json").exists()):
+            and rundir.key_of(run_dir / rundir.TUNE_BEST) is not None):
         print(f"tune: reusing {out} (same search settings and inputs): winner {summary['winner']['trial_id']}, "
               f"val NDCG@10 {summary['winner']['val_ndcg@10']:.4f}", flush=True)
-        return {**summary, "reused": True}
-    exp_dir = out / "search"
-    if not (read_json(out / "search.json").get("key") == key and _complete(exp_dir, tc)):
-        dump_config(cfg, run_dir / "config.yaml")
-        _search(cfg, space, run_dir, out, key)
-    return analyse(cfg, out, key)
+        summary = {**summary, "reused": True}
+    else:
+        if not (read_json(out / "search.json").get("key") == key and _complete(out / "search", tc)):
+            _search(cfg, space, run_dir, out, key)
+        summary = analyse(cfg, out, key, trial_spec(cfg, rundir.TUNE_BEST, upstream))
+    rundir.record(run_dir, rundir.TUNE_BEST, "tune", list(upstream))
+    return summary
 
 
 def check_budget(cfg: Config, run_dir: Path) -> None:
@@ -135,13 +134,12 @@ def _search(cfg: Config, space: dict, run_dir: Path, out: Path, key: str) -> Non
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     tc = cfg.tune
-    ensure_ray(cfg.ray)
     cpus = _trial_cpus(cfg)
     exp_dir = out / "search"
     setup = {"base": cfg.model_dump(mode="json"), "run_dir": str(run_dir), "storage": str(out / "train"),
              "cpus_per_worker": cpus, "seed": cfg.seed}
     # The trial driver takes no CPU, only the zero-CPU custom resource (GUIDE.md section 4).
-    trainable = tune.with_resources(tune.with_parameters(_trial, setup=setup), {DRIVER_RESOURCE: 1})
+    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {DRIVER_RESOURCE: 1})
     restoring = read_json(out / "search.json").get("key") == key and tune.Tuner.can_restore(str(exp_dir))
     n = tc.num_samples
     if restoring:
@@ -151,8 +149,10 @@ def _search(cfg: Config, space: dict, run_dir: Path, out: Path, key: str) -> Non
     else:
         if out.exists():
             print(f"tune: settings or inputs changed: starting a new search in {out}", flush=True)
-            shutil.rmtree(out)
-        out.mkdir(parents=True)
+            for old in out.iterdir():  # best/ stays until the new winner replaces it (a deployment may read it)
+                if old.name != "best":
+                    shutil.rmtree(old) if old.is_dir() else old.unlink()
+        out.mkdir(parents=True, exist_ok=True)
         (out / "search.json").write_text(json.dumps({
             "key": key, "started": time.time(), "max_concurrent_trials": tc.max_concurrent_trials,
             "workers_per_trial": cfg.distill.train.num_workers, "cpus_per_worker": cpus}, indent=2))
@@ -274,69 +274,6 @@ def _complete(exp_dir: Path, tc: TuneConfig) -> bool:
     if not trials or any(t.status not in ("TERMINATED", "ERROR") for t in trials):
         return False
     return len(trials) >= tc.num_samples or (exp_dir.parent / "budget_spent").exists()
-
-
-# ---------------------------------------------------------------- inside a trial (Ray actor)
-
-def _trial(config: dict, setup: dict) -> None:
-    """One trial: distill a student with the sampled values (Ray Train), report to Tune."""
-    import ray.data
-    import ray.tune
-
-    t0 = time.perf_counter()
-    ctx = ray.data.DataContext.get_current()  # this actor's own Ray Data context: keep logs quiet
-    ctx.enable_progress_bars, ctx.print_on_execution_start = False, False
-    cfg = apply_values(Config.model_validate(setup["base"]), config)
-    run_dir = Path(setup["run_dir"])
-    data_dir, soft_dir = run_dir / "data", run_dir / "soft_labels"
-    d = cfg.distill
-    desc = {"family": d.model.family, "num_items": sequences.num_items(data_dir),
-            **d.model.model_dump(exclude={"family"})}
-    size = student_size(desc)
-    trial_id = ray.tune.get_context().get_trial_id()
-    train_cfg = d.train.model_copy(update={"cpus_per_worker": setup["cpus_per_worker"]})
-    trainer = train.make_trainer(f"trial_{trial_id}", Path(setup["storage"]), data_dir, d.model, train_cfg,
-                                 setup["seed"], soft_dir, d.alpha, d.temperature, d.loss, callbacks=[TrialReport(size)],
-                                 init_from=member_dirs(cfg.model_copy(update={"output_dir": str(run_dir)}))
-                                 if d.transfer else None)
-    result = trainer.fit()
-    with result.checkpoint.as_directory() as ckpt:
-        state = json.loads((Path(ckpt) / "state.json").read_text())
-    loop_s = sum(h["seconds"] for h in state["history"])
-    ray.tune.report({**size, "epoch": state["epoch"], "epochs_done": state["epoch"] + 1,
-                     METRIC: state["best"]["metrics"]["ndcg@10"], "val_ndcg@10": state["best"]["metrics"]["ndcg@10"],
-                     "checkpoint_path": result.checkpoint.path, "trial_s": time.perf_counter() - t0,
-                     "loop_s": loop_s, "finished": 1})
-
-
-class TrialReport(TuneReportCallback):
-    """Runs in the Train controller: forwards each epoch's report to Tune (TuneReportCallback adds
-    the checkpoint path) with the student's size and an epoch counter, ASHA's clock, added."""
-
-    def __init__(self, extra: dict):
-        super().__init__()
-        self.extra = extra
-
-    def after_report(self, run_context, metrics, checkpoint):
-        first = {**metrics[0], **self.extra, "epochs_done": metrics[0]["epoch"] + 1}
-        super().after_report(run_context, [first, *metrics[1:]], checkpoint)
-
-
-def student_size(desc: dict) -> dict:
-    """Parameters and single-thread scoring latency (ms per 256 users) of an untrained student."""
-    import torch
-
-    model = models.build_model(desc)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # comparable across trials that share the machine
-    try:
-        from raykd.metrics import scoring_latency_ms
-
-        # the least of three medians: other trials share the machine, and contention only adds
-        latency = min(scoring_latency_ms(model, desc["max_len"], desc["num_items"], repeats=5) for _ in range(3))
-    finally:
-        torch.set_num_threads(threads)
-    return {"params": models.count_params(model), "latency_ms": latency}
 
 
 # ---------------------------------------------------------------- progress (Tune driver)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ import yaml
 from raykd import train
 from raykd.config import Config
 from raykd.errors import RaykdError
+from raykd.spec import RunSpec
 from raykd.tune_space import apply_values, config_value
 
 METRIC = "best_val_ndcg@10"  # the trial's best epoch so far: what its exported model scores
@@ -127,7 +128,7 @@ def _checkpoint(reported: str | None, train_run: Path) -> str | None:
     return str(found[-1]) if found else None
 
 
-def analyse(cfg: Config, out: Path, key: str) -> dict:
+def analyse(cfg: Config, out: Path, key: str, spec: RunSpec) -> dict:
     """Trials table, Pareto front, winner (exported to tune/best), best.yaml, plots, summary."""
     tc = cfg.tune
     table = trials_table(out / "search", cfg)
@@ -151,11 +152,13 @@ def analyse(cfg: Config, out: Path, key: str) -> dict:
               "params_vs_teacher": float(row["params"] / teacher) if teacher else None}
     best_cfg = apply_values(cfg, values)
     d = best_cfg.distill
-    if (out / "best").exists():
-        shutil.rmtree(out / "best")
-    train.export(Path(row["checkpoint_path"]), out / "best",
+    # the winner's own settings (the searched values applied), published in one rename
+    spec = dataclasses.replace(spec, model=d.model, train=d.train, kd=dataclasses.replace(
+        spec.kd, alpha=d.alpha, temperature=d.temperature, loss=d.loss))
+    train.export(Path(row["checkpoint_path"]), out / "best", spec, out.parent / "data",
                  {"name": "tune/best", "trial_id": row["trial_id"], "values": values, "alpha": d.alpha,
-                  "temperature": d.temperature, "kd_loss": d.loss if d.alpha > 0 else None, "fingerprint": key})
+                  "temperature": d.temperature, "kd_loss": d.loss if d.alpha > 0 else None,
+                  "fingerprint": spec.fingerprint, "search_key": key})
     _write_best_yaml(out / "best.yaml", values, winner)
     plots = _plots(table, out, size_col, tc.objective)
     counts = table["state"].value_counts().to_dict()

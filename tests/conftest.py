@@ -49,3 +49,12 @@ def tiny_run(ray_session, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("tiny_run")
     pipeline.run(tiny_config(run_dir))
     return run_dir
+
+
+def copy_parts(src, dst, *parts):
+    """Copy artifacts of one run directory into another, with the run record that makes them current."""
+    import shutil
+
+    for part in parts:
+        shutil.copytree(src / part, dst / part)
+    shutil.copy(src / "run.json", dst / "run.json")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from raykd.config import Config, dump_config, load_config
+from raykd import rundir
+from raykd.config import Config, load_config
 from raykd.errors import RaykdError
 
 
@@ -136,7 +137,7 @@ def test_empty_file_means_defaults(tmp_path):
 
 def test_resolved_config_round_trips(tmp_path):
     cfg = load_config("configs/quickstart.yaml", ["teacher.train.lr=3e-4", "data.synthetic.users=10"])
-    dump_config(cfg, tmp_path / "run" / "config.yaml")
+    rundir.dump_config(cfg, tmp_path / "run")
     raw = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert raw["teacher"]["train"]["lr"] == pytest.approx(3e-4)
     assert raw["data"]["min_item_interactions"] == 5  # every default spelled out
@@ -144,13 +145,13 @@ def test_resolved_config_round_trips(tmp_path):
 
 
 def test_kd_curve_reuses_the_main_student_at_its_own_width(tmp_path):
-    from raykd.distill import curve_dir, sized
+    from raykd.distill import curve_pair, sized
 
     cfg = load_config("configs/quickstart.yaml", [f"output_dir={tmp_path}", "distill.sizes=[4,16,32]"])
-    assert curve_dir(cfg, 16) == tmp_path  # distill.model.dim is 16: student/ and student_nokd/
-    assert curve_dir(cfg, 4) == tmp_path / "kd_curve" / "d4"
+    assert curve_pair(cfg, 16) == ("student", "student_nokd")  # distill.model.dim is 16
+    assert curve_pair(cfg, 4) == ("kd_curve/d4/student", "kd_curve/d4/student_nokd")
     off = cfg.model_copy(update={"distill": cfg.distill.model_copy(update={"train_nokd": False})})
-    assert curve_dir(off, 16) == tmp_path / "kd_curve" / "d16"  # no twin trained at the main width
+    assert curve_pair(off, 16)[0] == "kd_curve/d16/student"  # no twin trained at the main width
     assert sized(cfg.distill.model.model_copy(update={"heads": 2}), 6).heads == 2
     assert sized(cfg.distill.model.model_copy(update={"heads": 2}), 5).heads == 1
 

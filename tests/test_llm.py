@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
 
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from conftest import tiny_config
+from conftest import copy_parts, tiny_config
 
 from raykd import distill, embed_items, loop, soft_labels, teacher
 from raykd.errors import RaykdError
@@ -22,7 +21,7 @@ HAVE_ENCODER = all(importlib.util.find_spec(m) for m in ("sentence_transformers"
 def text_run(tiny_run, tmp_path_factory):
     """A copy of the tiny run's prepared data plus an item text table (ids 1..120 as text)."""
     run_dir = tmp_path_factory.mktemp("text_run")
-    shutil.copytree(tiny_run / "data", run_dir / "data")
+    copy_parts(tiny_run, run_dir, "data")
     titles = pd.DataFrame({"item_id": range(1, 121), "title": [f"item {i} of family {i % 4}" for i in range(1, 121)]})
     titles.loc[titles.item_id == 7, "title"] = ""  # one item without text: counted, not fatal
     titles.to_csv(run_dir / "titles.csv", index=False)
@@ -66,7 +65,7 @@ def test_external_teacher_scores_distill_end_to_end(text_run, tmp_path, per_posi
     path = tmp_path / "scores.parquet"
     external_scores(text_run, per_position=per_position).to_parquet(path)
     run_dir = tmp_path / "run"
-    shutil.copytree(text_run / "data", run_dir / "data")
+    copy_parts(text_run, run_dir, "data")
     cfg = tiny_config(run_dir, f"distill.teacher_scores={path}", "distill.train_nokd=false", "distill.train.epochs=1")
     info = soft_labels.run(cfg)
     assert info["top_k"] == 5 and info["rows"] > 0
@@ -91,6 +90,6 @@ def test_external_scores_schema_violations(text_run, tmp_path, break_it, message
     df["user_id"] = df["user_id"].astype(object)
     break_it(df).to_parquet(path)
     cfg = tiny_config(tmp_path / "run", f"distill.teacher_scores={path}")
-    shutil.copytree(text_run / "data", tmp_path / "run" / "data")
+    copy_parts(text_run, tmp_path / "run", "data")
     with pytest.raises(RaykdError, match=message):
         soft_labels.run(cfg)

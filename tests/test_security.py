@@ -20,9 +20,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from raykd import auth, cli, ids, models, prepare, teacher_scores
+from raykd import auth, cli, ids, models, prepare, rundir, teacher_scores
 from raykd import serve as raykd_serve
-from raykd.config import ServeConfig, dump_config, load_config
+from raykd.config import ServeConfig, load_config
 from raykd.errors import RaykdError
 from raykd.recommender import BadRequest, Recommender
 
@@ -109,7 +109,7 @@ def test_the_key_is_never_in_the_deployment_arguments(monkeypatch, tmp_path, sou
 
 def test_dump_config_never_writes_the_key_and_makes_the_run_directory_owner_only(tmp_path):
     cfg = load_config(None, [f"output_dir={tmp_path / 'run'}", f"serve.api_key={KEY}"])
-    dump_config(cfg, tmp_path / "run" / "config.yaml")
+    rundir.dump_config(cfg, tmp_path / "run")
     text = (tmp_path / "run" / "config.yaml").read_text()
     assert KEY not in text and "api_key:" not in text.replace("api_key_file", "")
     assert load_config(tmp_path / "run" / "config.yaml").serve.api_key is None  # never a key of '*****'
