@@ -1,4 +1,4 @@
-"""Epoch throughput of raykd's Ray Train loop (1 worker) vs a plain PyTorch loop (issue 3).
+"""Epoch throughput of raykd's Ray Train loop (1 worker) vs the same loop without Ray (issue 3).
 
     python benchmarks/bench_train.py                      # quickstart data, its 64x2 teacher
     python benchmarks/bench_train.py --epochs 6 --users 4000
@@ -9,9 +9,9 @@ then the same model (same seed, same init) trains for --epochs epochs twice:
     ray    raykd.train.fit: TorchTrainer with 1 worker of `cpus_per_worker` CPUs, windows from a
            materialised Ray Data dataset (`iter_batches` with a local shuffle buffer), a
            validation pass and a checkpoint report every epoch
-    plain  the same windows (raykd.sequences.window_table) as NumPy arrays in this process,
-           shuffled per epoch, the same batch size, model, loss, Adam and validation pass, torch
-           threads set to the worker's CPUs (Ray gives a 1-CPU worker OMP_NUM_THREADS=1)
+    plain  raykd.loop.fit_local on the same RunSpec: the same step, epoch, validation and early
+           stopping in this process, on the same windows as NumPy arrays, torch threads set to
+           the worker's CPUs (Ray gives a 1-CPU worker OMP_NUM_THREADS=1)
 
 An epoch's time covers training and validation in both (Ray's is the loop's own per-epoch
 `seconds`, from the checkpoint history). The first epoch (warm-up: dataset iterator, allocator) is
@@ -29,12 +29,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from raykd import losses, metrics, models, prepare, sequences, train
+from raykd import loop, rundir, sequences, spec, stages, train
 from raykd.config import load_config
-from raykd.runtime import ensure_ray
+from raykd.spec import RunSpec
 
 
 def main() -> int:
@@ -50,19 +49,22 @@ def main() -> int:
     if args.users:
         overrides.append(f"data.synthetic.users={args.users}")
     cfg = load_config(args.config, overrides)
-    ensure_ray(cfg.ray)
-    data_dir = prepare.run(cfg)
+    stages.run(cfg, ["prepare"])
+    data_dir = out / "data"
     model_cfg, train_cfg = cfg.teacher.model, cfg.teacher.train
     shutil.rmtree(out / "teacher", ignore_errors=True)
     shutil.rmtree(out / "ray_train", ignore_errors=True)
+    run_spec = RunSpec("teacher", model_cfg, train_cfg, cfg.seed, upstream={"data": rundir.key_of(data_dir)})
 
     t0 = time.perf_counter()
-    summary = train.fit("teacher", out, data_dir, model_cfg, train_cfg, seed=cfg.seed)
+    summary = train.fit(run_spec, out)
     ray_wall = time.perf_counter() - t0
     ray_epochs = [h["seconds"] for h in json.loads((out / "teacher" / "metrics.json").read_text())["history"]]
 
     t0 = time.perf_counter()
-    plain_epochs, plain_ndcg = plain_loop(data_dir, model_cfg, train_cfg, cfg.seed)
+    torch.set_num_threads(max(int(train_cfg.cpus_per_worker), 1))
+    _, plain = loop.fit_local(spec.loop_config(run_spec, data_dir), data_dir, log=lambda line: None)
+    plain_epochs, plain_ndcg = [h["seconds"] for h in plain["history"]], plain["history"][-1]["ndcg@10"]
     plain_wall = time.perf_counter() - t0
 
     windows = sum(sequences.window_table(p, model_cfg.max_len).num_rows for p in sequences.shard_paths(data_dir))
@@ -77,42 +79,6 @@ def main() -> int:
     print(f"\nthroughput ratio ray / plain: {ratio:.2f} ({'PASS' if ratio >= 0.9 else 'FAIL'}: target >= 0.9)")
     print(f"per-epoch seconds: ray {[round(s, 2) for s in ray_epochs]}, plain {[round(s, 2) for s in plain_epochs]}")
     return 0
-
-
-def plain_loop(data_dir: Path, model_cfg, train_cfg, seed: int) -> tuple[list[float], float]:
-    """The same training as raykd.train.train_loop (alpha 0, 1 worker) without Ray."""
-    torch.set_num_threads(max(int(train_cfg.cpus_per_worker), 1))
-    torch.manual_seed(seed)
-    desc = {"family": model_cfg.family, "num_items": sequences.num_items(data_dir),
-            **model_cfg.model_dump(exclude={"family"})}
-    model = models.build_model(desc)
-    opt = torch.optim.Adam(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
-    tables = [sequences.window_table(p, model_cfg.max_len) for p in sequences.shard_paths(data_dir)]
-    def matrix(col: str) -> np.ndarray:
-        flat = [t[col].combine_chunks().flatten().to_numpy() for t in tables]
-        return np.concatenate(flat).astype(np.int64).reshape(-1, model_cfg.max_len)
-
-    inputs, targets = matrix("input"), matrix("target")
-    split = sequences.read_split(data_dir)
-    hist, valid, seen = sequences.eval_inputs(split, "valid")
-    rng = np.random.default_rng(seed)
-    seconds, ndcg = [], 0.0
-    for _ in range(train_cfg.epochs):
-        t0 = time.perf_counter()
-        model.train()
-        order = rng.permutation(len(inputs))
-        for start in range(0, len(order), train_cfg.batch_size):
-            rows = order[start:start + train_cfg.batch_size]
-            inp, target = torch.from_numpy(inputs[rows]), torch.from_numpy(targets[rows])
-            mask = target > 0
-            hidden = model(inp)[mask]
-            loss, _, _ = losses.distill_loss(model.score(hidden).float(), target[mask], None, None, 0.0, 1.0, "kl")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        ndcg = metrics.evaluate_model(model, hist, valid, seen)["ndcg@10"]
-        seconds.append(time.perf_counter() - t0)
-    return seconds, ndcg
 
 
 if __name__ == "__main__":

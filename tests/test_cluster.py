@@ -204,12 +204,15 @@ def _job(stage: str, *argv: str, env: dict | None = None) -> subprocess.Complete
                           capture_output=True, timeout=120, env={**os.environ, **(env or {})})
 
 
-def test_every_stage_has_a_job_entrypoint():
-    from raykd import jobs
+def test_every_stage_has_a_job_entrypoint_of_the_same_name():
+    from raykd import cli, jobs, stages
 
-    assert {p.stem for p in (REPO / "jobs").glob("*.py")} == set(jobs.STAGES)
-    for stage in jobs.STAGES:
+    names = [s.name for s in stages.STAGES] + list(jobs.OTHER_JOBS)
+    assert {p.stem for p in (REPO / "jobs").glob("*.py")} == set(names) | set(cli.TOOLS)
+    for stage in names:
         assert f'main("{stage}")' in (REPO / "jobs" / f"{stage}.py").read_text()
+    commands = set(cli._parser()._subparsers._group_actions[0].choices)
+    assert set(names) - {"serve"} <= commands  # the CLI's stage commands carry the same names
 
 
 def test_job_with_a_bad_config_key_exits_1_with_the_message_on_stderr():

@@ -339,7 +339,10 @@ def test_stats_match_an_independent_pandas_count(tmp_path):
 def test_resolved_config_and_reuse(tmp_path, capsys):
     path = write_text(tmp_path / "log.csv", [f"{u},{i},{t}" for u, i, _, t in ROWS], "user_id,item_id,ts")
     args = ["data.format=csv", f"data.path={path}", "data.time_col=ts"]
-    data = run(tmp_path, *args)
+    from raykd import stages
+
+    stages.run(config(tmp_path / "run", *args), ["prepare"])  # as `raykd prepare` runs it
+    data = tmp_path / "run" / "data"
     assert load_config(tmp_path / "run" / "config.yaml") == config(tmp_path / "run", *args)
     run(tmp_path, *args)
     assert "reusing" in capsys.readouterr().out

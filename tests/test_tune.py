@@ -18,7 +18,7 @@ import torch
 import yaml
 from conftest import TINY
 
-from raykd import evaluate, models, prepare, sequences, soft_labels, tune, tune_report, tune_space
+from raykd import evaluate, models, prepare, rundir, sequences, soft_labels, tune, tune_report, tune_space
 from raykd.config import load_config
 from raykd.errors import RaykdError
 
@@ -206,7 +206,10 @@ def tiny_run(ray_session, tmp_path_factory):
     m = cfg.teacher.model
     desc = {"family": m.family, "num_items": sequences.num_items(run_dir / "data"), **m.model_dump(exclude={"family"})}
     torch.manual_seed(0)
-    models.save_model(run_dir / "teacher", models.build_model(desc), desc, extra={"fingerprint": "untrained"})
+    with rundir.staged(run_dir / "teacher") as tmp:  # published and recorded as the teacher stage does
+        models.save_model(tmp, models.build_model(desc), desc, extra={"fingerprint": "untrained"})
+        rundir.write_manifest(tmp, "untrained", {"data": rundir.key_of(run_dir / "data")})
+    rundir.record(run_dir, "teacher", "teacher", ["data"])
     soft_labels.run(cfg)
     return run_dir
 
