@@ -119,13 +119,13 @@ def _serve(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, [*args.overrides, *extra])
     from raykd.runtime import ensure_ray
 
-    _check_servable(args.path, cfg.serve)  # a missing, stale or broken model: said before Ray starts
+    check_servable(args.path, cfg.serve)  # a missing, stale or broken model: said before Ray starts
     ensure_ray(cfg.ray)
     serve.run_blocking(args.path, cfg.serve)
     return 0
 
 
-def _check_servable(path: str, settings) -> None:
+def check_servable(path: str, settings) -> None:
     """Load what would be served, as a replica will: model, vocabulary, and that they match."""
     from raykd.recommender import Recommender
 

@@ -59,6 +59,10 @@ def main(stage: str, argv: list[str] | None = None) -> int:
         print(f"{prog}: run directory {run_dir}", flush=True)
         if stage in stages.BY_NAME and stages.get(stage).enabled(cfg):
             stages.preflight(cfg, stages.get(stage))  # a missing upstream: said before Ray starts
+        if stage == "serve":
+            from raykd.cli import check_servable
+
+            check_servable(args.path or str(run_dir), cfg.serve)  # a stale or broken model: before Ray too
         from raykd.runtime import check_shared_storage, describe_placement, ensure_ray
 
         ensure_ray(cfg.ray)

