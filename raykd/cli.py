@@ -5,9 +5,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
+import tempfile
+import time
 import traceback
+from pathlib import Path
 
+from raykd import console
 from raykd.errors import RaykdError
 
 # commands on a finished run: module with add_arguments(parser) and main(args), help
@@ -24,9 +29,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     args.command = args.command.replace("-", "_") if args.command not in TOOLS else args.command
+    console.set_level(console.QUIET if args.quiet else console.VERBOSE if args.verbose else console.NORMAL)
     try:
         if args.command == "synth":
             return _synth(args)
+        if args.command == "init":
+            return _init(args)
         from raykd.config import load_config
 
         if args.command == "serve":
@@ -37,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             return importlib.import_module(TOOLS[args.command][0]).main(args) or 0
 
         cfg = load_config(args.config, args.overrides)
+        start = time.perf_counter()
         if args.command == "pipeline":
             from raykd import pipeline
 
@@ -45,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
             from raykd import stages
 
             stages.run(cfg, [args.command])
+            console.emit(f"raykd {args.command}: done in {console.duration(time.perf_counter() - start)}; its lines "
+                         f"are in {os.path.join(cfg.output_dir, 'logs', 'raykd.log')}", console.QUIET)
         return 0
     except RaykdError as err:
         if args.debug:
@@ -66,34 +77,43 @@ def main(argv: list[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raykd", description="Knowledge distillation for recommenders on Ray.")
     parser.add_argument("--version", action="version", version=f"raykd {_version()}")
+    _output_flags(parser, default=False)  # `raykd -q pipeline ...`
+    common = argparse.ArgumentParser(add_help=False)  # flags every command takes: `raykd pipeline ... -q`
+    common.add_argument("--debug", action="store_true", help="show Python tracebacks")
+    _output_flags(common, default=argparse.SUPPRESS)  # SUPPRESS: never overwrite a flag given before the command
     sub = parser.add_subparsers(dest="command")
     from raykd.stages import STAGES
 
     commands = [(s.name, s.help) for s in STAGES] + [("pipeline", "every stage in order, reusing finished ones")]
     for name, help_text in commands:
         dashed = [name.replace("_", "-")] if "_" in name else []  # `raykd soft-labels` works too
-        p = sub.add_parser(name, aliases=dashed, help=help_text, description=help_text)
+        p = sub.add_parser(name, aliases=dashed, help=help_text, description=help_text, parents=[common])
         p.add_argument("config", help="experiment YAML, e.g. configs/quickstart.yaml")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.path=x.csv teacher.train.lr=3e-4")
-        p.add_argument("--debug", action="store_true", help="show Python tracebacks")
     for name, (module, help_text) in TOOLS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
         importlib.import_module(module).add_arguments(p)
-        p.add_argument("--debug", action="store_true", help="show Python tracebacks")
-    p = sub.add_parser("serve", help="serve a student over HTTP with Ray Serve (blocks; Ctrl-C stops)")
+    p = sub.add_parser("serve", help="serve a student over HTTP with Ray Serve (blocks; Ctrl-C stops)", parents=[common])
     p.add_argument("path", help="a run directory (serves tune/best, else student) or a model folder")
     p.add_argument("overrides", nargs="*", help="serve.* overrides, e.g. serve.max_replicas=4")
     p.add_argument("--config", help="experiment YAML whose serve section to use (default: defaults)")
     p.add_argument("--host", help="bind address (default 127.0.0.1; any other needs RAYKD_API_KEY or "
                    "serve.api_key_file)")
     p.add_argument("--port", type=int, help="port (default 8000)")
-    p.add_argument("--debug", action="store_true", help="show Python tracebacks")
-    p = sub.add_parser("config", help="print the resolved config (with every key described) or its JSON schema")
+    p = sub.add_parser("config", help="print the resolved config (with every key described) or its JSON schema",
+                       parents=[common])
     p.add_argument("action", choices=["show", "schema"], help="show: resolved YAML with comments; schema: JSON schema")
     p.add_argument("config", nargs="?", help="experiment YAML (show; default: the defaults)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. teacher.train.lr=3e-4")
-    p.add_argument("--debug", action="store_true", help="show Python tracebacks")
-    p = sub.add_parser("synth", help="write a synthetic interaction log (Parquet)")
+    p = sub.add_parser("init", help="start an experiment: copy a bundled example config to NAME.yaml",
+                       description="Write NAME.yaml from a bundled example config (name and output_dir set to "
+                       "NAME), ready for `raykd pipeline NAME.yaml`.", parents=[common])
+    p.add_argument("name", nargs="?", help="experiment name, or a path ending in .yaml")
+    p.add_argument("--example", default="quickstart", help="the example to start from (default quickstart; "
+                   "--list shows them)")
+    p.add_argument("--list", action="store_true", help="list the bundled examples and exit")
+    p.add_argument("--force", action="store_true", help="replace an existing file")
+    p = sub.add_parser("synth", help="write a synthetic interaction log (Parquet)", parents=[common])
     p.add_argument("--users", type=int, default=2000)
     p.add_argument("--items", type=int, default=1000)
     p.add_argument("--mean-length", type=float, default=30.0)
@@ -102,8 +122,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--markov", type=float, default=0.6, help="chance the next item follows the last one")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output .parquet file")
-    p.add_argument("--debug", action="store_true", help="show Python tracebacks")
     return parser
+
+
+def _output_flags(target: argparse.ArgumentParser, default) -> None:
+    """-q/-v on `target`: the top-level parser holds the defaults, subcommands only set them."""
+    group = target.add_mutually_exclusive_group()
+    group.add_argument("-q", "--quiet", action="store_true", default=default,
+                       help="only warnings, errors and the result (a run's lines stay in <run>/logs/raykd.log)")
+    group.add_argument("-v", "--verbose", action="store_true", default=default,
+                       help="every epoch, the full report, and Ray's own logs on the console")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -117,12 +145,38 @@ def _serve(args: argparse.Namespace) -> int:
     extra = [f"serve.host={args.host}"] if args.host else []
     extra += [f"serve.port={args.port}"] if args.port else []
     cfg = load_config(args.config, [*args.overrides, *extra])
-    from raykd.runtime import ensure_ray
+    from raykd.runtime import ensure_ray, run_logs
 
     check_servable(args.path, cfg.serve)  # a missing, stale or broken model: said before Ray starts
-    ensure_ray(cfg.ray)
-    serve.run_blocking(args.path, cfg.serve)
+    _warn_if_the_report_is_stale(Path(args.path))
+    import ray
+
+    started = not ray.is_initialized()
+    with run_logs(_serve_logs(Path(args.path))):  # Serve's start-up lines to the logs, its URL to the console
+        try:
+            ensure_ray(cfg.ray, quiet=console.level() < console.VERBOSE)
+            serve.run_blocking(args.path, cfg.serve)
+        finally:
+            if started:
+                ray.shutdown()  # while Ray's shutdown lines still go to the logs
     return 0
+
+
+def _serve_logs(path: Path) -> Path:
+    """Where `raykd serve` keeps Ray's output: the run's logs/, or for a model folder the temp folder's."""
+    from raykd.runtime import LOG_DIR
+
+    return path / LOG_DIR if (path / "run.json").exists() else Path(tempfile.gettempdir()) / "raykd-serve-logs"
+
+
+def _warn_if_the_report_is_stale(run_dir: Path) -> None:
+    """A run whose models changed after its report: say so before serving one of them."""
+    from raykd import report_md
+
+    changed = report_md.changed_since(run_dir) if (run_dir / "report.json").exists() else []
+    if changed:
+        console.warn(f"{run_dir / 'report.md'} is older than the models it describes ({'; '.join(changed)}): "
+                     "`raykd evaluate CONFIG` refreshes it")
 
 
 def check_servable(path: str, settings) -> None:
@@ -156,6 +210,47 @@ def _config(args: argparse.Namespace) -> int:
         print(config_docs.schema())
         return 0
     print(config_docs.show(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+def bundled_examples() -> dict[str, str]:
+    """The example experiment configs shipped in the package (raykd/configs/): name -> YAML text.
+
+    serve.yaml ships beside them but is a Ray Serve config (`serve run`), not an experiment.
+    """
+    from importlib import resources
+
+    folder = resources.files("raykd") / "configs"
+    return {f.name[:-5]: f.read_text() for f in sorted(folder.iterdir(), key=lambda f: f.name)
+            if f.name.endswith(".yaml") and f.name != "serve.yaml"}
+
+
+def _init(args: argparse.Namespace) -> int:
+    """`raykd init NAME`: NAME.yaml from a bundled example, with its name and output_dir set to NAME."""
+    examples = bundled_examples()
+    if args.list:
+        for name, text in examples.items():
+            about = [line[2:] for line in text.splitlines()[1:3] if line.startswith("# ")]
+            print(f"{name:<11} {about[0] if about else ''}")
+        return 0
+    if not args.name:
+        raise RaykdError("give the experiment a name: raykd init NAME (writes NAME.yaml; --list shows the examples)")
+    if args.example not in examples:
+        raise RaykdError(f"no bundled example {args.example!r}; there are: {', '.join(examples)}")
+    path = Path(args.name if args.name.endswith((".yaml", ".yml")) else f"{args.name}.yaml")
+    name = path.stem
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise RaykdError(f"experiment name {name!r}: use letters, digits, '_', '-' and '.' (it names runs/{name})")
+    if path.exists() and not args.force:
+        raise RaykdError(f"{path} already exists: choose another name, or pass --force to replace it")
+    text = examples[args.example].replace(f"configs/{args.example}.yaml", str(path))
+    text = re.sub(r"(?m)^name: .*$", f"name: {name}", text, count=1)
+    text = re.sub(r"(?m)^output_dir: .*$", f"output_dir: runs/{name}", text, count=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    print(f"wrote {path} from the {args.example} example (name {name}, output_dir runs/{name})\n"
+          f"  every key with its description: raykd config show {path}\n"
+          f"  run it: raykd pipeline {path}")
     return 0
 
 

@@ -8,13 +8,13 @@ and the valid keys, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import os
-import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from raykd.config_errors import explain, section_type  # noqa: F401 - section_type: config_docs
 from raykd.errors import RaykdError
 
 
@@ -285,6 +285,18 @@ class RayConfig(Section):
     num_cpus: int | None = Field(None, ge=1, description="local Ray only; default all cores")
 
 
+class TrackingConfig(Section):
+    """Experiment tracking through Ray's integrations: each training run's epochs, Tune's trials, the report."""
+
+    backend: Literal["none", "tensorboard", "mlflow", "wandb"] = Field(
+        "none", description="where metrics go: tensorboard (event files), mlflow (a tracking server or store), "
+        "wandb (Weights & Biases; needs WANDB_API_KEY or `wandb login`), or none")
+    uri: str | None = Field(None, description="tensorboard: folder for the event files (default <run>/tensorboard); "
+                            "mlflow: tracking URI (default file:<run>/mlruns; e.g. http://host:5000); wandb: the W&B "
+                            "server (default WANDB_BASE_URL, else wandb.ai)")
+    project: str | None = Field(None, description="mlflow experiment or wandb project (default: the config's name)")
+
+
 class Config(Section):
     name: str = Field("quickstart", description="experiment name")
     output_dir: str = Field("runs/quickstart", description="the run directory every stage reads and writes")
@@ -296,6 +308,7 @@ class Config(Section):
     tune: TuneConfig = Field(default_factory=TuneConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
@@ -316,7 +329,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     try:
         return Config.model_validate(raw)
     except ValidationError as err:
-        raise RaykdError(f"invalid config {path or '(defaults)'}:\n" + _explain(err)) from None
+        raise RaykdError(f"invalid config {path or '(defaults)'}:\n" + explain(err, Config)) from None
 
 
 def _apply_override(raw: dict, item: str) -> None:
@@ -347,43 +360,6 @@ def _yaml_value(value: str) -> Any:
     except yaml.YAMLError:
         return value  # not YAML, so plain text, e.g. a path with brackets or colons
     return value if parsed is None and value.strip() not in ("null", "Null", "NULL", "~") else parsed
-
-
-def _explain(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
-        if e["type"] == "extra_forbidden":
-            valid = ", ".join(_fields_at(e["loc"][:-1]))
-            lines.append(f"  unknown key '{loc}'; valid keys here: {valid}")
-        else:
-            msg = e["msg"].removeprefix("Value error, ")
-            got = e.get("input")
-            whole_section = e["type"] == "value_error" and isinstance(got, dict)  # a check across fields
-            lines.append(f"  {loc}: {msg}" + ("" if whole_section else f" (got {got!r})"))
-    return "\n".join(lines)
-
-
-def _fields_at(loc: tuple) -> list[str]:
-    model: type[BaseModel] = Config
-    parts = [str(p) for p in loc]
-    while parts:
-        field = model.model_fields.get(parts.pop(0))
-        sub = section_type(field.annotation) if field else None
-        if sub is None:
-            return []
-        if typing.get_origin(field.annotation) is dict and parts:
-            parts.pop(0)  # a key of a dict of sections, e.g. tune.space.<searched key>
-        model = sub
-    return list(model.model_fields)
-
-
-def section_type(annotation: Any) -> type[BaseModel] | None:
-    """The config section a field holds: its type, or the X of `X | None` and `dict[str, X]`."""
-    for t in (annotation, *typing.get_args(annotation)):
-        if isinstance(t, type) and issubclass(t, BaseModel):
-            return t
-    return None
 
 
 def section_hash(*sections: BaseModel) -> str:

@@ -16,6 +16,7 @@ Hugging Face cache. Nothing is downloaded at run time.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from raykd import rundir
+from raykd import console, rundir
 from raykd.config import Config, section_hash
 from raykd.errors import RaykdError
 
@@ -62,7 +63,13 @@ def _encode(cfg: Config, items: pd.DataFrame, texts: dict, out: Path, key: str, 
                         compute=ray.data.ActorPoolStrategy(min_size=cfg.teacher.text_workers,
                                                            max_size=cfg.teacher.text_workers),
                         batch_size=256, num_gpus=1 if use_gpu else 0, batch_format="pandas")
-    encoded = ds.to_pandas().sort_values("index")
+    parts, start, throttle = [], time.perf_counter(), console.Throttle(10.0)
+    throttle.due()  # the first progress line after 10 s
+    for part in ds.iter_batches(batch_size=None, batch_format="pandas"):
+        parts.append(part)
+        if throttle.due():
+            console.say(console.progress("embed_items", sum(map(len, parts)), len(items), start, "items encoded"))
+    encoded = (pd.concat(parts) if parts else ds.to_pandas()).sort_values("index")
     vectors = np.stack(encoded["vector"].to_numpy()).astype(np.float32)
     vectors[(items["text"] == "").to_numpy()] = 0.0
     table = pa.table({"index": pa.array(items["index"].to_numpy(), pa.int32()), "raw_id": pa.array(items["raw_id"]),

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
-from raykd import distill, metrics, models, report_md, rundir, sequences
+from raykd import console, distill, metrics, models, report_md, rundir, sequences, tracking
 from raykd.config import Config
 from raykd.errors import RaykdError
 
@@ -76,7 +76,7 @@ def run(cfg: Config) -> dict:
         m["history"] = [{"epoch": h["epoch"], "ndcg@10": h["ndcg@10"]} for h in train_info.get("history", [])]
         report[name.replace("/", "_")] = m
     for name, why in skipped.items():
-        print(f"evaluate: not reporting {name}/: {why}", flush=True)
+        console.say(f"evaluate: not reporting {name}/: {why}")
     if skipped:
         report["skipped"] = skipped
     members = [rundir.member(i) for i in range(cfg.teacher.ensemble)]
@@ -99,9 +99,15 @@ def run(cfg: Config) -> dict:
     report["meta"] = report_md.metadata(cfg)
     report["warnings"] = report_md.warnings(report)
     report["plots"] = report_md.plots(report, root)
+    scored = [*loaded, *(n for _, pair in pairs for n in pair), *(members if "teacher_ensemble" in report else [])]
+    report["models"] = report_md.model_keys(root, scored)  # what later stages compare (report_md.mark_stale)
     (root / rundir.REPORT_JSON).write_text(json.dumps(report, indent=2))
     (root / rundir.REPORT_MD).write_text(report_md.markdown(report))
-    print(report_md.markdown(report), flush=True)
+    if console.level() >= console.VERBOSE:
+        console.say(report_md.markdown(report))
+    else:
+        console.say(report_md.console_summary(report, root))
+    tracking.log_report(cfg, root, report)
     return report
 
 

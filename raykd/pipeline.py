@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from raykd import rundir, stages
+from raykd import console, rundir, stages
 from raykd.config import Config
 
 
@@ -24,16 +24,19 @@ def run(cfg: Config) -> dict:
 
     def done(name: str, result: object, wall: float) -> None:
         timing[name] = {"wall_s": round(wall, 2), "compute_s": round(min(compute_seconds(name, result, wall), wall), 2)}
-        print(f"== {name} done in {wall:.0f}s ==", flush=True)
+        console.say(f"== {name} done in {console.duration(wall)} ==", detail=True)
 
     results = stages.run(cfg, on_done=done)
     root = Path(cfg.output_dir).resolve()
     timing["total"] = {"wall_s": round(time.perf_counter() - t0, 2),
                        "compute_s": round(sum(t["compute_s"] for t in timing.values()), 2)}
     _store_timing(root / rundir.REPORT_JSON, timing)
-    print(timing_table(timing), flush=True)
-    print(f"pipeline finished in {time.perf_counter() - t0:.0f}s: {root / rundir.REPORT_MD}\n"
-          f"serve it: raykd serve {cfg.output_dir}", flush=True)
+    console.say(timing_table(timing), detail=True)
+    console.say("time per stage: " + ", ".join(f"{name} {console.duration(t['wall_s'])}" for name, t in timing.items()
+                                              if name != "total") + " (report.json: timing)")
+    # the result: shown even with -q
+    console.emit(f"pipeline finished in {console.duration(time.perf_counter() - t0)}: {root / rundir.REPORT_MD}\n"
+                 f"serve it: raykd serve {cfg.output_dir}", console.QUIET)
     return results.get("evaluate", {})
 
 

@@ -29,11 +29,12 @@ import pyarrow.parquet as pq
 import ray
 import ray.data
 
-from raykd import dates, ids, logs, rundir
+from raykd import console, dates, ids, logs, rundir
 from raykd.config import Config, DataConfig, section_hash
 from raykd.errors import RaykdError
 
 USERS_PER_SHARD = 50_000
+SOURCE_DONE = "_source_done"  # column of the one-row table that says a source is read
 
 
 def run(cfg: Config) -> Path:
@@ -81,23 +82,30 @@ def read_all(sources: list[logs.Source]) -> pa.Table:
 
     def read_batch(batch: dict) -> object:
         for src in batch["source"]:
-            yield from logs.read_source(logs.Source(**json.loads(src)))
+            source = logs.Source(**json.loads(src))
+            yield from logs.read_source(source)
+            yield pa.table({SOURCE_DONE: [source.index]})  # progress: this source is read
 
     items = [{"source": json.dumps(dataclasses.asdict(s))} for s in sources]
     ds = ray.data.from_items(items, override_num_blocks=len(sources))
     ds = ds.map_batches(read_batch, batch_size=1, batch_format="numpy")
-    parts, rows, next_print = [], 0, time.perf_counter() + 10
+    parts, rows, done, start = [], 0, 0, time.perf_counter()
+    throttle = console.Throttle(10.0)
+    throttle.due()  # the first line after 10 s: short reads print none
     for part in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        if SOURCE_DONE in part.column_names:  # Ray Data may have joined the marker to a data block
+            done += int(pc.sum(pc.is_valid(part[SOURCE_DONE])).as_py() or 0)
+            part = part.filter(pc.is_null(part[SOURCE_DONE])).drop_columns([SOURCE_DONE])
         if "error" in part.column_names:  # a source could not be read: stop at once
             errors = part.filter(pc.is_valid(part["error"]))
             if errors.num_rows:
                 raise RaykdError(errors.sort_by("order")["error"][0].as_py())
             part = part.drop_columns(["error"])
-        parts.append(part)
-        rows += part.num_rows
-        if time.perf_counter() > next_print:  # progress on long reads
-            print(f"prepare: {rows:,} rows read so far", flush=True)
-            next_print = time.perf_counter() + 10
+        if part.num_columns:
+            parts.append(part)
+            rows += part.num_rows
+        if throttle.due():  # progress on long reads: sources read of all, rows so far
+            console.say(console.progress("prepare", done, len(sources), start, "source(s) read") + f"; {rows:,} rows")
     parts = [p for p in parts if p.num_rows]
     if not parts:
         names = ", ".join(s.path or s.kind for s in sources[:5]) + (" ..." if len(sources) > 5 else "")

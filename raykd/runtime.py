@@ -10,14 +10,18 @@ warns about settings that cannot fit (Ray would otherwise wait for resources wit
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import ray
 import ray.data
 
+from raykd import console
 from raykd.config import Config, RayConfig
 from raykd.errors import RaykdError
 
@@ -58,8 +62,14 @@ def _ray_start_cluster() -> str | None:
 
 
 def ensure_ray(cfg: RayConfig | None = None, quiet: bool = False) -> None:
-    """Start or join Ray once per process and print what was found."""
+    """Start or join Ray once per process and print what was found.
+
+    Worker output that Ray forwards to this driver then goes through `_route_worker_output`:
+    raykd's own lines (raykd.console.say in a worker) are printed as the driver's, the rest goes to
+    the run's log file inside a `run_logs` block (on the console as Ray prints it with `-v`).
+    """
     if ray.is_initialized():
+        _install_router()
         return
     cfg = cfg or RayConfig()
     address = find_cluster(cfg)
@@ -67,7 +77,7 @@ def ensure_ray(cfg: RayConfig | None = None, quiet: bool = False) -> None:
     if address:
         # An existing cluster (e.g. under `ray job submit`): num_cpus/resources would raise here.
         if cfg.num_cpus is not None and not quiet:
-            print(f"ray: ray.num_cpus={cfg.num_cpus} ignored: joining the cluster at {address}", flush=True)
+            console.warn(f"ray.num_cpus={cfg.num_cpus} ignored: joining the cluster at {address}")
         explicit = cfg.address or os.environ.get("RAY_ADDRESS")
         # "auto" for a `ray start` cluster found on this machine: Ray then also picks up its token
         # (~/.ray/auth_token) by itself, which it never does for an explicit address.
@@ -76,6 +86,7 @@ def ensure_ray(cfg: RayConfig | None = None, quiet: bool = False) -> None:
         # "local": never attach to a cluster that some other `ray start` left on this machine.
         ray.init(address="local", num_cpus=cfg.num_cpus, resources={DRIVER_RESOURCE: LOCAL_DRIVER_UNITS},
                  logging_level=logging.WARNING)
+    _install_router()
     # Ray Data's progress bars and per-operator lines drown stage output (they repeat every epoch
     # in training); raykd prints its own progress lines instead.
     ctx = ray.data.DataContext.get_current()
@@ -83,7 +94,7 @@ def ensure_ray(cfg: RayConfig | None = None, quiet: bool = False) -> None:
     ctx.print_on_execution_start = False
     if not quiet:
         where = f"joined the cluster at {ray.get_runtime_context().gcs_address}" if address else "started local Ray"
-        print(f"ray: {where}; {describe_resources()}", flush=True)
+        console.say(f"ray: {where}; {describe_resources()}")
 
 
 def alive_nodes() -> list[dict]:
@@ -139,9 +150,9 @@ def describe_placement(cfg: Config, stages: list[str] | None = None, quiet: bool
         lines.append(line)
         warnings += _fits(need, total, largest)
     if not quiet:
-        print("placement:\n  " + "\n  ".join(lines), flush=True)
+        console.say("placement:\n  " + "\n  ".join(lines))
         for w in warnings:
-            print(f"placement warning: {w}", flush=True)
+            console.warn(f"placement: {w}")
     return warnings
 
 
@@ -207,3 +218,160 @@ def check_shared_storage(run_dir: str | Path, timeout_s: float = 120.0) -> None:
             "cluster every stage reads what the previous one wrote, from any node: put output_dir on a "
             "filesystem mounted at the same path on every node (NFS, EFS, a ReadWriteMany volume)")
     print(f"storage check: all {len(nodes)} nodes see {run_dir}", flush=True)
+
+
+# ---------------------------------------------------------------- where Ray's output goes
+
+LOG_DIR = "logs"  # <run>/logs/: raykd.log, ray-workers.log, ray-driver.log, driver-stderr.log
+# Ray's own Python loggers in the driver, and the libraries they drive
+_LOGGERS = ("ray", "ray.data", "ray.tune", "ray.train", "ray.serve", "optuna", "py.warnings")
+_route: dict = {"file": None}  # ray-workers.log while a run_logs block is open
+
+
+def _install_router() -> None:
+    """Replace Ray's printer of forwarded worker output with `_route_worker_output` (once)."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    names = [name for name, _ in dispatcher.handlers]
+    if "ray_print_logs" in names:  # only when log_to_driver is on (Ray's default)
+        dispatcher.remove_handler("ray_print_logs")
+        dispatcher.add_handler("raykd", _route_worker_output)
+
+
+def _route_worker_output(data: dict) -> None:
+    """One batch of a worker's stdout/stderr lines, as Ray forwards it to the driver.
+
+    raykd's marked lines are printed as the driver's own; the rest goes to ray-workers.log with
+    Ray's `(actor pid=...)` prefix, and to the console as Ray prints it with `-v` or when no run
+    is being logged (Ray's own behaviour).
+    """
+    from ray._private.worker import filter_autoscaler_events, print_to_stdstream
+
+    lines = data.get("lines", [])
+    if data.get("pid") == "autoscaler":  # its status tables every few seconds: only its events, as Ray does
+        lines = list(filter_autoscaler_events(lines))
+    rest = []
+    for line in lines:
+        marked = console.unmark(line)
+        if marked:
+            console.emit(marked[1], marked[0])
+        else:
+            rest.append(line)
+    log_file = _route["file"]
+    if rest and log_file is not None:
+        who = data.get("actor_name") or data.get("task_name") or ""
+        where = "" if data.get("ip") == data.get("localhost") else f", ip={data.get('ip')}"
+        prefix = f"({who + ' ' if who else ''}pid={data.get('pid')}{where})"
+        log_file.write("".join(f"{prefix} {line}\n" for line in rest))
+        log_file.flush()
+    if rest and (log_file is None or console.level() >= console.VERBOSE):
+        print_to_stdstream({**data, "lines": data["lines"] if data.get("pid") == "autoscaler" else rest},
+                           ignore_prefix=False)
+
+
+@contextlib.contextmanager
+def run_logs(log_dir: Path) -> Iterator[None]:
+    """Keep the console to raykd's lines while a run works; Ray's output goes to `log_dir`.
+
+    raykd.log: everything raykd printed (what the console showed, and more at NORMAL);
+    ray-workers.log: what Ray's workers and actors printed (Train controllers, Ray Data, Tune);
+    ray-driver.log: Ray's Python logs and warnings in this process; driver-stderr.log: what Ray's
+    C++ core printed to this process's stderr. With `-v` the console also gets Ray's output.
+    """
+    verbose = console.level() >= console.VERBOSE
+    log_dir = Path(log_dir)
+    log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    env = {"RAY_COLOR_PREFIX": None if console.use_color() else "0",
+           # Tune's summary box and "View detailed results here" lines: raykd prints its own
+           "RAY_AIR_NEW_OUTPUT": None if verbose else "0"}
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(console.capture(log_dir / "raykd.log"))
+        stack.enter_context(_env(env))
+        workers = stack.enter_context(open(log_dir / "ray-workers.log", "a", encoding="utf-8"))
+        previous, _route["file"] = _route["file"], workers
+        stack.callback(_route.__setitem__, "file", previous)
+        stack.enter_context(_python_logs(log_dir / "ray-driver.log", verbose))
+        if not verbose:
+            stack.enter_context(_native_stderr(log_dir / "driver-stderr.log"))
+        yield
+
+
+@contextlib.contextmanager
+def _env(values: dict) -> Iterator[None]:
+    """Set environment variables (None: leave as is) for the block, then put them back."""
+    old = {k: os.environ.get(k) for k, v in values.items() if v is not None}
+    os.environ.update({k: v for k, v in values.items() if v is not None})
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def _python_logs(path: Path, verbose: bool) -> Iterator[None]:
+    """Ray's (and Optuna's) Python loggers and Python warnings also go to `path`; unless verbose,
+    their console handlers only pass errors and warnings stay off the console."""
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    with contextlib.suppress(ImportError):  # Optuna adds its stderr handler on first use: have it now
+        import optuna.logging
+
+        optuna.logging.get_verbosity()
+    saved = []
+    for name in _LOGGERS:
+        logger = logging.getLogger(name)
+        if logger.propagate and not logger.handlers and name not in ("ray", "py.warnings"):
+            continue  # a child that reaches "ray"'s handlers, and so this one
+        saved.append((logger, logger.level, logger.propagate, [(h, h.level) for h in logger.handlers]))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        if not verbose:
+            logger.propagate = False
+            for h in logger.handlers:
+                if h is not handler and not isinstance(h, logging.FileHandler):
+                    h.setLevel(max(h.level, logging.ERROR))
+    logging.captureWarnings(True)
+    try:
+        yield
+    finally:
+        logging.captureWarnings(False)
+        for logger, level, propagate, handlers in saved:
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+            logger.propagate = propagate
+            for h, h_level in handlers:
+                h.setLevel(h_level)
+        handler.close()
+
+
+@contextlib.contextmanager
+def _native_stderr(path: Path) -> Iterator[None]:
+    """What C and C++ code writes to file descriptor 2 (Ray's core worker logs its errors there,
+    e.g. a warning about actor restarts that is no failure) goes to `path`; Python's sys.stderr,
+    where raykd writes its warnings and errors, keeps the terminal."""
+    try:
+        on_fd2 = sys.stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError):  # e.g. pytest's capsys: not a real file
+        on_fd2 = False
+    sys.stderr.flush()
+    saved = os.dup(2)
+    target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    python_stderr = sys.stderr
+    if on_fd2:
+        sys.stderr = open(os.dup(saved), "w", buffering=1, encoding=python_stderr.encoding,  # noqa: SIM115
+                          errors=python_stderr.errors)
+    os.dup2(target, 2)
+    os.close(target)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        if on_fd2:
+            sys.stderr.close()
+            sys.stderr = python_stderr

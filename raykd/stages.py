@@ -8,7 +8,8 @@ names) and the cluster resources it asks for (the placement summary).
 `run(cfg, names)` is the entry for the CLI, the jobs and Python (`from raykd import stages;
 stages.run(cfg)` runs the pipeline, `stages.run(cfg, ["distill"])` one stage). In order it: checks
 the run directory and the inputs of the first stage asked for (a missing upstream artifact is an
-error that names the command to run, before Ray starts), locks the run directory, writes
+error that names the command to run, before Ray starts), locks the run directory, sends Ray's own
+output to `<run>/logs/` (raykd.runtime.run_logs: the console keeps raykd's lines), writes
 `config.yaml`, starts or joins Ray once (`cfg.ray`), prints the placement, then runs each stage.
 A stage first forgets what it recorded before; a stage the config turns off (tune with
 `tune.enabled: false`, embed_items without item text) forgets its outputs without running, so
@@ -165,13 +166,15 @@ def run(cfg: Config, names: list[str] | None = None, on_done: Callable[[str, obj
 
     `on_done(name, result, seconds)` is called after each stage (the pipeline's timing table).
     """
-    from raykd.runtime import describe_placement, ensure_ray
+    from raykd import console
+    from raykd.runtime import LOG_DIR, describe_placement, ensure_ray, run_logs
 
     chosen = [get(n) for n in names] if names is not None else STAGES
     active = [s for s in chosen if s.enabled(cfg)]
     root = preflight(cfg, active[0] if active else chosen[0])
     results = {}
-    with rundir.lock(root, f"raykd {' '.join(s.name for s in chosen) if names else 'pipeline'}"):
+    with rundir.lock(root, f"raykd {' '.join(s.name for s in chosen) if names else 'pipeline'}"), \
+            run_logs(root / LOG_DIR):  # Ray's output to <run>/logs/, raykd's lines on the console
         rundir.dump_config(cfg, root)
         for stage in chosen:
             if not stage.enabled(cfg):
@@ -181,7 +184,7 @@ def run(cfg: Config, names: list[str] | None = None, on_done: Callable[[str, obj
             describe_placement(cfg, [s.name for s in active], quiet=quiet_placement)
         for stage in active:
             if len(active) > 1:
-                print(f"\n== {stage.name} ==", flush=True)
+                console.say(f"== {stage.name} ==")
             start = time.perf_counter()
             rundir.forget(root, stage.name)
             results[stage.name] = stage.run(cfg)

@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -29,7 +28,7 @@ import torch.distributed as dist
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from raykd import checkpoints, loop, metrics, models, rundir, sequences
+from raykd import checkpoints, console, loop, metrics, models, report_md, rundir, sequences, tracking
 from raykd.config import TrainConfig
 from raykd.errors import RaykdError
 from raykd.runtime import DRIVER_RESOURCE
@@ -48,15 +47,16 @@ def fit(spec: RunSpec, run_dir: Path, before_epoch: Callable[[int], None] | None
     fingerprint = spec.fingerprint
     done = reusable(out, fingerprint)
     if done:
-        print(f"{spec.name}: reusing {out} (same inputs and settings)", flush=True)
+        console.say(f"{spec.name}: reusing {out} (same inputs and settings)")
         return {**done, "reused": True}
     storage = run_dir / "ray_train"
     ray_name = spec.name.replace("/", "-")  # kd_curve/d8/student -> one flat Ray Train run name
     _forget_stale_run(storage / ray_name, fingerprint)
-    trainer = make_trainer(spec, ray_name, storage, data_dir, before_epoch=before_epoch)
+    callbacks = [EpochLines(spec.name, spec.train.epochs), *tracking.train_callbacks(run_dir, spec)]
+    trainer = make_trainer(spec, ray_name, storage, data_dir, callbacks=callbacks, before_epoch=before_epoch)
     m, tc = spec.model, spec.train
-    print(f"{spec.name}: training {m.family} dim={m.dim} layers={m.layers} on "
-          f"{tc.num_workers} worker(s) ({'GPU' if tc.use_gpu else 'CPU'})", flush=True)
+    console.say(f"{spec.name}: training {m.family} dim={m.dim} layers={m.layers} on "
+                f"{tc.num_workers} worker(s) ({'GPU' if tc.use_gpu else 'CPU'})")
     t0 = time.perf_counter()
     result = trainer.fit()
     if result.error or result.checkpoint is None:
@@ -67,8 +67,8 @@ def fit(spec: RunSpec, run_dir: Path, before_epoch: Callable[[int], None] | None
             "name": spec.name, "train_seconds": time.perf_counter() - t0, "alpha": kd.alpha if kd else 0.0,
             "temperature": kd.temperature if kd else 1.0, "kd_loss": kd.loss if kd and kd.alpha > 0 else None,
             "fingerprint": fingerprint})
-    print(f"{spec.name}: best valid NDCG@10 {summary['valid']['ndcg@10']:.4f} at epoch {summary['best_epoch']} "
-          f"({summary['epochs_run']} epochs, {summary['train_seconds']:.0f}s) -> {out}", flush=True)
+    console.say(f"{spec.name}: best valid NDCG@10 {summary['valid']['ndcg@10']:.4f} at epoch {summary['best_epoch']} "
+                f"({summary['epochs_run']} epochs, {console.duration(summary['train_seconds'])}) -> {out}")
     return summary
 
 
@@ -88,7 +88,7 @@ def fit_many(specs: list[RunSpec], run_dir: Path, parallel: int) -> list[dict]:
     todo = [s for s in specs if not reusable(Path(run_dir) / s.name, s.fingerprint)]
     if min(parallel, len(todo)) <= 1:
         return [fit(s, run_dir) for s in specs]
-    print(f"{len(todo)} training runs, {parallel} at a time: {', '.join(s.name for s in todo)}", flush=True)
+    console.say(f"{len(todo)} training runs, {parallel} at a time: {', '.join(s.name for s in todo)}")
     remote_fit = ray.remote(num_cpus=0, resources={DRIVER_RESOURCE: 1}, max_retries=0)(fit)
     pending, results = {}, {}
     for i, spec in enumerate(specs):
@@ -120,6 +120,36 @@ def make_trainer(spec: RunSpec, name: str, storage: Path, data_dir: Path, callba
     )
 
 
+class EpochLines(ray.train.UserCallback):
+    """The epoch lines of one run, printed by Ray Train's controller as each report arrives.
+
+    One line per epoch is kept in raykd.log (and shown with `-v`); the console gets the first,
+    then one every `every_s` seconds, and the last, each with the time so far and an ETA (an upper
+    bound: early stopping may end the run sooner). The controller is a Ray actor: its lines reach
+    the driver through Ray's log forwarding, marked as raykd's (raykd.console.say).
+    """
+
+    def __init__(self, name: str, epochs: int, every_s: float = 20.0):
+        self.name, self.epochs = name, epochs
+        self.start = time.time()  # the driver's clock, at fit(): the elapsed time includes start-up
+        self.throttle = console.Throttle(every_s)
+        self.first = None
+
+    def after_report(self, run_context, metrics, checkpoint):
+        r = metrics[0]
+        done, now = r["epoch"] + 1, time.time()
+        elapsed = now - self.start
+        if self.first is None:  # the first report of this process (a resumed run starts later than epoch 1)
+            self.first = (done, now - r.get("epoch_s", 0.0))
+        pace = (now - self.first[1]) / max(done - self.first[0] + 1, 1)  # seconds per epoch, reports included
+        left = pace * (self.epochs - done)
+        eta = f", ETA at most {console.duration(left)}" if not r.get("final") else ""
+        line = (f"{self.name}: epoch {done}/{self.epochs} loss {r['loss']:.4f}, val NDCG@10 {r['val_ndcg@10']:.4f} "
+                f"(best {r['best_val_ndcg@10']:.4f} at epoch {r.get('best_epoch', r['epoch']) + 1}), "
+                f"{r.get('epoch_s', 0.0):.1f}s/epoch, {console.duration(elapsed)} so far{eta}")
+        console.say(line, detail=not self.throttle.due(force=bool(r.get("final"))))
+
+
 def export(ckpt: Path, out: Path, spec: RunSpec, data_dir: Path, extra: dict) -> dict:
     """Publish a checkpoint's best-on-validation model as the artifact `out` (servable as is).
 
@@ -140,6 +170,7 @@ def export(ckpt: Path, out: Path, spec: RunSpec, data_dir: Path, extra: dict) ->
         (tmp / "metrics.json").write_text(json.dumps(summary, indent=2))
         rundir.write_manifest(tmp, spec.fingerprint, spec.upstream, role=spec.role,
                               vocab_digest=data.get("vocab_digest"), num_items=desc["num_items"])
+    report_md.mark_stale(Path(data_dir).parent)  # a report that scored the model replaced here says so
     return summary
 
 
@@ -225,16 +256,14 @@ def train_loop(config: dict) -> None:
         state["history"].append({"epoch": epoch, "loss": loss_sum / max(batches, 1), **val,
                                  "seconds": time.perf_counter() - t0, "steps": batches})
         state["replica_digests"] = _replica_digests(core, world, device)
+        stop = loop.should_stop(state, tc)
+        # epoch counts from 0 here (ASHA's clock in raykd.tune_trial); EpochLines and tracking show it from 1
         report = {"epoch": epoch, "loss": loss_sum / max(batches, 1), "val_ndcg@10": val["ndcg@10"],
-                  "best_val_ndcg@10": state["best"]["metrics"]["ndcg@10"]}
+                  **{f"val_{k}": v for k, v in val.items() if k != "ndcg@10"},
+                  "best_val_ndcg@10": state["best"]["metrics"]["ndcg@10"], "best_epoch": state["best"]["epoch"],
+                  "epoch_s": state["history"][-1]["seconds"], "final": stop or epoch + 1 >= tc["epochs"]}
         _report(report, core, optimizer, state, config["desc"], rank, best_weights)
-        if rank == 0:
-            best = state["best"]
-            print(f"{config.get('name', 'train')}: epoch {epoch + 1}/{tc['epochs']} loss {report['loss']:.4f}, "
-                  f"val NDCG@10 {val['ndcg@10']:.4f} (best {best['metrics']['ndcg@10']:.4f} at epoch "
-                  f"{best['epoch'] + 1}), {state['history'][-1]['seconds']:.1f}s",
-                  file=sys.__stdout__, flush=True)  # not Train's print patch, which logs it twice
-        if loop.should_stop(state, tc):
+        if stop:
             break
 
 
