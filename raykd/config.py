@@ -256,6 +256,8 @@ class ServeConfig(Section):
     api_key_file: str | None = Field(None, description="file holding the bearer token, read where the app is built "
                                      "and by each replica; also RAYKD_API_KEY_FILE")
     access_log: bool = Field(False, description="per-request logs cost ~30% of throughput")
+    max_batch_users: int = Field(256, ge=1, description="most /recommend bodies in one POST /recommend/batch "
+                                 "(more: 422 for the whole batch); the whole body still counts against max_body_bytes")
     exclude_seen: bool = Field(True, description="never recommend an item of the user's history (a request's "
                                "default); evaluate scores test targets by the same rule, so report.json describes "
                                "what is served")

@@ -5,17 +5,21 @@ run's `data/` for the item vocabulary and known user histories. Endpoints:
 
     POST /recommend  {"history": [raw item ids, oldest first] | "user_id": id, "k": 10, "exclude_seen": true}
                      -> {"items": [raw ids], "scores": [...], "model": id, "unknown_items": [...]}
+    POST /recommend/batch  {"requests": [<a /recommend body>, ...]} (at most serve.max_batch_users)
+                     -> {"results": [<its answer> | {"error": "...", "status": 4xx}, ...]} in order
     GET  /healthz, GET /model, GET /docs and /openapi.json (with this deployment's limits)
 
 Hostile input gets a 4xx with {"error": "..."}, never a 5xx: ids follow one rule (raykd.ids), the
 body is read as a stream and cut at serve.max_body_bytes (chunked or not), and every answer and
-error is declared in the OpenAPI schema. Auth fails closed (raykd.auth): with a key, /recommend
-and /model need `Authorization: Bearer <key>` (scheme in any case, constant-time comparison);
+error is declared in the OpenAPI schema. Auth fails closed (raykd.auth): with a key, /recommend,
+/recommend/batch and /model need `Authorization: Bearer <key>` (scheme in any case, constant-time comparison);
 without one, only a loopback bind is allowed.
 
 One deployment does both HTTP and scoring: a separate model deployment behind a handle costs a
 second hop per request (measured in benchmarks/bench_serve.py). Concurrent requests are scored
-together by `@serve.batch`; replicas scale between min and max on ongoing requests.
+together by `@serve.batch`; /recommend/batch scores its valid entries in one forward pass, past the
+proxy's per-request cost. Replicas scale between min and max on ongoing requests. A run
+directory, a model folder and an exported bundle (`raykd export`) are served alike.
 Three ways to run it: `raykd serve PATH`, `serve run configs/serve.yaml` (the `app_builder`
 below), or `serve.run(build_app(path, ServeConfig()))` from Python.
 """
@@ -39,11 +43,21 @@ from starlette.requests import ClientDisconnect
 from raykd import auth
 from raykd.config import ServeConfig
 from raykd.errors import RaykdError
-from raykd.recommender import BadRequest, Recommender, RecommendResponse, request_schema
+from raykd.recommender import (
+    BadRequest,
+    BatchResponse,
+    Recommender,
+    RecommendResponse,
+    batch_entries,
+    batch_schema,
+    request_schema,
+)
+
+DEFAULT_MAX_BATCH_USERS = 256  # until ServeConfig has serve.max_batch_users
 
 # /openapi.json and /docs are served by the deployment itself, with this deployment's limits
 app = FastAPI(title="raykd", description="Recommendations from a distilled student model. Ids follow raykd.ids; "
-              "with an API key, /recommend and /model need `Authorization: Bearer <key>`.",
+              "with an API key, /recommend, /recommend/batch and /model need `Authorization: Bearer <key>`.",
               openapi_url=None, docs_url=None, redoc_url=None)
 
 
@@ -64,11 +78,14 @@ def _errors(*codes: int) -> dict:
     return {c: {"model": ErrorResponse, "description": what[c]} for c in codes}
 
 
-def _error(status: int, message: str) -> JSONResponse:
+def _safe(message: str) -> str:
     # never echo text that cannot be encoded (a lone surrogate in a client's key name) or is huge
-    safe = message.encode("utf-8", "backslashreplace").decode("utf-8")[:2000]
+    return message.encode("utf-8", "backslashreplace").decode("utf-8")[:2000]
+
+
+def _error(status: int, message: str) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return JSONResponse({"error": safe}, status_code=status, headers=headers)
+    return JSONResponse({"error": _safe(message)}, status_code=status, headers=headers)
 
 
 async def _read_body(request: Request, limit: int) -> bytes | None:
@@ -111,7 +128,8 @@ class StudentDeployment:
         self.verifier = auth.Verifier.for_key(key) if key else auth.Verifier(*verifier) if verifier else None
         if self.verifier is None:  # fail closed, whatever the builder saw
             auth.require_key(_proxy_host() or self.settings.host, None, "Serve's HTTP proxy host")
-        self.rec = Recommender(student_path, self.settings.max_k, self.settings.max_history)
+        self.rec = Recommender(student_path, self.settings.max_k, self.settings.max_history,
+                               exclude_seen=getattr(self.settings, "exclude_seen", True))
         self._batched.set_max_batch_size(self.settings.max_batch_size)
         self._batched.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
 
@@ -130,17 +148,9 @@ class StudentDeployment:
     async def recommend(self, request: Request) -> JSONResponse:
         if refused := self._refused(request):
             return refused
-        too_big = f"body over {self.settings.max_body_bytes} bytes; send fewer history items"
-        try:
-            body = await _read_body(request, self.settings.max_body_bytes)
-        except ClientDisconnect:
-            return _error(400, "the client went away before sending the whole body")
-        if body is None:
-            return _error(413, too_big)
-        try:
-            data = json.loads(body)
-        except (ValueError, RecursionError) as err:  # RecursionError: JSON nested thousands deep
-            return _error(400, f"body is not valid JSON ({str(err)[:200]}); send e.g. {{\"history\": [1, 2], \"k\": 10}}")
+        data = await self._json(request, "send fewer history items", '{"history": [1, 2], "k": 10}')
+        if isinstance(data, JSONResponse):
+            return data
         if not isinstance(data, dict):
             return _error(422, "body must be a JSON object with 'history' or 'user_id'")
         try:
@@ -148,6 +158,42 @@ class StudentDeployment:
         except BadRequest as err:
             return _error(err.status, err.message)
         return JSONResponse(await self._batched(parsed))
+
+    @app.post("/recommend/batch", response_model=BatchResponse, responses=_errors(400, 401, 413, 422),
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": batch_schema()}}}})
+    async def recommend_batch(self, request: Request) -> JSONResponse:
+        """Many /recommend bodies in one request, answered in order and scored in one forward pass."""
+        if refused := self._refused(request):
+            return refused
+        data = await self._json(request, "send fewer requests per batch", '{"requests": [{"user_id": 7}]}')
+        if isinstance(data, JSONResponse):
+            return data
+        try:
+            entries = batch_entries(data, self._max_batch_users())
+        except BadRequest as err:
+            return _error(err.status, err.message)
+        results = self.rec.recommend_batch(entries)
+        for r in results:
+            if "error" in r:
+                r["error"] = _safe(r["error"])
+        return JSONResponse({"results": results})
+
+    async def _json(self, request: Request, fix: str, example: str) -> object:
+        """The body as JSON (any value), or the 400/413 answer: read as a stream, cut at max_body_bytes."""
+        try:
+            body = await _read_body(request, self.settings.max_body_bytes)
+        except ClientDisconnect:
+            return _error(400, "the client went away before sending the whole body")
+        if body is None:
+            return _error(413, f"body over {self.settings.max_body_bytes} bytes; {fix}")
+        try:
+            return json.loads(body)
+        except (ValueError, RecursionError) as err:  # RecursionError: JSON nested thousands deep
+            return _error(400, f"body is not valid JSON ({str(err)[:200]}); send e.g. {example}")
+
+    def _max_batch_users(self) -> int:
+        return int(getattr(self.settings, "max_batch_users", None) or DEFAULT_MAX_BATCH_USERS)
 
     @app.get("/healthz", response_model=Health)
     async def healthz(self) -> dict:
@@ -158,6 +204,8 @@ class StudentDeployment:
         spec = copy.deepcopy(request.app.openapi())
         body = spec["paths"]["/recommend"]["post"]["requestBody"]["content"]["application/json"]
         body["schema"] = request_schema(self.settings.max_k, self.settings.max_history)
+        batch = spec["paths"]["/recommend/batch"]["post"]["requestBody"]["content"]["application/json"]
+        batch["schema"] = batch_schema(self._max_batch_users())
         if root := request.scope.get("root_path", "").rstrip("/"):  # an app under a route prefix
             spec["servers"] = [{"url": root}]
         return JSONResponse(spec)
@@ -171,7 +219,9 @@ class StudentDeployment:
     async def model(self, request: Request) -> JSONResponse:
         if refused := self._refused(request):
             return refused
-        return JSONResponse(self.rec.describe())
+        info = self.rec.describe()
+        info["limits"]["max_batch_users"] = self._max_batch_users()
+        return JSONResponse(info)
 
 
 def build_app(student_path: str, settings: ServeConfig) -> serve.Application:

@@ -202,3 +202,20 @@ def test_a_run_killed_during_export_leaves_the_previous_model(tiny_run, tmp_path
     assert manifest["key"] == spec.fingerprint and manifest["vocab_digest"] == rundir.read_manifest(
         tiny_run / "data")["vocab_digest"]
     assert json.loads((tmp_path / "student" / "metrics.json").read_text())["name"] == "student"
+
+
+def test_a_vocabulary_of_the_same_size_with_other_ids_is_refused(tiny_run, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raykd.recommender import Recommender
+
+    shutil.copytree(tiny_run / "student", tmp_path / "student")
+    shutil.copytree(tiny_run / "data", tmp_path / "data")
+    Recommender(tmp_path / "student")  # its own vocabulary: fine
+    items = pq.read_table(tmp_path / "data" / "items.parquet")
+    raw = items["raw_id"].to_pylist()
+    swapped = items.set_column(items.schema.get_field_index("raw_id"), "raw_id", pa.array(raw[1:] + raw[:1]))
+    pq.write_table(swapped, tmp_path / "data" / "items.parquet")  # same size, other ids at each index
+    with pytest.raises(RaykdError, match="another item vocabulary"):
+        Recommender(tmp_path / "student")
