@@ -72,7 +72,7 @@ def start_cluster(head: dict, worker: dict, attempts: int = 3) -> Cluster:
 
 
 def main() -> int:
-    from raykd import distill, models, prepare, sequences, soft_labels
+    from raykd import distill, models, prepare, rundir, sequences, soft_labels
     from raykd.config import load_config
     from raykd.runtime import DRIVER_RESOURCE, describe_placement, ensure_ray
 
@@ -95,8 +95,10 @@ def main() -> int:
         data_dir = run_dir / "data"
         desc = {"family": cfg.teacher.model.family, "num_items": sequences.num_items(data_dir),
                 **cfg.teacher.model.model_dump(exclude={"family"})}
-        models.save_model(run_dir / "teacher", models.build_model(desc), desc,
-                          extra={"fingerprint": "random-teacher-for-placement-test"})
+        with rundir.staged(run_dir / "teacher") as tmp:  # published and recorded as the teacher stage does
+            models.save_model(tmp, models.build_model(desc), desc, extra={"fingerprint": "random-teacher"})
+            rundir.write_manifest(tmp, "random-teacher", {"data": rundir.key_of(data_dir)})
+        rundir.record(run_dir, "teacher", "teacher", ["data"])
         soft_labels.run(cfg)
         t_fit = time.time()
         distill.run(cfg)
