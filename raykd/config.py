@@ -138,6 +138,8 @@ class TrainConfig(Section):
                             "plateau before they climb)")
     loss: Literal["full", "sampled"] = Field("full", description="sampled: log-Q sampled softmax")
     num_negatives: int = Field(1000, ge=1, description="sampled softmax negatives")
+    kd_negatives: int = Field(64, ge=1, description="loss: sampled with a KD term: negatives drawn per training "
+                              "position; the teacher's top-K and the target are always scored exactly")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP)")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each Train worker reserves (fractions allowed)")
     use_gpu: bool = Field(False, description="one GPU per worker, bf16 autocast")
@@ -231,6 +233,8 @@ class TuneConfig(Section):
     time_budget_s: float | None = Field(None, gt=0, description="stop starting trials after this")
     grace_period: int = Field(2, ge=1, description="ASHA: epochs before a trial can be stopped")
     cpus_per_trial: float = Field(1.0, gt=0, description="CPUs of each trial's Train worker")
+    in_process: bool = Field(True, description="trials of a 1-worker CPU student train inside the Tune trial (no "
+                             "Ray Train start); false keeps every trial on Ray Train")
     seed: int = Field(0, description="TPE sampler seed")
     space: dict[str, SearchDim] = Field(default_factory=_default_space,
                                         description="searched keys (dotted distill.* paths) and their ranges")

@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from raykd import losses, metrics, models, sequences, text
+from raykd import checkpoints, losses, metrics, models, sequences, text
 
 
 def build(config: dict) -> torch.nn.Module:
@@ -71,24 +71,36 @@ def item_log_q(data_dir: str | Path) -> list[float]:
     return np.log(q / q.sum()).tolist()
 
 
+KD_NEGATIVES = 64  # `train.loss: sampled` with a KD term: negatives drawn per training position
+
+
 def train_epoch(model, core, optimizer, batches, config: dict, device, amp, log_q) -> tuple[float, int]:
-    """One pass over `batches`; returns (summed loss, number of batches)."""
+    """One pass over `batches`; returns (summed loss, number of batches).
+
+    `train.loss: sampled` never builds the [N, V] logits: without a KD term it is the log-Q sampled
+    softmax over `num_negatives` shared negatives; with one (alpha > 0) every position scores its
+    teacher's top-K, its target and `kd_negatives` (default KD_NEGATIVES) items drawn for it
+    (losses.sampled_distill_loss). `full` scores the whole catalogue (losses.distill_loss).
+    """
     tc = config["train"]
     model.train()
     loss_sum, count = 0.0, 0
+    alpha = config["alpha"]
     for batch in batches:
         inp = torch.as_tensor(matrix(batch["input"]), device=device)
         target = torch.as_tensor(matrix(batch["target"]), device=device)
         mask = target > 0
+        t_idx, t_logit, t_rest = soft(batch, device) if alpha > 0 else (None, None, None)
         with amp:
             hidden = model(inp)[mask]
-            if tc["loss"] == "sampled" and config["alpha"] == 0:
-                loss = losses.sampled_softmax_loss(hidden, core.item_table(), target[mask],
-                                                   tc["num_negatives"], log_q)
+            if tc["loss"] == "sampled":
+                loss, _, _ = losses.sampled_distill_loss(hidden, core.item_table(), target[mask], t_idx, t_logit,
+                                                         alpha, config["temperature"], config["kd_loss"],
+                                                         tc["num_negatives"], log_q, teacher_rest=t_rest,
+                                                         row_negatives=tc.get("kd_negatives", KD_NEGATIVES))
             else:
-                t_idx, t_logit, t_rest = soft(batch, device) if config["alpha"] > 0 else (None, None, None)
                 loss, _, _ = losses.distill_loss(core.score(hidden).float(), target[mask], t_idx, t_logit,
-                                                 config["alpha"], config["temperature"], config["kd_loss"],
+                                                 alpha, config["temperature"], config["kd_loss"],
                                                  teacher_rest=t_rest)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -104,16 +116,22 @@ def matrix(column: np.ndarray) -> np.ndarray:
 
 
 def soft(batch: dict, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Soft labels of the batch's real slots, in row-major slot order (matches `hidden[mask]`)."""
-    idx = np.frombuffer(b"".join(batch["t_idx"]), dtype=np.int32)
-    logit = np.frombuffer(b"".join(batch["t_logits"]), dtype=np.float16)
-    rows = max(int((matrix(batch["target"]) > 0).sum()), 1)
-    k = len(idx) // rows
-    rest = None
-    if "t_rest" in batch:
-        rest = torch.as_tensor(np.frombuffer(b"".join(batch["t_rest"]), dtype=np.float32).copy(), device=device)
-    return (torch.as_tensor(idx.reshape(-1, k).astype(np.int64), device=device),
-            torch.as_tensor(logit.reshape(-1, k).astype(np.float32), device=device), rest)
+    """Soft labels of the batch's real slots, in row-major slot order (matches `hidden[mask]`).
+
+    Ray Data batches carry one bytes value per window (sequences.window_table): joined and viewed
+    as arrays in one go; in-memory batches (shuffled_batches) already hold the rows as arrays.
+    """
+    idx, logit, rest = (batch.get(k) for k in sequences.SOFT_COLUMNS)
+    if idx.dtype == object:
+        rows = max(int((matrix(batch["target"]) > 0).sum()), 1)
+        idx = np.frombuffer(b"".join(idx), dtype=np.int32)
+        logit = np.frombuffer(b"".join(logit), dtype=np.float16).reshape(-1, len(idx) // rows)
+        idx = idx.reshape(logit.shape)
+        rest = None if rest is None else np.frombuffer(b"".join(rest), dtype=np.float32)
+    if rest is not None:
+        rest = torch.as_tensor(np.array(rest, dtype=np.float32), device=device)
+    return (torch.as_tensor(idx.astype(np.int64), device=device),
+            torch.as_tensor(logit.astype(np.float32), device=device), rest)
 
 
 def should_stop(state: dict, tc: dict) -> bool:
@@ -132,16 +150,14 @@ def worker_batch(batch_size: int, world: int) -> int:
 
 
 def windows_in_memory(data_dir: str | Path, max_len: int, soft_dir: str | Path | None = None) -> dict:
-    """All training windows of a prepared run as NumPy columns (soft labels attached when given)."""
-    tables = [sequences.window_table(p, max_len, Path(soft_dir) / p.name if soft_dir else None)
-              for p in sequences.shard_paths(data_dir)]
-    cols = {}
-    for name in tables[0].column_names:
-        parts = [t[name].combine_chunks() for t in tables]
-        if name in ("input", "target"):
-            cols[name] = np.concatenate([p.values.to_numpy().reshape(len(p), -1) for p in parts])
-        else:
-            cols[name] = np.array([v for p in parts for v in p.to_pylist()], dtype=object)
+    """All training windows of a prepared run as NumPy arrays: input/target [W, max_len] int32 and,
+    with soft labels, t_idx/t_logits [R, K] (t_rest [R]) for the R real slots in window order, and
+    t_start [W + 1], where each window's rows begin. Plain numeric arrays: `ray.put` shares them."""
+    parts = [sequences.window_arrays(p, max_len, Path(soft_dir) / p.name if soft_dir else None)
+             for p in sequences.shard_paths(data_dir)]
+    cols = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+    if soft_dir:
+        cols["t_start"] = np.concatenate([[0], np.cumsum((cols["target"] > 0).sum(1), dtype=np.int64)])
     return cols
 
 
@@ -149,8 +165,78 @@ def shuffled_batches(cols: dict, batch_size: int, seed: int):
     """Batches of `cols` in a seeded random order (the in-process twin of Ray Data's shuffle)."""
     order = np.random.default_rng(seed).permutation(len(cols["input"]))
     for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
-        yield {k: v[rows] for k, v in cols.items()}
+        yield take(cols, order[start:start + batch_size])
+
+
+def take(cols: dict, rows: np.ndarray) -> dict:
+    """The windows `rows` of `cols`, with their soft-label rows gathered in one vectorised step."""
+    batch = {"input": cols["input"][rows], "target": cols["target"][rows]}
+    if "t_start" in cols:
+        first, count = cols["t_start"][rows], np.diff(cols["t_start"])[rows]
+        slots = np.repeat(first - np.cumsum(count) + count, count) + np.arange(count.sum())
+        batch.update({k: cols[k][slots] for k in sequences.SOFT_COLUMNS if k in cols})
+    return batch
+
+
+VAL_KEYS = ("ndcg@10", "hr@10", "mrr@10", "ndcg@20", "hr@20")  # what train.train_loop records per epoch
+
+
+class LocalRun:
+    """One model trained in this process: the epoch, validation, early-stopping state and
+    checkpoints (raykd.checkpoints, the format Ray Train writes) that `fit_local` and an in-process
+    Tune trial (raykd.tune_trial) share. `cols`: windows already in memory (else read here)."""
+
+    def __init__(self, config: dict, data_dir: str | Path, cols: dict | None = None, device: str = "cpu"):
+        tc = config["train"]
+        self.config, self.device = config, device
+        self.model = build(config).to(device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=tc["lr"], weight_decay=tc["weight_decay"])
+        soft_dir = config.get("soft_dir") if config["alpha"] > 0 else None
+        self.cols = cols if cols is not None else windows_in_memory(data_dir, config["desc"]["max_len"], soft_dir)
+        self.valid = sequences.eval_inputs(sequences.read_split(data_dir), "valid")
+        self.log_q = torch.tensor(item_log_q(data_dir), device=device) if tc["loss"] == "sampled" else None
+        self.amp = (torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda")
+                    else torch.autocast("cpu", enabled=False))
+        self.state = {"epoch": -1, "best": {"epoch": -1, "metrics": {"ndcg@10": -1.0}}, "bad_epochs": 0,
+                      "history": []}
+        self.best = checkpoints.weights(self.model)
+
+    def epoch(self, epoch: int) -> dict:
+        """Train epoch `epoch` (from 0), validate, update the state; return its history entry."""
+        t0 = time.perf_counter()
+        tc, state = self.config["train"], self.state
+        batches = shuffled_batches(self.cols, tc["batch_size"], self.config["seed"] * 1000 + epoch)
+        loss_sum, n = train_epoch(self.model, self.model, self.optimizer, batches, self.config, self.device,
+                                  self.amp, self.log_q)
+        val = metrics.evaluate_model(self.model, *self.valid, device=self.device)
+        val = {k: val[k] for k in VAL_KEYS}
+        state["epoch"] = epoch
+        improved = val["ndcg@10"] > state["best"]["metrics"]["ndcg@10"]
+        state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
+        if improved:
+            state["best"] = {"epoch": epoch, "metrics": val}
+            self.best = checkpoints.weights(self.model)
+        entry = {"epoch": epoch, "loss": loss_sum / max(n, 1), **val, "seconds": time.perf_counter() - t0,
+                 "steps": n}
+        state["history"].append(entry)
+        return entry
+
+    def stop(self) -> bool:
+        return should_stop(self.state, self.config["train"])
+
+    def save(self, path: str | Path) -> None:
+        checkpoints.save(path, self.model, self.optimizer, self.state, self.config["desc"], self.best)
+
+    def restore(self, path: str | Path) -> None:
+        self.state, self.best = checkpoints.load(path, self.model, self.optimizer, self.device)
+        self.state["resumed"] = self.state.get("resumed", 0) + 1
+
+    def summary(self) -> dict:
+        """Best epoch counted from 1, valid metrics, history (epochs from 1), parameters."""
+        state = self.state
+        return {"best_epoch": state["best"]["epoch"] + 1, "valid": state["best"]["metrics"],
+                "epochs_run": state["epoch"] + 1, "history": [{**h, "epoch": h["epoch"] + 1} for h in state["history"]],
+                "params": models.count_params(self.model)}
 
 
 def fit_local(config: dict, data_dir: str | Path, soft_dir: str | Path | None = None, device: str = "cpu",
@@ -159,37 +245,13 @@ def fit_local(config: dict, data_dir: str | Path, soft_dir: str | Path | None = 
 
     Returns the best-on-validation model and a summary (best_epoch counted from 1, valid metrics, history).
     """
-    tc = config["train"]
-    soft_dir = soft_dir or config.get("soft_dir")
-    model = build(config).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=tc["lr"], weight_decay=tc["weight_decay"])
-    cols = windows_in_memory(data_dir, config["desc"]["max_len"], soft_dir if config["alpha"] > 0 else None)
-    split = sequences.read_split(data_dir)
-    hist, targets, seen = sequences.eval_inputs(split, "valid")
-    log_q = torch.tensor(item_log_q(data_dir), device=device) if tc["loss"] == "sampled" else None
-    state = {"epoch": -1, "best": {"epoch": -1, "metrics": {"ndcg@10": -1.0}}, "bad_epochs": 0, "history": []}
-    best = {k: v.clone() for k, v in model.state_dict().items()}
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast(
-        "cpu", enabled=False)
-    for epoch in range(tc["epochs"]):
-        t0 = time.perf_counter()
-        batches = shuffled_batches(cols, tc["batch_size"], config["seed"] * 1000 + epoch)
-        loss_sum, n = train_epoch(model, model, optimizer, batches, config, device, amp, log_q)
-        val = metrics.evaluate_model(model, hist, targets, seen, device=device)
-        state["epoch"] = epoch
-        improved = val["ndcg@10"] > state["best"]["metrics"]["ndcg@10"]
-        state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
-        if improved:
-            state["best"] = {"epoch": epoch, "metrics": val}
-            best = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        state["history"].append({"epoch": epoch + 1, "loss": loss_sum / max(n, 1), "ndcg@10": val["ndcg@10"],
-                                 "seconds": time.perf_counter() - t0})
-        log(f"{config.get('name', 'train')}: epoch {epoch + 1}/{tc['epochs']} loss {loss_sum / max(n, 1):.4f} "
-            f"val NDCG@10 {val['ndcg@10']:.4f} ({time.perf_counter() - t0:.1f}s)")
-        if should_stop(state, tc):
+    run = LocalRun({**config, "soft_dir": soft_dir or config.get("soft_dir")}, data_dir, device=device)
+    epochs = config["train"]["epochs"]
+    for epoch in range(epochs):
+        h = run.epoch(epoch)
+        log(f"{config.get('name', 'train')}: epoch {epoch + 1}/{epochs} loss {h['loss']:.4f} "
+            f"val NDCG@10 {h['ndcg@10']:.4f} ({h['seconds']:.1f}s)")
+        if run.stop():
             break
-    model.load_state_dict(best)
-    summary = {"best_epoch": state["best"]["epoch"] + 1, "valid": state["best"]["metrics"],
-               "epochs_run": state["epoch"] + 1, "history": state["history"],
-               "params": models.count_params(model)}
-    return model.eval(), summary
+    run.model.load_state_dict(run.best)
+    return run.model.eval(), run.summary()

@@ -74,6 +74,9 @@ def ensure_ray(cfg: RayConfig | None = None, quiet: bool = False) -> None:
     cfg = cfg or RayConfig()
     address = find_cluster(cfg)
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    # Tune snapshots an experiment every 2 checkpoints of a trial and warns when that is often;
+    # in-process trials with short epochs make it so, and the warning says nothing to act on
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if address:
         # An existing cluster (e.g. under `ray job submit`): num_cpus/resources would raise here.
         if cfg.num_cpus is not None and not quiet:

@@ -91,25 +91,53 @@ def window_table(shard: Path, max_len: int, soft: Path | None = None) -> pa.Tabl
     """Training windows of one sequence shard, with the aligned soft labels when given.
 
     Soft labels travel as bytes per window (K int32 indices, K float16 logits and, when stored, one
-    float32 rest log-mass for each real slot, in slot order), so padding slots cost nothing.
+    float32 rest log-mass for each real slot, in slot order), so padding slots cost nothing. The
+    bytes columns are built from the flat arrays' buffers (`window_arrays`), not window by window.
     """
-    w = windows(pq.read_table(shard, columns=["train"])["train"].combine_chunks(), max_len)
+    w = window_arrays(shard, max_len, soft)
     cols = {"input": _fixed(w["input"]), "target": _fixed(w["target"])}
-    if soft is not None:
-        labels = pq.read_table(soft)
-        k = labels.schema.field("idx").type.list_size
-        idx = labels["idx"].combine_chunks().values.to_numpy().reshape(-1, k)
-        logit = labels["logits"].combine_chunks().values.to_numpy(zero_copy_only=False).reshape(-1, k)
-        if len(idx) != int((w["pos"] >= 0).sum()):
-            raise RaykdError(f"soft labels {soft} have {len(idx)} rows but {shard} has "
-                             f"{int((w['pos'] >= 0).sum())} training positions: regenerate them")
-        cols["t_idx"] = pa.array([idx[p[p >= 0]].astype(np.int32).tobytes() for p in w["pos"]], pa.binary())
-        cols["t_logits"] = pa.array([logit[p[p >= 0]].astype(np.float16).tobytes() for p in w["pos"]],
-                                    pa.binary())
-        if "rest" in labels.column_names:  # the teacher's log-mass outside its top-K (whole-catalogue KL)
-            rest = labels["rest"].to_numpy().astype(np.float32)
-            cols["t_rest"] = pa.array([rest[p[p >= 0]].tobytes() for p in w["pos"]], pa.binary())
+    per_window = (w["target"] > 0).sum(1)
+    for name in SOFT_COLUMNS:
+        if name in w:
+            cols[name] = _packed(w[name], per_window)
     return pa.table(cols)
+
+
+SOFT_COLUMNS = ("t_idx", "t_logits", "t_rest")
+
+
+def window_arrays(shard: Path, max_len: int, soft: Path | None = None) -> dict[str, np.ndarray]:
+    """Training windows of one shard as NumPy arrays: input/target [W, max_len] int32 and, with
+    soft labels, t_idx [R, K] int32, t_logits [R, K] float16 (and t_rest [R] float32) for the R
+    real slots in row-major slot order (the order of `hidden[target > 0]`)."""
+    w = windows(pq.read_table(shard, columns=["train"])["train"].combine_chunks(), max_len)
+    out = {"input": w["input"], "target": w["target"]}
+    if soft is None:
+        return out
+    labels = pq.read_table(soft)
+    k = labels.schema.field("idx").type.list_size
+    real = w["pos"][w["pos"] >= 0]  # row-major: window by window, slot by slot
+    if labels.num_rows != len(real):
+        raise RaykdError(f"soft labels {soft} have {labels.num_rows} rows but {shard} has "
+                         f"{len(real)} training positions: regenerate them")
+    idx = labels["idx"].combine_chunks().values.to_numpy().reshape(-1, k)
+    logit = labels["logits"].combine_chunks().values.to_numpy(zero_copy_only=False).reshape(-1, k)
+    out["t_idx"] = idx[real].astype(np.int32)
+    out["t_logits"] = logit[real].astype(np.float16)
+    if "rest" in labels.column_names:  # the teacher's log-mass outside its top-K (whole-catalogue KL)
+        out["t_rest"] = labels["rest"].to_numpy().astype(np.float32)[real]
+    return out
+
+
+def _packed(values: np.ndarray, per_window: np.ndarray) -> pa.Array:
+    """One bytes value per window: its `per_window[w]` rows of `values`, back to back (zero-copy)."""
+    row_bytes = values.dtype.itemsize * int(np.prod(values.shape[1:], dtype=np.int64))
+    offsets = np.concatenate([[0], np.cumsum(per_window, dtype=np.int64)]) * row_bytes
+    large = offsets[-1] >= 2**31 - 1
+    offsets = offsets.astype(np.int64 if large else np.int32)
+    data = np.ascontiguousarray(values)
+    return pa.Array.from_buffers(pa.large_binary() if large else pa.binary(), len(per_window),
+                                 [None, pa.py_buffer(offsets), pa.py_buffer(data)])
 
 
 def _fixed(a: np.ndarray) -> pa.FixedSizeListArray:

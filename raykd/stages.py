@@ -87,14 +87,20 @@ def _soft_labels_need(cfg: Config) -> list[Need]:
 
 
 def _tune_need(cfg: Config) -> list[Need]:
+    from raykd.tune_trial import in_process
+
     t, workers = cfg.tune, cfg.distill.train.num_workers
     explicit = {"cpus_per_trial", "max_concurrent_trials"} & t.model_fields_set or \
         "num_workers" in cfg.distill.train.model_fields_set  # else tune shrinks cpus_per_trial to fit
+    setting = "tune.cpus_per_trial or tune.max_concurrent_trials"
+    if in_process(cfg):  # the student trains inside the trial: no Train workers, no driver resource
+        return [Need(f"tune: {t.num_samples} trial(s), up to {t.max_concurrent_trials} at once, each training its "
+                     f"student in the trial process on {t.cpus_per_trial:g} CPU (no Ray Train start)", "tune",
+                     t.max_concurrent_trials if explicit else 0, t.cpus_per_trial, 0, setting)]
     return [Need(f"tune: {t.num_samples} trial(s), up to {t.max_concurrent_trials} at once, each a driver on the "
                  f"zero-CPU driver resource + {workers} Train worker(s) x {t.cpus_per_trial:g} CPU (may shrink to "
                  "fit); 1 CPU kept free for Ray Data", "tune", t.max_concurrent_trials * workers if explicit else 0,
-                 t.cpus_per_trial, 0, "tune.cpus_per_trial or tune.max_concurrent_trials",
-                 drivers=t.max_concurrent_trials, keep_free=1.0)]
+                 t.cpus_per_trial, 0, setting, drivers=t.max_concurrent_trials, keep_free=1.0)]
 
 
 def serve_needs(cfg: Config) -> list[Need]:

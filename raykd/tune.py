@@ -2,8 +2,9 @@
 
 Reads `<run>/data/` and `<run>/soft_labels/` (and `teacher/model.json` for size ratios); writes
 
-    <run>/tune/search/         the Ray Tune experiment (state for resume, per-trial results)
-    <run>/tune/train/          one Ray Train run per trial, `trial_<trial id>/` (checkpoints)
+    <run>/tune/search/         the Ray Tune experiment (state for resume, per-trial results; an
+                               in-process trial's checkpoints in `trial_<trial id>/`)
+    <run>/tune/train/          trials on Ray Train: one run per trial, `trial_<trial id>/` (checkpoints)
     <run>/tune/trials.parquet  one row per trial: searched values, val NDCG@10, params, latency,
     <run>/tune/trials.csv      state, timings (the same table twice)
     <run>/tune/best.yaml       the winning values, as a config fragment
@@ -13,11 +14,16 @@ Reads `<run>/data/` and `<run>/soft_labels/` (and `teacher/model.json` for size 
 
 How a search runs (Ray 2.60, Train V2):
 
-- Each trial is a Tune *function* trainable that builds and fits one `TorchTrainer`
-  (`train.make_trainer`) named `trial_<trial id>`; `TuneReportCallback` forwards every epoch's
-  Train report (val NDCG@10 and the checkpoint path) to Tune. The trial driver claims only the
-  zero-CPU custom resource `DRIVER_RESOURCE`, so CPUs go to Train workers (`tune.cpus_per_trial`
-  each) and at least one whole CPU stays free for Ray Data (GUIDE.md section 4).
+- Each trial is a Tune *function* trainable (raykd.tune_trial). A student on one CPU worker
+  (`distill.train.num_workers: 1`, no GPU) trains inside the trial itself, with the loop of
+  `loop.fit_local` on windows this driver reads once and shares through the object store: the
+  trial claims `tune.cpus_per_trial` CPUs, reports and checkpoints every epoch to Tune, and
+  trial actors are reused, so a trial costs its epochs and little else. Otherwise the trial
+  builds and fits one `TorchTrainer` (`train.make_trainer`) named `trial_<trial id>`;
+  `TuneReportCallback` forwards every epoch's Train report (val NDCG@10 and the checkpoint path)
+  to Tune. That trial driver claims only the zero-CPU custom resource `DRIVER_RESOURCE`, so CPUs
+  go to Train workers (`tune.cpus_per_trial` each) and at least one whole CPU stays free for Ray
+  Data (GUIDE.md section 4).
 - `OptunaSearch` (TPE, seeded) proposes values; in `objective: pareto` it is multi-objective
   (maximise val NDCG@10, minimise params or latency). `ASHAScheduler` stops trials that are behind
   at `grace_period`, 2x, 4x ... epochs in `objective: ndcg`; pareto mode runs every trial to the
@@ -26,8 +32,9 @@ How a search runs (Ray 2.60, Train V2):
   is cut short; the time spent survives an interrupt.
 - Resume: the experiment lives in `<run>/tune/search/` with a fingerprint of its settings. Running
   again after Ctrl-C or a killed driver restores it (`Tuner.restore`): finished trials are kept,
-  unfinished ones restart and their Train run resumes from its last epoch checkpoint. A finished
-  search with the same settings is reused; different settings start a new search.
+  unfinished ones restart and resume from their last epoch checkpoint (the one Tune holds, or
+  their Train run's). A finished search with the same settings is reused; different settings
+  start a new search.
 
 The winner: `objective: ndcg` takes the best val NDCG@10; `pareto` takes the smallest student
 within `max_quality_drop` (relative) of the best val NDCG@10 (`pick_winner`). Test metrics of
@@ -46,14 +53,14 @@ import numpy as np
 from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
-from raykd import rundir
+from raykd import console, rundir, tracking, tune_trial
 from raykd.config import Config, TuneConfig, section_hash
 from raykd.distill import kd_settings
 from raykd.errors import RaykdError
 from raykd.runtime import DRIVER_RESOURCE
 from raykd.tune_report import METRIC, SIZE_METRICS, analyse, experiment_trials, fmt, read_json
 from raykd.tune_space import configured_point, parse_space
-from raykd.tune_trial import run_trial, trial_spec
+from raykd.tune_trial import run_trial, shared_windows, trial_spec
 
 # Fixed cost of one trial beyond its epochs (trial actor, Train controller and worker start,
 # dataset), measured on 2 busy cores: the floor for the time-budget check.
@@ -134,12 +141,10 @@ def _search(cfg: Config, space: dict, run_dir: Path, out: Path, key: str) -> Non
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     tc = cfg.tune
-    cpus = _trial_cpus(cfg)
+    here = tune_trial.in_process(cfg)
+    cpus = _trial_cpus(cfg, here)
     exp_dir = out / "search"
-    setup = {"base": cfg.model_dump(mode="json"), "run_dir": str(run_dir), "storage": str(out / "train"),
-             "cpus_per_worker": cpus, "seed": cfg.seed}
-    # The trial driver takes no CPU, only the zero-CPU custom resource (GUIDE.md section 4).
-    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {DRIVER_RESOURCE: 1})
+    trainable = _trainable(cfg, space, run_dir, out, cpus, here)
     restoring = read_json(out / "search.json").get("key") == key and tune.Tuner.can_restore(str(exp_dir))
     n = tc.num_samples
     if restoring:
@@ -155,7 +160,8 @@ def _search(cfg: Config, space: dict, run_dir: Path, out: Path, key: str) -> Non
         out.mkdir(parents=True, exist_ok=True)
         (out / "search.json").write_text(json.dumps({
             "key": key, "started": time.time(), "max_concurrent_trials": tc.max_concurrent_trials,
-            "workers_per_trial": cfg.distill.train.num_workers, "cpus_per_worker": cpus}, indent=2))
+            "workers_per_trial": cfg.distill.train.num_workers, "cpus_per_worker": cpus, "in_process": here},
+            indent=2))
         size_metric = SIZE_METRICS[tc.size_metric]
         # The configured student is the first trial when the space contains it: the search then
         # can only improve on it (on validation), and the table shows what tuning gained.
@@ -176,15 +182,17 @@ def _search(cfg: Config, space: dict, run_dir: Path, out: Path, key: str) -> Non
             trainable,
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=n,
                                         max_concurrent_trials=tc.max_concurrent_trials,
-                                        trial_dirname_creator=_trial_dirname),
+                                        trial_dirname_creator=_trial_dirname, reuse_actors=here),
             run_config=tune.RunConfig(name="search", storage_path=str(out), verbose=0,
-                                      callbacks=[Progress(n, tc.objective)],
+                                      callbacks=[Progress(n, tc.objective), *tracking.tune_callbacks(cfg)],
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                                       failure_config=tune.FailureConfig(max_failures=0)),
         )
         mode = (f"pareto: max val NDCG@10, min {tc.size_metric}; no early stopping" if tc.objective == "pareto"
                 else f"max val NDCG@10; ASHA from epoch {min(tc.grace_period, cfg.distill.train.epochs)}")
-        print(f"tune: {n} trials ({mode}) over {', '.join(space)}; {tc.max_concurrent_trials} at a time, "
-              f"{cfg.distill.train.num_workers} worker(s) x {cpus:g} CPU each"
+        where = (f"each in its trial process on {cpus:g} CPU (no Ray Train start)" if here else
+                 f"{cfg.distill.train.num_workers} worker(s) x {cpus:g} CPU each")
+        print(f"tune: {n} trials ({mode}) over {', '.join(space)}; {tc.max_concurrent_trials} at a time, {where}"
               + (f"; no new trial after {tc.time_budget_s:g} s" if tc.time_budget_s else ""), flush=True)
     t0 = time.perf_counter()
     tuner.fit()
@@ -196,6 +204,19 @@ def _search(cfg: Config, space: dict, run_dir: Path, out: Path, key: str) -> Non
         done = sum(1 for t in experiment_trials(exp_dir) if t.status in ("TERMINATED", "ERROR"))
         print(f"tune: interrupted with {done} trial(s) finished; run the same command again to resume", flush=True)
         raise KeyboardInterrupt
+
+
+def _trainable(cfg: Config, space: dict, run_dir: Path, out: Path, cpus: float, here: bool):
+    """The trial function with its setup and resources: in-process trials claim their CPUs and get
+    the windows read here (through the object store); Train trial drivers claim no CPU."""
+    from ray import tune
+
+    setup = {"base": cfg.model_dump(mode="json"), "run_dir": str(run_dir), "storage": str(out / "train"),
+             "cpus_per_worker": cpus, "seed": cfg.seed, "in_process": here}
+    if not here:  # the trial driver takes no CPU, only the zero-CPU custom resource (GUIDE.md section 4)
+        return tune.with_resources(tune.with_parameters(run_trial, setup=setup), {DRIVER_RESOURCE: 1})
+    setup["windows"] = shared_windows(cfg, space)
+    return tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"CPU": cpus})
 
 
 def release_orphaned_placement_groups() -> int:
@@ -231,33 +252,35 @@ def release_orphaned_placement_groups() -> int:
         return 0
 
 
-def _trial_cpus(cfg: Config) -> float:
-    """CPUs per Train worker: what the config asks, checked against the cluster.
+def _trial_cpus(cfg: Config, in_process: bool) -> float:
+    """CPUs per Train worker (or per in-process trial): what the config asks, checked against the cluster.
 
-    Trials together may use all CPUs but one (Ray Data's read tasks need a whole CPU while a
-    trial materialises its windows). Defaults shrink to fit; explicit settings that do not fit
-    are an error, since the search would wait forever for resources.
+    Train trials together may use all CPUs but one (Ray Data's read tasks need a whole CPU while a
+    trial materialises its windows); in-process trials use no Ray Data and may take them all.
+    Defaults shrink to fit; explicit settings that do not fit are an error, since the search would
+    wait forever for resources.
     """
     import ray
 
     tc = cfg.tune
     res = ray.cluster_resources()
     total = float(res.get("CPU", 1))
-    if res.get(DRIVER_RESOURCE, 0) < tc.max_concurrent_trials:
+    if not in_process and res.get(DRIVER_RESOURCE, 0) < tc.max_concurrent_trials:
         raise RaykdError(f"the Ray cluster lacks the custom resource {DRIVER_RESOURCE!r} that tune trial drivers "
                          f"claim (need {tc.max_concurrent_trials}); start the head node with "
                          f"--resources='{{\"{DRIVER_RESOURCE}\": 1000}}' (cluster.yaml does)")
     workers = cfg.distill.train.num_workers * tc.max_concurrent_trials
-    spare = total - 1 if total >= 2 else total
+    spare = total if in_process else total - 1 if total >= 2 else total
     need = workers * tc.cpus_per_trial
     if need <= spare + 1e-9:
         return tc.cpus_per_trial
     explicit = {"cpus_per_trial", "max_concurrent_trials"} & tc.model_fields_set
     if explicit or "num_workers" in cfg.distill.train.model_fields_set:
+        kept = "" if in_process else " (one stays free for Ray Data)"
         raise RaykdError(
             f"tune needs {need:g} CPUs at once ({tc.max_concurrent_trials} trial(s) x "
             f"{cfg.distill.train.num_workers} worker(s) x {tc.cpus_per_trial:g} CPU) but only {spare:g} of the "
-            f"cluster's {total:g} may go to trials (one stays free for Ray Data); lower tune.cpus_per_trial or "
+            f"cluster's {total:g} may go to trials{kept}; lower tune.cpus_per_trial or "
             "tune.max_concurrent_trials")
     return round(spare / workers, 3)
 
@@ -302,9 +325,9 @@ class Progress(Callback):
         print(f"tune: {self._name(trials, trial)} started: {values}", flush=True)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if not result.get("finished") and "val_ndcg@10" in result:
-            print(f"tune: {self._name(trials, trial)} epoch {result['epochs_done']}: val NDCG@10 {result['val_ndcg@10']:.4f}",
-                  flush=True)
+        if not result.get("finished") and "val_ndcg@10" in result:  # every epoch of every trial: with -v
+            console.say(f"tune: {self._name(trials, trial)} epoch {result['epochs_done']}: val NDCG@10 "
+                        f"{result['val_ndcg@10']:.4f}", detail=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         r = trial.last_result or {}

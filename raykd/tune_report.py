@@ -21,8 +21,6 @@ METRIC = "best_val_ndcg@10"  # the trial's best epoch so far: what its exported 
 SIZE_METRICS = {"params": "params", "latency": "latency_ms"}
 ALWAYS_SHOWN = ("distill.temperature", "distill.alpha", "distill.model.dim", "distill.model.layers",
                 "distill.train.lr")
-# Fixed cost of one trial beyond its epochs (trial actor, Train controller and worker start,
-
 
 def pareto_front(ndcg: np.ndarray, size: np.ndarray) -> np.ndarray:
     """Boolean mask of the points no other point beats on both (higher NDCG, smaller size)."""
@@ -95,7 +93,7 @@ def trials_table(exp_dir: Path, cfg: Config) -> pd.DataFrame:
             row[key] = config_value(values, key)
         # the configured student (the search's first point when the space contains it)
         row["configured"] = all(config_value(values, k) == config_value(cfg, k) for k in cfg.tune.space)
-        ckpt = _checkpoint(r.get("checkpoint_path"), exp_dir.parent / "train" / f"trial_{t.trial_id}")
+        ckpt = _checkpoint(r.get("checkpoint_path"), t, exp_dir)
         state = read_json(Path(ckpt) / "state.json") if ckpt else {}
         best = state.get("best", {})
         if t.status == "ERROR" or not state:
@@ -119,13 +117,26 @@ def trials_table(exp_dir: Path, cfg: Config) -> pd.DataFrame:
     return table
 
 
-def _checkpoint(reported: str | None, train_run: Path) -> str | None:
-    """The trial's last Train checkpoint: the reported path, else the newest one on disk."""
+def _checkpoint(reported: str | None, trial, exp_dir: Path) -> str | None:
+    """The trial's last checkpoint: the reported path (a Train run's), else the latest one Tune
+    holds for it (an in-process trial's), else the newest one on disk."""
     if reported and (Path(reported) / "state.json").exists():
         return reported
-    found = sorted(train_run.glob("checkpoint_*"), key=lambda p: p.name)
-    found = [p for p in found if (p / "state.json").exists()]
+    held = getattr(trial, "checkpoint", None)
+    if held is not None and (Path(held.path) / "state.json").exists():
+        return held.path
+    found = trial_checkpoints(exp_dir.parent, trial.trial_id)
     return str(found[-1]) if found else None
+
+
+def trial_checkpoints(out: Path, trial_id: str) -> list[Path]:
+    """A trial's checkpoints with a state, oldest first: its Train run's (`out/train/trial_<id>/`)
+    or, for an in-process trial, Tune's (`out/search/trial_<id>/`)."""
+    for run in (out / "train" / f"trial_{trial_id}", out / "search" / f"trial_{trial_id}"):
+        found = [p for p in sorted(run.glob("checkpoint_*"), key=lambda p: p.name) if (p / "state.json").exists()]
+        if found:
+            return found
+    return []
 
 
 def analyse(cfg: Config, out: Path, key: str, spec: RunSpec) -> dict:
@@ -166,7 +177,8 @@ def analyse(cfg: Config, out: Path, key: str, spec: RunSpec) -> dict:
     summary = {"key": key, "max_quality_drop": tc.max_quality_drop, "objective": tc.objective,
                "size_metric": tc.size_metric, "trials": len(table), "states": counts,
                "search_seconds": search.get("seconds"), "loop_s": float(table["loop_s"].fillna(0).sum()),
-               "resources": {k: search.get(k) for k in ("max_concurrent_trials", "workers_per_trial", "cpus_per_worker")},
+               "resources": {k: search.get(k) for k in ("max_concurrent_trials", "workers_per_trial", "cpus_per_worker",
+                                                     "in_process")},
                "winner": winner,
                "pareto_front": table.loc[table["pareto"], ["trial_id", "val_ndcg@10", "params", "latency_ms"]]
                .to_dict("records"), "plots": plots}

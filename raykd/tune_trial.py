@@ -1,24 +1,53 @@
 """Inside a Tune trial (a Ray actor): distill one student with the sampled values.
 
-Each trial builds the `RunSpec` of the student its sampled config describes, fits it with a
-`TorchTrainer` (raykd.train.make_trainer), and `TrialReport` forwards every epoch's Train report
-(val NDCG@10, the checkpoint path, the student's size and the epoch counter ASHA uses) to Tune.
+Each trial builds the `RunSpec` of the student its sampled config describes and trains it one of
+two ways, reporting the same metrics every epoch (val NDCG@10, its best so far, the student's size
+and `epochs_done`, the epoch counter ASHA uses) and the same checkpoints (raykd.checkpoints):
+
+- in the trial itself (`in_process`: one CPU worker): `loop.LocalRun`, the loop `fit_local` runs,
+  on windows the Tune driver read once and shares through the object store; each epoch's
+  checkpoint goes to Tune (`ray.tune.report(..., checkpoint=...)`, kept under
+  `tune/search/trial_<id>/`) and a restarted trial resumes from `ray.tune.get_checkpoint()`.
+  No Train controller, worker group, process group or Ray Data dataset is started.
+- with a `TorchTrainer` (raykd.train.make_trainer) for several workers or a GPU: `TrialReport`
+  forwards every epoch's Train report to Tune; checkpoints stay in `tune/train/trial_<id>/`.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from pathlib import Path
 
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from raykd import models, rundir, sequences, train
+from raykd import loop, models, rundir, sequences, train
 from raykd.config import Config
 from raykd.distill import kd_settings
-from raykd.spec import RunSpec
+from raykd.spec import RunSpec, loop_config
 from raykd.tune_report import METRIC
 from raykd.tune_space import apply_values
+
+_WINDOWS: dict = {}  # this trial process's windows, by (data, max_len, soft labels): read once
+
+
+def in_process(cfg: Config) -> bool:
+    """Whether trials train inside the Tune trial: a student on one CPU worker needs no Train start.
+    `tune.in_process: false` (when the config has that key) keeps every trial on Ray Train."""
+    t = cfg.distill.train
+    return t.num_workers == 1 and not t.use_gpu and bool(getattr(cfg.tune, "in_process", True))
+
+
+def shared_windows(cfg: Config, space: dict) -> dict | None:
+    """The windows every in-process trial trains on, read once by the Tune driver (None when the
+    window length is searched: each trial process then reads its own, once)."""
+    if "distill.model.max_len" in space:
+        return None
+    kd, _ = kd_settings(cfg, "tune")
+    max_len = cfg.distill.model.max_len
+    cols = loop.windows_in_memory(Path(cfg.output_dir) / rundir.DATA, max_len, kd.soft_labels)
+    return {"max_len": max_len, "soft": str(Path(kd.soft_labels).resolve()), "cols": cols}
 
 
 def trial_spec(cfg: Config, name: str, upstream: dict | None = None) -> RunSpec:
@@ -46,16 +75,64 @@ def run_trial(config: dict, setup: dict) -> None:
     trial_id = ray.tune.get_context().get_trial_id()
     spec = trial_spec(cfg.model_copy(update={"distill": d.model_copy(update={"train": d.train.model_copy(
         update={"cpus_per_worker": setup["cpus_per_worker"]})})}), f"tune/trial_{trial_id}")
+    if setup.get("in_process"):
+        train_here(spec, data_dir, size, setup, t0)
+        return
     trainer = train.make_trainer(spec, f"trial_{trial_id}", Path(setup["storage"]), data_dir,
                                  callbacks=[TrialReport(size)])
     result = trainer.fit()
     with result.checkpoint.as_directory() as ckpt:
         state = json.loads((Path(ckpt) / "state.json").read_text())
-    loop_s = sum(h["seconds"] for h in state["history"])
-    ray.tune.report({**size, "epoch": state["epoch"], "epochs_done": state["epoch"] + 1,
-                     METRIC: state["best"]["metrics"]["ndcg@10"], "val_ndcg@10": state["best"]["metrics"]["ndcg@10"],
-                     "checkpoint_path": result.checkpoint.path, "trial_s": time.perf_counter() - t0,
-                     "loop_s": loop_s, "finished": 1})
+    ray.tune.report(final_report(state, size, t0, result.checkpoint.path))
+
+
+def final_report(state: dict, size: dict, t0: float, checkpoint_path: str | None) -> dict:
+    """The trial's last report: its best val NDCG@10, wall time and time spent in epochs."""
+    best = state["best"]["metrics"]["ndcg@10"]
+    return {**size, "epoch": state["epoch"], "epochs_done": state["epoch"] + 1, METRIC: best,
+            "val_ndcg@10": best, "checkpoint_path": checkpoint_path, "trial_s": time.perf_counter() - t0,
+            "loop_s": sum(h["seconds"] for h in state["history"]), "finished": 1}
+
+
+def train_here(spec: RunSpec, data_dir: Path, size: dict, setup: dict, t0: float) -> None:
+    """The in-process trial: the loop of `fit_local`, one Tune report and checkpoint per epoch."""
+    import ray.tune
+    import torch
+
+    config = loop_config(spec, data_dir)
+    torch.set_num_threads(max(1, int(setup["cpus_per_worker"])))  # as a Train worker with these CPUs
+    run = loop.LocalRun(config, data_dir, cols=trial_windows(setup, config, data_dir))
+    ckpt = ray.tune.get_checkpoint()
+    if ckpt:  # a restored search: this trial resumes after its last reported epoch
+        with ckpt.as_directory() as d:
+            run.restore(d)
+    tc = config["train"]
+    for epoch in range(run.state["epoch"] + 1, tc["epochs"]):
+        if run.stop():  # resumed a trial that had already stopped early
+            break
+        h = run.epoch(epoch)
+        report = {**size, "epoch": epoch, "epochs_done": epoch + 1, "loss": h["loss"], "val_ndcg@10": h["ndcg@10"],
+                  METRIC: run.state["best"]["metrics"]["ndcg@10"]}
+        with tempfile.TemporaryDirectory() as d:
+            run.save(d)
+            ray.tune.report(report, checkpoint=ray.tune.Checkpoint.from_directory(d))
+        if run.stop():
+            break
+    ray.tune.report(final_report(run.state, size, t0, None))  # the path: tune_report finds Tune's latest
+
+
+def trial_windows(setup: dict, config: dict, data_dir: Path) -> dict:
+    """The training windows: the driver's shared copy when it fits this trial, else read once here."""
+    max_len = config["desc"]["max_len"]
+    soft = config.get("soft_dir") or str(Path(setup["run_dir"]) / rundir.SOFT_LABELS)
+    shared = setup.get("windows")
+    if shared and shared["max_len"] == max_len and shared["soft"] == str(Path(soft).resolve()):
+        return shared["cols"]
+    key = (str(data_dir), max_len, soft)
+    if key not in _WINDOWS:
+        _WINDOWS.clear()
+        _WINDOWS[key] = loop.windows_in_memory(data_dir, max_len, soft)
+    return _WINDOWS[key]
 
 
 class TrialReport(TuneReportCallback):

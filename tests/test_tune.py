@@ -1,7 +1,8 @@
 """The tune stage: search-space checks and the winner rules (no Ray), then one small real search.
 
-The real search (OptunaSearch + ASHA through Ray Tune, each trial a Ray Train run) is interrupted
-with SIGINT after its first trial, resumed, checked, and finally reused.
+The real search (OptunaSearch + ASHA through Ray Tune; each one-worker trial trains inside its Tune
+trial, see test_tune_inprocess.py, which also covers trials on Ray Train) is interrupted with SIGINT
+after its first trial, resumed, checked, and finally reused.
 """
 
 from __future__ import annotations
@@ -234,15 +235,14 @@ def test_search_interrupted_resumed_and_reused(tiny_run, monkeypatch, capsys):
     with pytest.raises(KeyboardInterrupt):
         tune.run(cfg)
     first_id = finished[0]
-    first_run = out / "train" / f"trial_{first_id}"
-    first_ckpts = sorted(p.name for p in first_run.glob("checkpoint_*"))
+    first_ckpts = tune_report.trial_checkpoints(out, first_id)  # in-process: Tune's, under search/
     assert first_ckpts and not (out / "summary.json").exists()
     monkeypatch.setattr(tune.Progress, "on_trial_complete", original)
 
     summary = tune.run(cfg)  # resumes: the first trial is not run again
     printed = capsys.readouterr().out
     assert "resuming the search" in printed and "why:" in printed
-    assert sorted(p.name for p in first_run.glob("checkpoint_*")) == first_ckpts
+    assert tune_report.trial_checkpoints(out, first_id) == first_ckpts
     assert f"({first_id}) started" not in printed.split("resuming the search")[1]
 
     table = pq.read_table(out / "trials.parquet").to_pandas()
