@@ -183,7 +183,8 @@ def test_bounds_and_whitespace():
 # ----------------------------------------------- serving: each id in the vocabulary of its own kind
 
 def servable(root: Path, users: list, items: list) -> Path:
-    """A run folder with a random 1-layer student and every user's history = items 1, 2, 3 (+ its index)."""
+    """A run folder's data and a random 1-layer student (returned: a model folder, served as itself);
+    every user's history is items 1, 2, 3 (+ its index)."""
     lengths = np.full(len(users), 4)
     seq = np.concatenate([[1, 2, 3, 4 + u % (len(items) - 3)] for u in range(len(users))]).astype(np.int32)
     prepare.write({"user_raw": pa.array(users), "item_raw": pa.array(items), "items": seq, "lengths": lengths,
@@ -191,7 +192,7 @@ def servable(root: Path, users: list, items: list) -> Path:
     desc = {"family": "sasrec", "num_items": len(items), "dim": 8, "layers": 1, "heads": 1, "max_len": 10,
             "dropout": 0.0}
     models.save_model(root / "student", models.build_model(desc), desc)
-    return root
+    return root / "student"
 
 
 def test_user_ids_follow_the_user_vocabulary_and_item_ids_the_item_vocabulary(tmp_path):
