@@ -91,6 +91,27 @@ def main(stage: str, argv: list[str] | None = None) -> int:
         return 1
 
 
+def main_tool(name: str, argv: list[str] | None = None) -> int:
+    """`raykd recommend` / `raykd export` as a job: the same flags (RUN_DIR first, then options)."""
+    import importlib
+
+    module = importlib.import_module(f"raykd.{name}")
+    p = argparse.ArgumentParser(prog=f"jobs/{name}.py", description=f"raykd {name} as a Ray job")
+    module.add_arguments(p)
+    args = p.parse_args(argv)  # bad arguments: usage on stderr, exit status 2
+    try:
+        check_working_directory()
+        paths = [getattr(args, a, None) for a in ("run_dir", "out", "users", "model")]
+        relative = [q for q in paths if q and not os.path.isabs(q)]
+        if relative and IN_RAY_JOB_ENV in os.environ:
+            raise RaykdError(f"{', '.join(relative)}: relative paths resolve into the job's temporary copy of the "
+                             "working directory; pass absolute paths on storage every node mounts")
+        return module.main(args) or 0  # recommend joins the cluster itself (the run's cfg.ray)
+    except RaykdError as err:
+        print(f"jobs/{name}.py: error: {err}", file=sys.stderr, flush=True)
+        return 1
+
+
 def check_working_directory() -> None:
     """Fail with the fix when this process's working directory was deleted under it.
 
