@@ -126,7 +126,7 @@ class ModelConfig(Section):
 
 
 class TrainConfig(Section):
-    """One training loop for teacher and students (Ray Train TorchTrainer)."""
+    """One training loop for teacher and students (Ray Train's TorchTrainer, or one Ray task)."""
 
     epochs: int = Field(30, ge=1, description="at most this many epochs (early stopping may end sooner)")
     batch_size: int = Field(128, ge=1, description="training windows per step, in all (split across workers: "
@@ -144,6 +144,14 @@ class TrainConfig(Section):
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each Train worker reserves (fractions allowed)")
     use_gpu: bool = Field(False, description="one GPU per worker, bf16 autocast")
     max_failures: int = Field(2, ge=0, description="worker losses survived via checkpoints")
+    trainer: Literal["auto", "ray_train"] = Field(
+        "auto", description="auto: a run on one CPU worker trains as one Ray task (the same loop, checkpoints, "
+        "resume and retries, without a Train worker group to start); several workers or a GPU use Ray Train's "
+        "TorchTrainer. ray_train: always the TorchTrainer")
+
+    def runs_in_task(self) -> bool:
+        """Whether a run with these settings trains as one Ray task (raykd.train_task), not on a TorchTrainer."""
+        return self.trainer == "auto" and self.num_workers == 1 and not self.use_gpu
 
 
 def _teacher_model() -> ModelConfig:

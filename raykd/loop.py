@@ -143,6 +143,13 @@ def should_stop(state: dict, tc: dict) -> bool:
     return state["bad_epochs"] >= tc["patience"] and state["epoch"] + 1 >= tc.get("min_epochs", 0)
 
 
+def checkpoint_due(improved: bool, final: bool, epoch_s: float, save_s: float, cheap: float = 0.05) -> bool:
+    """Whether to write a checkpoint after this epoch: always while the last one took at most
+    `cheap` of an epoch; otherwise when validation improved (the best model) and after the last
+    epoch (what resume and export read). A restart then redoes at most the epochs since the best."""
+    return improved or final or save_s <= cheap * epoch_s
+
+
 def worker_batch(batch_size: int, world: int) -> int:
     """Per-worker batch for a global `batch_size`: the global batch (and so the number of steps
     per epoch and the learning-rate schedule) does not change with the number of workers."""

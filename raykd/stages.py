@@ -71,8 +71,9 @@ def _students(cfg: Config) -> list[str]:
 
 def _train_need(stage: str, tc: TrainConfig, runs: str) -> Need:
     gpu = "1 GPU + " if tc.use_gpu else ""
-    return Need(f"{stage}: {runs}, each {tc.num_workers} Train worker(s) x {gpu}{tc.cpus_per_worker:g} CPU "
-                f"({'NCCL' if tc.use_gpu else 'gloo'} DDP)", f"{stage} training", tc.num_workers, tc.cpus_per_worker,
+    how = (f"one Ray task on {tc.cpus_per_worker:g} CPU (no Ray Train start)" if tc.runs_in_task() else
+           f"{tc.num_workers} Train worker(s) x {gpu}{tc.cpus_per_worker:g} CPU ({'NCCL' if tc.use_gpu else 'gloo'} DDP)")
+    return Need(f"{stage}: {runs}, each {how}", f"{stage} training", tc.num_workers, tc.cpus_per_worker,
                 1 if tc.use_gpu else 0, f"{stage}.train", ddp=True, gpu_flag=f"{stage}.train.use_gpu")
 
 

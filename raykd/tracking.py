@@ -331,8 +331,9 @@ class _WandbRun:
         from packaging.version import Version
 
         self.wandb = wandb
-        # one run at a time per process; newer wandb names that "finish_previous" (True is deprecated)
-        reinit = "finish_previous" if Version(wandb.__version__) >= Version("0.19.10") else True
+        # parallel training runs report from one driver process: newer wandb keeps several runs
+        # open at once ("create_new"); older ones only one at a time (True finishes the previous)
+        reinit = "create_new" if Version(wandb.__version__) >= Version("0.19.10") else True
         self.run = wandb.init(project=found["project"], name=name, group=Path(found["run_dir"]).name, config=params,
                               tags=[f"{k}={v}"[:64] for k, v in tags.items()], dir=found["run_dir"], reinit=reinit,
                               **_wandb_settings(found))

@@ -18,6 +18,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ import torch.distributed as dist
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from raykd import checkpoints, console, loop, metrics, models, report_md, rundir, sequences, tracking
+from raykd import checkpoints, console, loop, metrics, models, report_md, rundir, sequences, tracking, train_task
 from raykd.config import TrainConfig
 from raykd.errors import RaykdError
 from raykd.runtime import DRIVER_RESOURCE
@@ -53,42 +54,57 @@ def fit(spec: RunSpec, run_dir: Path, before_epoch: Callable[[int], None] | None
     ray_name = spec.name.replace("/", "-")  # kd_curve/d8/student -> one flat Ray Train run name
     _forget_stale_run(storage / ray_name, fingerprint)
     callbacks = [EpochLines(spec.name, spec.train.epochs), *tracking.train_callbacks(run_dir, spec)]
-    trainer = make_trainer(spec, ray_name, storage, data_dir, callbacks=callbacks, before_epoch=before_epoch)
-    m, tc = spec.model, spec.train
-    console.say(f"{spec.name}: training {m.family} dim={m.dim} layers={m.layers} on "
-                f"{tc.num_workers} worker(s) ({'GPU' if tc.use_gpu else 'CPU'})")
+    m, tc, kd = spec.model, spec.train, spec.kd
+    in_task = tc.runs_in_task()
+    console.say(f"{spec.name}: training {m.family} dim={m.dim} layers={m.layers} on {tc.num_workers} "
+                f"{'GPU' if tc.use_gpu else 'CPU'} worker(s){' in one Ray task' if in_task else ' (Ray Train)'}")
     t0 = time.perf_counter()
-    result = trainer.fit()
-    if result.error or result.checkpoint is None:
-        raise RaykdError(f"{spec.name}: training failed: {result.error}")
-    kd = spec.kd
-    with result.checkpoint.as_directory() as ckpt:
-        summary = export(Path(ckpt), out, spec, data_dir, {
-            "name": spec.name, "train_seconds": time.perf_counter() - t0, "alpha": kd.alpha if kd else 0.0,
-            "temperature": kd.temperature if kd else 1.0, "kd_loss": kd.loss if kd and kd.alpha > 0 else None,
-            "fingerprint": fingerprint})
+    extra = {"name": spec.name, "alpha": kd.alpha if kd else 0.0, "temperature": kd.temperature if kd else 1.0,
+             "kd_loss": kd.loss if kd and kd.alpha > 0 else None, "fingerprint": fingerprint,
+             "trainer": "ray_task" if in_task else "torch_trainer"}
+    if in_task:
+        ckpt = train_task.fit(spec, data_dir, storage / ray_name, callbacks, before_epoch)
+        summary = export(ckpt, out, spec, data_dir, {**extra, "train_seconds": time.perf_counter() - t0})
+    else:
+        trainer = make_trainer(spec, ray_name, storage, data_dir, callbacks=callbacks, before_epoch=before_epoch)
+        result = trainer.fit()
+        if result.error or result.checkpoint is None:
+            raise RaykdError(f"{spec.name}: training failed: {result.error}")
+        with result.checkpoint.as_directory() as ckpt:
+            summary = export(Path(ckpt), out, spec, data_dir, {**extra, "train_seconds": time.perf_counter() - t0})
     console.say(f"{spec.name}: best valid NDCG@10 {summary['valid']['ndcg@10']:.4f} at epoch {summary['best_epoch']} "
                 f"({summary['epochs_run']} epochs, {console.duration(summary['train_seconds'])}) -> {out}")
     return summary
 
 
 def parallel_runs(train_cfg: TrainConfig) -> int:
-    """Training runs of this size that fit at once; one CPU stays free for Ray Data (GUIDE.md section 4)."""
+    """Training runs of this size that fit at once; TorchTrainer runs leave one CPU free for Ray Data
+    (GUIDE.md section 4)."""
     res = ray.cluster_resources()
     if train_cfg.use_gpu:
         fits = int(res.get("GPU", 0) // train_cfg.num_workers)
+    elif train_cfg.runs_in_task():  # reads its windows itself: no Ray Data CPU to keep free
+        fits = int(res.get("CPU", 1) // train_cfg.cpus_per_worker)
     else:
         fits = int((res.get("CPU", 1) - 1) // (train_cfg.num_workers * train_cfg.cpus_per_worker))
     return max(1, min(fits, int(res.get(DRIVER_RESOURCE, 0))))
 
 
 def fit_many(specs: list[RunSpec], run_dir: Path, parallel: int) -> list[dict]:
-    """`fit` for every spec, in order; `parallel` > 1 runs that many at once, each driven by a
-    Ray task on the zero-CPU driver resource (as Tune drives its trials). Finished ones are reused."""
+    """`fit` for every spec, in order; `parallel` > 1 runs that many at once. Finished ones are reused.
+
+    Runs that train as Ray tasks (raykd.train_task) are driven from threads of this process, so
+    their epoch lines print here as they come; TorchTrainer runs are each driven by a Ray task on
+    the zero-CPU driver resource (as Tune drives its trials).
+    """
     todo = [s for s in specs if not reusable(Path(run_dir) / s.name, s.fingerprint)]
-    if min(parallel, len(todo)) <= 1:
+    parallel = min(parallel, len(todo))
+    if parallel <= 1:
         return [fit(s, run_dir) for s in specs]
     console.say(f"{len(todo)} training runs, {parallel} at a time: {', '.join(s.name for s in todo)}")
+    if all(s.train.runs_in_task() for s in specs):
+        with ThreadPoolExecutor(parallel, thread_name_prefix="raykd-fit") as pool:
+            return list(pool.map(lambda s: fit(s, run_dir), specs))
     remote_fit = ray.remote(num_cpus=0, resources={DRIVER_RESOURCE: 1}, max_retries=0)(fit)
     pending, results = {}, {}
     for i, spec in enumerate(specs):
@@ -236,6 +252,7 @@ def train_loop(config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")  # this worker's share of the windows (Ray)
     log_q = torch.tensor(config["item_counts"], device=device) if config["item_counts"] else None
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _nullcontext()
+    save_s = 0.0  # seconds the last checkpointed report took (loop.checkpoint_due)
     for epoch in range(state["epoch"] + 1, tc["epochs"]):
         if loop.should_stop(state, tc):  # resumed a run that had already stopped early
             break
@@ -262,7 +279,8 @@ def train_loop(config: dict) -> None:
                   **{f"val_{k}": v for k, v in val.items() if k != "ndcg@10"},
                   "best_val_ndcg@10": state["best"]["metrics"]["ndcg@10"], "best_epoch": state["best"]["epoch"],
                   "epoch_s": state["history"][-1]["seconds"], "final": stop or epoch + 1 >= tc["epochs"]}
-        _report(report, core, optimizer, state, config["desc"], rank, best_weights)
+        due = loop.checkpoint_due(improved, report["final"], report["epoch_s"], save_s)
+        save_s = _report(report, core, optimizer, state, config["desc"], rank, best_weights if due else None) or save_s
         if stop:
             break
 
@@ -312,12 +330,15 @@ def _replica_digests(core, world: int, device) -> list[str]:
     return [bytes(g.cpu().tolist()).hex() for g in gathered]
 
 
-def _report(report, core, optimizer, state, desc, rank, best_weights) -> None:
-    """Every rank reports (a barrier); rank 0 attaches this epoch's checkpoint (Ray)."""
-    if rank != 0:
+def _report(report, core, optimizer, state, desc, rank, best_weights) -> float | None:
+    """Every rank reports (a barrier); rank 0 attaches this epoch's checkpoint when `best_weights`
+    is given (loop.checkpoint_due), and returns the seconds the checkpointed report took (Ray)."""
+    if rank != 0 or best_weights is None:
         ray.train.report(report)
-        return
+        return None
+    t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as d:
         checkpoints.save(d, core, optimizer, state, desc, best_weights)
         ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
+    return time.perf_counter() - t0
 

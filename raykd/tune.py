@@ -62,9 +62,11 @@ from raykd.tune_report import METRIC, SIZE_METRICS, analyse, experiment_trials, 
 from raykd.tune_space import configured_point, parse_space
 from raykd.tune_trial import run_trial, shared_windows, trial_spec
 
-# Fixed cost of one trial beyond its epochs (trial actor, Train controller and worker start,
-# dataset), measured on 2 busy cores: the floor for the time-budget check.
+# Fixed cost of one trial beyond its epochs, measured on 2 busy cores: the floor for the
+# time-budget check. On Ray Train: the trial actor, Train controller and worker start, dataset;
+# in the trial process: the trial actor and its copy of the windows (median overhead 0.6 s).
 TRIAL_STARTUP_S = 15.0
+IN_PROCESS_STARTUP_S = 2.0
 ASHA_REDUCTION = 2  # keep the better half at each rung: with a handful of trials 4 is too eager
 
 
@@ -105,7 +107,7 @@ def check_budget(cfg: Config, run_dir: Path) -> None:
     if tc.time_budget_s is not None and tc.time_budget_s < estimate:
         raise RaykdError(
             f"tune.time_budget_s={tc.time_budget_s:g} is too small to finish one trial: a trial takes about "
-            f"{estimate:.0f} s here ({_estimate_basis(run_dir)}), so no trial after the first would start. "
+            f"{estimate:.0f} s here ({_estimate_basis(run_dir, cfg)}), so no trial after the first would start. "
             f"Set it to at least {math.ceil(estimate)} s (about {math.ceil(estimate) * tc.num_samples} s for all "
             f"{tc.num_samples} trials) or remove it.")
 
@@ -121,18 +123,24 @@ def trial_estimate_s(run_dir: Path, cfg: Config) -> float:
     """Seconds one trial takes at least: start-up plus the configured epochs at the student's pace."""
     info = read_json(run_dir / "student" / "metrics.json")
     seconds = [h["seconds"] for h in info.get("history", [])]
+    floor = _startup_s(cfg)
     if not seconds:
-        return TRIAL_STARTUP_S
-    startup = max(info.get("train_seconds", 0.0) - sum(seconds), TRIAL_STARTUP_S)
+        return floor
+    # a Train trial starts as the distill stage's student did; an in-process one skips all that
+    startup = floor if tune_trial.in_process(cfg) else max(info.get("train_seconds", 0.0) - sum(seconds), floor)
     # the first epoch carries one-off costs; the median of the rest is the pace
     pace = float(np.median(seconds[1:] or seconds))
     return startup + pace * cfg.distill.train.epochs
 
 
-def _estimate_basis(run_dir: Path) -> str:
+def _startup_s(cfg: Config) -> float:
+    return IN_PROCESS_STARTUP_S if tune_trial.in_process(cfg) else TRIAL_STARTUP_S
+
+
+def _estimate_basis(run_dir: Path, cfg: Config) -> str:
     if (run_dir / "student" / "metrics.json").exists():
         return "start-up plus the configured epochs at the pace of the distilled student in student/metrics.json"
-    return f"start-up alone, about {TRIAL_STARTUP_S:.0f} s; no student trained yet to time an epoch"
+    return f"start-up alone, about {_startup_s(cfg):.0f} s; no student trained yet to time an epoch"
 
 
 def _search(cfg: Config, space: dict, run_dir: Path, out: Path, key: str) -> None:

@@ -273,7 +273,11 @@ def test_placement_summary_and_warnings(ray_session, capsys):
     ok = load_config("configs/quickstart.yaml", ["tune.enabled=false"])
     assert describe_placement(ok) == []
     out = capsys.readouterr().out
-    assert "teacher: 1 run, each 1 Train worker(s) x 1 CPU (gloo DDP)" in out
+    assert "teacher: 1 run, each one Ray task on 1 CPU (no Ray Train start)" in out
+    ddp = load_config("configs/quickstart.yaml", ["tune.enabled=false", "teacher.train.num_workers=2",
+                                                  "teacher.train.cpus_per_worker=0.5"])
+    assert describe_placement(ddp, ["teacher"]) == []
+    assert "teacher: 1 run, each 2 Train worker(s) x 0.5 CPU (gloo DDP)" in capsys.readouterr().out
     assert "soft_labels: 1 Ray Data actor(s) x 1 CPU" in out and "tune" not in out
 
     too_many = load_config("configs/quickstart.yaml", ["teacher.train.num_workers=3", "distill.train.use_gpu=true",

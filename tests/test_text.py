@@ -59,6 +59,15 @@ def test_should_stop_waits_for_min_epochs():
     assert loop.should_stop({"bad_epochs": 3, "epoch": 0}, {"patience": 3})
 
 
+def test_checkpoint_cadence_every_epoch_only_while_cheap():
+    # a checkpoint of 0.04 s after a 1 s epoch is cheap (<= 5 %): every epoch
+    assert loop.checkpoint_due(improved=False, final=False, epoch_s=1.0, save_s=0.04)
+    # 0.2 s after a 1 s epoch is not: only the best epochs and the last one
+    assert not loop.checkpoint_due(improved=False, final=False, epoch_s=1.0, save_s=0.2)
+    assert loop.checkpoint_due(improved=True, final=False, epoch_s=1.0, save_s=0.2)
+    assert loop.checkpoint_due(improved=False, final=True, epoch_s=1.0, save_s=0.2)
+
+
 def test_embedding_transfer_starts_the_student_from_the_teachers_items(tmp_path):
     desc = {"family": "sasrec", "num_items": 30, "layers": 1, "heads": 1, "max_len": 5, "dropout": 0.0}
     torch.manual_seed(3)

@@ -34,7 +34,8 @@ def mlflow_client(uri: str):
 
 @pytest.fixture(scope="module")
 def mlflow_run(ray_session, tmp_path_factory):
-    """The tiny pipeline with MLflow tracking, its console output captured."""
+    """The tiny pipeline with MLflow tracking, its console output captured. The teacher trains on
+    Ray Train (tracked in its controller), the students as Ray tasks (tracked by the driver)."""
     import contextlib
     import io
 
@@ -43,7 +44,7 @@ def mlflow_run(ray_session, tmp_path_factory):
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         pipeline.run(tiny_config(run_dir, "tracking.backend=mlflow", f"tracking.uri={uri}",
-                                 "tracking.project=tiny"))
+                                 "tracking.project=tiny", "teacher.train.trainer=ray_train"))
     return run_dir, uri, out.getvalue()
 
 

@@ -129,6 +129,8 @@ def test_soft_labels_identical_with_one_and_two_workers(tiny_run):
 
 def test_distill_trains_student_and_nokd(tiny_run):
     cfg = tiny_config(tiny_run)
+    for name in ("teacher", "student", "student_nokd"):  # one CPU worker each: trained in one Ray task
+        assert json.loads((tiny_run / name / "metrics.json").read_text())["trainer"] == "ray_task"
     for name, alpha in (("student", cfg.distill.alpha), ("student_nokd", 0)):
         assert json.loads((tiny_run / name / "metrics.json").read_text())["alpha"] == alpha
     for name in ("student", "student_nokd"):
@@ -140,6 +142,7 @@ def test_distill_trains_student_and_nokd(tiny_run):
 def test_two_worker_ddp_keeps_replicas_identical(tiny_run):
     cfg = tiny_config(tiny_run, "teacher.train.num_workers=2", "teacher.train.cpus_per_worker=0.5")
     summary = train.fit(RunSpec("ddp_teacher", cfg.teacher.model, cfg.teacher.train, upstream={"x": "ddp"}), tiny_run)
+    assert summary["trainer"] == "torch_trainer"  # several workers: Ray Train (one: a Ray task)
     digests = summary["replica_digests"]
     assert len(digests) == 2 and digests[0] == digests[1]
     # teacher.train.batch_size is the global batch: 2 workers take about as many steps per epoch
@@ -168,12 +171,16 @@ class DieOnce:
             os._exit(1)
 
 
-def test_killed_worker_resumes_from_checkpoint(tiny_run):
-    cfg = tiny_config(tiny_run, "teacher.train.epochs=3", "teacher.train.patience=10")
+@pytest.mark.parametrize("trainer", ["auto", "ray_train"])
+def test_killed_worker_resumes_from_checkpoint(tiny_run, trainer):
+    """auto: the one-worker run is a Ray task that Ray retries; ray_train: a TorchTrainer run."""
+    cfg = tiny_config(tiny_run, "teacher.train.epochs=3", "teacher.train.patience=10",
+                      f"teacher.train.trainer={trainer}")
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the Train worker unpickles DieOnce
-    marker = tiny_run / ".fault_injected"
-    spec = RunSpec("fault_teacher", cfg.teacher.model, cfg.teacher.train, upstream={"x": "fault"})
+    marker = tiny_run / f".fault_injected_{trainer}"
+    spec = RunSpec(f"fault_teacher_{trainer}", cfg.teacher.model, cfg.teacher.train, upstream={"x": "fault"})
     summary = train.fit(spec, tiny_run, before_epoch=DieOnce(marker))
+    assert summary["trainer"] == ("ray_task" if trainer == "auto" else "torch_trainer")
     assert marker.exists()
     assert summary["resumed"] >= 1
     assert summary["epochs_run"] == 3

@@ -87,7 +87,9 @@ def test_errors_come_before_ray_starts(tmp_path):
     with pytest.raises(RaykdError, match="tune.space is empty"):
         tune.run(cfg_with("tune.space={}", run_dir=tmp_path))
     with pytest.raises(RaykdError, match="too small to finish one trial"):
-        tune.run(cfg_with("tune.time_budget_s=5", run_dir=tmp_path))
+        tune.run(cfg_with("tune.time_budget_s=1", run_dir=tmp_path))
+    with pytest.raises(RaykdError, match="too small to finish one trial"):  # a Train start per trial
+        tune.run(cfg_with("tune.time_budget_s=5", "tune.in_process=false", run_dir=tmp_path))
     assert not (tmp_path / "tune").exists()
 
 
@@ -95,12 +97,15 @@ def test_budget_estimate_uses_the_distilled_students_pace(tmp_path):
     (tmp_path / "student").mkdir()
     history = [{"seconds": s} for s in (9.0, 2.0, 2.0, 2.0)]
     (tmp_path / "student" / "metrics.json").write_text(json.dumps({"train_seconds": 40.0, "history": history}))
-    cfg = cfg_with("distill.train.epochs=10", run_dir=tmp_path)
-    # start-up 40 - 15 = 25 s, then 10 epochs at the median pace after the first (2 s)
+    cfg = cfg_with("distill.train.epochs=10", "tune.in_process=false", run_dir=tmp_path)
+    # on Ray Train: start-up 40 - 15 = 25 s, then 10 epochs at the median pace after the first (2 s)
     assert tune.trial_estimate_s(tmp_path, cfg) == pytest.approx(25 + 20)
     with pytest.raises(RaykdError, match="at least 45 s"):
-        tune.check_budget(cfg_with("distill.train.epochs=10", "tune.time_budget_s=30", run_dir=tmp_path), tmp_path)
-    tune.check_budget(cfg_with("distill.train.epochs=10", "tune.time_budget_s=45", run_dir=tmp_path), tmp_path)
+        tune.check_budget(cfg.model_copy(update={"tune": cfg.tune.model_copy(update={"time_budget_s": 30})}), tmp_path)
+    tune.check_budget(cfg.model_copy(update={"tune": cfg.tune.model_copy(update={"time_budget_s": 45})}), tmp_path)
+    # in the trial process: no Train start, only the trial's own 2 s floor
+    here = cfg_with("distill.train.epochs=10", run_dir=tmp_path)
+    assert tune.trial_estimate_s(tmp_path, here) == pytest.approx(2 + 20)
 
 
 def test_disabled_stage_is_skipped(capsys):

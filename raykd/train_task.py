@@ -1,0 +1,136 @@
+"""A training run on one CPU worker, as one Ray task: no Train controller or worker group.
+
+`raykd.train.fit` sends a run here when `train.trainer` is `auto` and the run has one CPU worker
+(`TrainConfig.runs_in_task`); runs with several workers or a GPU keep Ray Train's TorchTrainer
+(raykd.train.make_trainer).
+The task runs the loop of `raykd.loop.LocalRun` (the step, epoch, validation and early stopping
+of the Train loop) on the windows read straight from the prepared shards, and keeps what Ray
+Train gives a one-worker run:
+
+- the CPUs it reserves (`cpus_per_worker`, also its torch threads), so parallel runs share a node;
+- checkpoints in raykd's format under `<run>/ray_train/<name>/checkpoint/`, written atomically;
+- resume: a rerun, or Ray's retry of a task whose process died (`max_failures`), starts after
+  the last checkpoint;
+- the same per-epoch reports to the same callbacks (epoch lines, experiment tracking), run by
+  the process that called `fit` as the task writes them (`Progress`).
+
+Checkpoint cadence (`loop.checkpoint_due`): every epoch while a checkpoint costs little next to
+an epoch; otherwise when validation improved, and after the last epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import ray
+import torch
+
+from raykd import console, loop
+from raykd.spec import RunSpec, loop_config
+
+
+def fit(spec: RunSpec, data_dir: Path, storage: Path, callbacks: list,
+        before_epoch: Callable[[int], None] | None = None) -> Path:
+    """Train `spec` in a Ray task; return its checkpoint directory (state, last and best weights).
+
+    The task appends each epoch's report to `storage/progress.jsonl`; this process (the driver,
+    or one of its threads when runs go in parallel) hands them to `callbacks` as they come, so
+    epoch lines print in order with the driver's own and tracking runs where the driver runs.
+    """
+    tc = spec.train
+    storage.mkdir(parents=True, exist_ok=True)
+    progress = Progress(storage / PROGRESS, callbacks)
+    task = ray.remote(train_in_task).options(num_cpus=tc.cpus_per_worker, max_retries=tc.max_failures,
+                                             retry_exceptions=False)
+    ref = task.remote(spec, str(data_dir), str(storage), before_epoch)
+    while not ray.wait([ref], timeout=0.5)[0]:
+        progress.poll()
+    ckpt = Path(ray.get(ref))  # raises the task's error
+    progress.poll()
+    return ckpt
+
+
+PROGRESS = "progress.jsonl"
+
+
+class Progress:
+    """The driver's side of a task's progress file: new report lines since it was opened."""
+
+    def __init__(self, path: Path, callbacks: list):
+        self.path, self.callbacks = path, callbacks
+        self.offset = path.stat().st_size if path.exists() else 0  # an earlier run's lines are not news
+
+    def poll(self) -> None:
+        if not self.path.exists():
+            return
+        with self.path.open("rb") as f:
+            f.seek(self.offset)
+            data = f.read()
+        complete = data[:data.rfind(b"\n") + 1]  # a line still being written waits for the next poll
+        self.offset += len(complete)
+        for line in complete.splitlines():
+            report = json.loads(line)
+            for callback in self.callbacks:
+                callback.after_report(None, [report], None)
+
+
+def train_in_task(spec: RunSpec, data_dir: str, storage: str, before_epoch: Callable[[int], None] | None) -> str:
+    """The task's body: resume from the checkpoint if there is one, train, report every epoch."""
+    torch.set_num_threads(max(1, int(spec.train.cpus_per_worker)))  # as a Train worker with these CPUs
+    config = loop_config(spec, Path(data_dir))
+    run = loop.LocalRun(config, data_dir)
+    ckpt = Path(storage) / "checkpoint"
+    old = ckpt.with_name(f".{ckpt.name}.old")
+    if not ckpt.exists() and (old / "state.json").exists():
+        old.rename(ckpt)  # the process died between the two renames of `_save`
+    if (ckpt / "state.json").exists():
+        run.restore(ckpt)
+        console.say(f"{spec.name}: resumed after epoch {run.state['epoch'] + 1}")
+    epochs, save_s, saved = spec.train.epochs, 0.0, run.state["epoch"]
+    with open(Path(storage) / PROGRESS, "a") as progress:
+        for epoch in range(run.state["epoch"] + 1, epochs):
+            if run.stop():  # resumed a run that had already stopped early
+                break
+            if before_epoch is not None:
+                before_epoch(epoch)  # a test hook (fault injection); None in real runs
+            h = run.epoch(epoch)
+            stop = run.stop()
+            final = stop or epoch + 1 >= epochs
+            if loop.checkpoint_due(run.state["bad_epochs"] == 0, final, h["seconds"], save_s):
+                save_s, saved = _save(run, ckpt), epoch
+            progress.write(json.dumps(epoch_report(run.state, h, final)) + "\n")
+            progress.flush()
+            if stop:
+                break
+    if saved != run.state["epoch"] or not (ckpt / "state.json").exists():
+        _save(run, ckpt)  # the last epoch's state: what the export and a rerun read
+    return str(ckpt)
+
+
+def epoch_report(state: dict, h: dict, final: bool) -> dict:
+    """The report of one epoch, with the keys Ray Train runs report (raykd.train.train_loop)."""
+    best = state["best"]
+    return {"epoch": h["epoch"], "loss": h["loss"], "val_ndcg@10": h["ndcg@10"],
+            **{f"val_{k}": h[k] for k in loop.VAL_KEYS if k != "ndcg@10"},
+            "best_val_ndcg@10": best["metrics"]["ndcg@10"], "best_epoch": best["epoch"],
+            "epoch_s": h["seconds"], "final": final}
+
+
+def _save(run: loop.LocalRun, ckpt: Path) -> float:
+    """Write the checkpoint next to the old one, then swap it in; return the seconds it took."""
+    t0 = time.perf_counter()
+    tmp = ckpt.with_name(f".{ckpt.name}.{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    run.save(tmp)
+    old = ckpt.with_name(f".{ckpt.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if ckpt.exists():
+        ckpt.rename(old)
+    tmp.rename(ckpt)
+    shutil.rmtree(old, ignore_errors=True)
+    return time.perf_counter() - t0
