@@ -15,7 +15,9 @@ import hashlib
 import json
 import logging
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -67,7 +69,7 @@ def fit(spec: RunSpec, run_dir: Path, before_epoch: Callable[[int], None] | None
         summary = export(ckpt, out, spec, data_dir, {**extra, "train_seconds": time.perf_counter() - t0})
     else:
         trainer = make_trainer(spec, ray_name, storage, data_dir, callbacks=callbacks, before_epoch=before_epoch)
-        result = trainer.fit()
+        result = _fit_keeping_sigint(trainer)
         if result.error or result.checkpoint is None:
             raise RaykdError(f"{spec.name}: training failed: {result.error}")
         with result.checkpoint.as_directory() as ckpt:
@@ -75,6 +77,18 @@ def fit(spec: RunSpec, run_dir: Path, before_epoch: Callable[[int], None] | None
     console.say(f"{spec.name}: best valid NDCG@10 {summary['valid']['ndcg@10']:.4f} at epoch {summary['best_epoch']} "
                 f"({summary['epochs_run']} epochs, {console.duration(summary['train_seconds'])}) -> {out}")
     return summary
+
+
+def _fit_keeping_sigint(trainer: TorchTrainer):
+    """`trainer.fit()`, then the SIGINT handler this process had before. Ray Train installs its own
+    (abort this run) and leaves it behind: a later Ctrl-C would then be swallowed, or exit 0."""
+    if threading.current_thread() is not threading.main_thread():
+        return trainer.fit()
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        return trainer.fit()
+    finally:
+        signal.signal(signal.SIGINT, handler)
 
 
 def parallel_runs(train_cfg: TrainConfig) -> int:
@@ -103,8 +117,15 @@ def fit_many(specs: list[RunSpec], run_dir: Path, parallel: int) -> list[dict]:
         return [fit(s, run_dir) for s in specs]
     console.say(f"{len(todo)} training runs, {parallel} at a time: {', '.join(s.name for s in todo)}")
     if all(s.train.runs_in_task() for s in specs):
-        with ThreadPoolExecutor(parallel, thread_name_prefix="raykd-fit") as pool:
+        pool = ThreadPoolExecutor(parallel, thread_name_prefix="raykd-fit")
+        try:
             return list(pool.map(lambda s: fit(s, run_dir), specs))
+        except BaseException:  # Ctrl-C or a failed run: stop the other runs' tasks too
+            train_task.CANCEL.set()
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            train_task.CANCEL.clear()
     remote_fit = ray.remote(num_cpus=0, resources={DRIVER_RESOURCE: 1}, max_retries=0)(fit)
     pending, results = {}, {}
     for i, spec in enumerate(specs):

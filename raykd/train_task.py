@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +32,7 @@ import ray
 import torch
 
 from raykd import console, loop
+from raykd.errors import RaykdError
 from raykd.spec import RunSpec, loop_config
 
 
@@ -50,12 +52,16 @@ def fit(spec: RunSpec, data_dir: Path, storage: Path, callbacks: list,
     ref = task.remote(spec, str(data_dir), str(storage), before_epoch)
     while not ray.wait([ref], timeout=0.5)[0]:
         progress.poll()
+        if CANCEL.is_set():  # the driver's main thread was interrupted (raykd.train.fit_many)
+            ray.cancel(ref, force=True)
+            raise RaykdError(f"{spec.name}: stopped; a rerun resumes from its last checkpoint")
     ckpt = Path(ray.get(ref))  # raises the task's error
     progress.poll()
     return ckpt
 
 
 PROGRESS = "progress.jsonl"
+CANCEL = threading.Event()  # set: every run driven from a thread of this process stops its task
 
 
 class Progress:

@@ -140,9 +140,13 @@ def test_distill_trains_student_and_nokd(tiny_run):
 
 
 def test_two_worker_ddp_keeps_replicas_identical(tiny_run):
+    import signal
+
     cfg = tiny_config(tiny_run, "teacher.train.num_workers=2", "teacher.train.cpus_per_worker=0.5")
+    handler = signal.getsignal(signal.SIGINT)
     summary = train.fit(RunSpec("ddp_teacher", cfg.teacher.model, cfg.teacher.train, upstream={"x": "ddp"}), tiny_run)
     assert summary["trainer"] == "torch_trainer"  # several workers: Ray Train (one: a Ray task)
+    assert signal.getsignal(signal.SIGINT) is handler  # Ray Train's own Ctrl-C handler does not outlive the run
     digests = summary["replica_digests"]
     assert len(digests) == 2 and digests[0] == digests[1]
     # teacher.train.batch_size is the global batch: 2 workers take about as many steps per epoch
@@ -185,6 +189,31 @@ def test_killed_worker_resumes_from_checkpoint(tiny_run, trainer):
     assert summary["resumed"] >= 1
     assert summary["epochs_run"] == 3
     assert [h["epoch"] for h in summary["history"]] == [1, 2, 3]  # epoch 1 was not trained twice
+
+
+def test_ctrl_c_during_parallel_task_runs_stops_them_all(tiny_run):
+    """Two one-worker runs driven from driver threads: an interrupt of the main thread returns at
+    once and cancels both Ray tasks (they must not train on, nor hold the CPUs, after Ctrl-C)."""
+    import signal
+    import threading
+
+    from raykd import train_task
+
+    cfg = tiny_config(tiny_run, "teacher.train.epochs=2000", "teacher.train.patience=2000")
+    specs = [RunSpec(f"interrupted_{i}", cfg.teacher.model, cfg.teacher.train, seed=i, upstream={"x": "ctrl-c"})
+             for i in range(2)]
+    threading.Timer(6.0, os.kill, (os.getpid(), signal.SIGINT)).start()  # Ctrl-C
+    t0 = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        train.fit_many(specs, tiny_run, parallel=2)
+    assert time.perf_counter() - t0 < 20
+    assert not train_task.CANCEL.is_set()  # the next fit_many starts afresh
+    deadline = time.time() + 20
+    while time.time() < deadline and ray.available_resources().get("CPU", 0) < 2:
+        time.sleep(0.5)
+    assert ray.available_resources().get("CPU", 0) >= 2  # both tasks' CPUs are free again
+    for spec in specs:
+        assert not (tiny_run / spec.name).exists()
 
 
 def test_soft_labels_store_the_teachers_rest_log_mass(tiny_run):
