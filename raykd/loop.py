@@ -11,6 +11,7 @@
     text_mode    "fuse" | "init" | "both": how a text teacher uses the reduced vectors
     init_from    teacher folder(s) whose item representations initialise this model's items, or None
     init_std     per-column std of an initialised item table
+    row_negatives  a student: with `loss: sampled` and alpha 0, negatives drawn per position
 
 Batches are dicts of NumPy arrays: input/target [B, L] (0 = padding) and, when distilling,
 t_idx/t_logits/t_rest, one bytes object per window holding its real slots' soft labels.
@@ -77,10 +78,11 @@ KD_NEGATIVES = 64  # `train.loss: sampled` with a KD term: negatives drawn per t
 def train_epoch(model, core, optimizer, batches, config: dict, device, amp, log_q) -> tuple[float, int]:
     """One pass over `batches`; returns (summed loss, number of batches).
 
-    `train.loss: sampled` never builds the [N, V] logits: without a KD term it is the log-Q sampled
-    softmax over `num_negatives` shared negatives; with one (alpha > 0) every position scores its
-    teacher's top-K, its target and `kd_negatives` (default KD_NEGATIVES) items drawn for it
-    (losses.sampled_distill_loss). `full` scores the whole catalogue (losses.distill_loss).
+    `train.loss: sampled` never builds the [N, V] logits: with a KD term (alpha > 0) every position
+    scores its teacher's top-K, its target and `kd_negatives` (default KD_NEGATIVES) items drawn for
+    it (losses.sampled_distill_loss); a student without one (`row_negatives`: a no-KD twin) scores
+    its target and as many drawn items (losses.row_sampled_softmax_loss); a teacher uses the log-Q
+    sampled softmax over `num_negatives` negatives shared by the batch. `full` scores the whole catalogue (losses.distill_loss).
     """
     tc = config["train"]
     model.train()
@@ -93,7 +95,10 @@ def train_epoch(model, core, optimizer, batches, config: dict, device, amp, log_
         t_idx, t_logit, t_rest = soft(batch, device) if alpha > 0 else (None, None, None)
         with amp:
             hidden = model(inp)[mask]
-            if tc["loss"] == "sampled":
+            if tc["loss"] == "sampled" and alpha == 0 and config.get("row_negatives"):  # a no-KD student
+                loss = losses.row_sampled_softmax_loss(hidden, core.item_table(), target[mask],
+                                                       tc.get("kd_negatives", KD_NEGATIVES), log_q)
+            elif tc["loss"] == "sampled":
                 loss, _, _ = losses.sampled_distill_loss(hidden, core.item_table(), target[mask], t_idx, t_logit,
                                                          alpha, config["temperature"], config["kd_loss"],
                                                          tc["num_negatives"], log_q, teacher_rest=t_rest,

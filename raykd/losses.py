@@ -265,6 +265,36 @@ def _sampled_ce(h, item_emb, y, neg, neg_logits, log_count) -> torch.Tensor:
     return F.cross_entropy(logits, torch.zeros_like(y))
 
 
+def row_sampled_softmax_loss(
+    hidden: torch.Tensor,
+    item_emb: torch.Tensor,
+    targets: torch.Tensor,
+    row_negatives: int,
+    log_q: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """`sampled_distill_loss`'s hard-label term with no teacher: every row scores its target exactly
+    and `row_negatives` items drawn for it from q = softmax(log_q) (log-Q corrected, hits masked):
+
+        L = mean_i [ log( exp(s_{y_i}) + Σ_{j ∈ S_i, j ≠ y_i} exp(s_j) / (n q_j) ) − s_{y_i} ]
+
+    What a no-KD twin trains on when its KD student uses the per-row sampled softmax, so the pair
+    differs only by the KD term (not by how the softmax is estimated)."""
+    real = targets != 0
+    if not real.any():
+        return _zero(hidden, item_emb)
+    h, y = hidden[real], targets[real]
+    log_probs = log_q[1:].float().log_softmax(0)
+    draws = torch.multinomial(log_probs.exp(), len(h) * row_negatives, replacement=True, generator=generator)
+    sampled = draws.to(h.device).view(len(h), row_negatives) + 1
+    cand = torch.cat([y.unsqueeze(1), sampled], 1)
+    logits = torch.bmm(item_emb[cand].float(), h.float().unsqueeze(2)).squeeze(2)
+    corrected = logits[:, 1:] - (log_probs.to(h.device)[sampled - 1] + math.log(row_negatives))
+    corrected = corrected.masked_fill(sampled == y.unsqueeze(1), torch.finfo(torch.float32).min)
+    log_z = torch.cat([logits[:, :1], corrected], 1).logsumexp(1)
+    return (log_z - logits[:, 0]).mean()
+
+
 def sampled_distill_loss(
     hidden: torch.Tensor,
     item_emb: torch.Tensor,

@@ -85,4 +85,4 @@ def loop_config(spec: RunSpec, data_dir: Path, before_epoch: Callable[[int], Non
             "item_counts": loop.item_log_q(data_dir) if spec.train.loss == "sampled" else None,
             "item_text": str(Path(t.vectors).resolve()) if t else None, "text_mode": t.mode if t else "fuse",
             "init_from": [str(Path(f).resolve()) for f in kd.transfer_from] if kd and kd.transfer_from else None,
-            "init_std": init_std, "before_epoch": before_epoch}
+            "init_std": init_std, "row_negatives": spec.role != "teacher", "before_epoch": before_epoch}
