@@ -1,14 +1,16 @@
-"""Epoch throughput of raykd's Ray Train loop (1 worker) vs the same loop without Ray (issue 3).
+"""Epoch throughput of raykd's 1-worker runs (Ray Train, Ray task) vs the same loop without Ray (issue 3).
 
     python benchmarks/bench_train.py                      # quickstart data, its 64x2 teacher
     python benchmarks/bench_train.py --epochs 6 --users 4000
 
 One process, side by side: the quickstart's synthetic log is prepared once (bench_out/train/),
-then the same model (same seed, same init) trains for --epochs epochs twice:
+then the same model (same seed, same init) trains for --epochs epochs three times:
 
-    ray    raykd.train.fit: TorchTrainer with 1 worker of `cpus_per_worker` CPUs, windows from a
-           materialised Ray Data dataset (`iter_batches` with a local shuffle buffer), a
-           validation pass and a checkpoint report every epoch
+    ray    raykd.train.fit with `train.trainer: ray_train`: TorchTrainer with 1 worker of
+           `cpus_per_worker` CPUs, windows from a materialised Ray Data dataset (`iter_batches`
+           with a local shuffle buffer), a validation pass and a checkpoint report every epoch
+    task   raykd.train.fit with the default `train.trainer: auto`: one Ray task of the same CPUs
+           (raykd.train_task), windows read into memory, checkpoints per loop.checkpoint_due
     plain  raykd.loop.fit_local on the same RunSpec: the same step, epoch, validation and early
            stopping in this process, on the same windows as NumPy arrays, torch threads set to
            the worker's CPUs (Ray gives a 1-CPU worker OMP_NUM_THREADS=1)
@@ -22,7 +24,6 @@ ray / plain (target >= 0.9); also the whole fit's wall time, where Ray's start-u
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import sys
@@ -51,33 +52,37 @@ def main() -> int:
     cfg = load_config(args.config, overrides)
     stages.run(cfg, ["prepare"])
     data_dir = out / "data"
-    model_cfg, train_cfg = cfg.teacher.model, cfg.teacher.train
-    shutil.rmtree(out / "teacher", ignore_errors=True)
-    shutil.rmtree(out / "ray_train", ignore_errors=True)
-    run_spec = RunSpec("teacher", model_cfg, train_cfg, cfg.seed, upstream={"data": rundir.key_of(data_dir)})
-
-    t0 = time.perf_counter()
-    summary = train.fit(run_spec, out)
-    ray_wall = time.perf_counter() - t0
-    ray_epochs = [h["seconds"] for h in json.loads((out / "teacher" / "metrics.json").read_text())["history"]]
+    model_cfg = cfg.teacher.model
+    rows = {}
+    for label, trainer in (("Ray Train, 1 worker", "ray_train"), ("Ray task, 1 worker", "auto")):
+        train_cfg = cfg.teacher.train.model_copy(update={"trainer": trainer})
+        shutil.rmtree(out / "teacher", ignore_errors=True)
+        shutil.rmtree(out / "ray_train", ignore_errors=True)
+        run_spec = RunSpec("teacher", model_cfg, train_cfg, cfg.seed, upstream={"data": rundir.key_of(data_dir)})
+        t0 = time.perf_counter()
+        summary = train.fit(run_spec, out)
+        rows[label] = ([h["seconds"] for h in summary["history"]], time.perf_counter() - t0,
+                       summary["history"][-1]["ndcg@10"])
 
     t0 = time.perf_counter()
     torch.set_num_threads(max(int(train_cfg.cpus_per_worker), 1))
     _, plain = loop.fit_local(spec.loop_config(run_spec, data_dir), data_dir, log=lambda line: None)
-    plain_epochs, plain_ndcg = [h["seconds"] for h in plain["history"]], plain["history"][-1]["ndcg@10"]
-    plain_wall = time.perf_counter() - t0
+    rows["plain PyTorch"] = ([h["seconds"] for h in plain["history"]], time.perf_counter() - t0,
+                             plain["history"][-1]["ndcg@10"])
 
     windows = sum(sequences.window_table(p, model_cfg.max_len).num_rows for p in sequences.shard_paths(data_dir))
-    ray_med, plain_med = statistics.median(ray_epochs[1:]), statistics.median(plain_epochs[1:])
     print(f"\nmodel {model_cfg.family} {model_cfg.dim}x{model_cfg.layers}, {windows:,} windows/epoch, "
           f"batch {train_cfg.batch_size}, {args.epochs} epochs, {train_cfg.cpus_per_worker:g} CPU per worker")
     print("| loop | median epoch s | windows/s | whole fit s | val NDCG@10 (last epoch) |\n|---|---|---|---|---|")
-    print(f"| Ray Train, 1 worker | {ray_med:.2f} | {windows / ray_med:,.0f} | {ray_wall:.1f} | "
-          f"{summary['history'][-1]['ndcg@10']:.4f} |")
-    print(f"| plain PyTorch | {plain_med:.2f} | {windows / plain_med:,.0f} | {plain_wall:.1f} | {plain_ndcg:.4f} |")
-    ratio = plain_med / ray_med
-    print(f"\nthroughput ratio ray / plain: {ratio:.2f} ({'PASS' if ratio >= 0.9 else 'FAIL'}: target >= 0.9)")
-    print(f"per-epoch seconds: ray {[round(s, 2) for s in ray_epochs]}, plain {[round(s, 2) for s in plain_epochs]}")
+    medians = {label: statistics.median(epochs[1:]) for label, (epochs, _, _) in rows.items()}
+    for label, (epochs, wall, ndcg) in rows.items():
+        print(f"| {label} | {medians[label]:.2f} | {windows / medians[label]:,.0f} | {wall:.1f} | {ndcg:.4f} |")
+    plain_med = medians["plain PyTorch"]
+    for label in ("Ray Train, 1 worker", "Ray task, 1 worker"):
+        ratio = plain_med / medians[label]
+        print(f"throughput ratio {label} / plain: {ratio:.2f} ({'PASS' if ratio >= 0.9 else 'FAIL'}: target >= 0.9)")
+    print("per-epoch seconds: " + "; ".join(f"{label} {[round(x, 2) for x in epochs]}"
+                                             for label, (epochs, _, _) in rows.items()))
     return 0
 
 
