@@ -378,3 +378,21 @@ def _native_stderr(path: Path) -> Iterator[None]:
         if on_fd2:
             sys.stderr.close()
             sys.stderr = python_stderr
+
+
+@contextlib.contextmanager
+def own_signal_handlers() -> Iterator[None]:
+    """Give back this process's SIGINT/SIGUSR1 handlers after a Ray Train or Tune run: both install
+    their own (abort that run) and leave them behind, so a later Ctrl-C would be swallowed."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # handlers are the main thread's
+        yield
+        return
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGUSR1)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)

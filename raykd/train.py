@@ -15,9 +15,7 @@ import hashlib
 import json
 import logging
 import shutil
-import signal
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +32,7 @@ from ray.train.torch import TorchTrainer
 from raykd import checkpoints, console, loop, metrics, models, report_md, rundir, sequences, tracking, train_task
 from raykd.config import TrainConfig
 from raykd.errors import RaykdError
-from raykd.runtime import DRIVER_RESOURCE
+from raykd.runtime import DRIVER_RESOURCE, own_signal_handlers
 from raykd.spec import RunSpec, loop_config
 
 
@@ -69,7 +67,8 @@ def fit(spec: RunSpec, run_dir: Path, before_epoch: Callable[[int], None] | None
         summary = export(ckpt, out, spec, data_dir, {**extra, "train_seconds": time.perf_counter() - t0})
     else:
         trainer = make_trainer(spec, ray_name, storage, data_dir, callbacks=callbacks, before_epoch=before_epoch)
-        result = _fit_keeping_sigint(trainer)
+        with own_signal_handlers():  # Ray Train's abort-this-run Ctrl-C handler must not outlive the run
+            result = trainer.fit()
         if result.error or result.checkpoint is None:
             raise RaykdError(f"{spec.name}: training failed: {result.error}")
         with result.checkpoint.as_directory() as ckpt:
@@ -77,18 +76,6 @@ def fit(spec: RunSpec, run_dir: Path, before_epoch: Callable[[int], None] | None
     console.say(f"{spec.name}: best valid NDCG@10 {summary['valid']['ndcg@10']:.4f} at epoch {summary['best_epoch']} "
                 f"({summary['epochs_run']} epochs, {console.duration(summary['train_seconds'])}) -> {out}")
     return summary
-
-
-def _fit_keeping_sigint(trainer: TorchTrainer):
-    """`trainer.fit()`, then the SIGINT handler this process had before. Ray Train installs its own
-    (abort this run) and leaves it behind: a later Ctrl-C would then be swallowed, or exit 0."""
-    if threading.current_thread() is not threading.main_thread():
-        return trainer.fit()
-    handler = signal.getsignal(signal.SIGINT)
-    try:
-        return trainer.fit()
-    finally:
-        signal.signal(signal.SIGINT, handler)
 
 
 def parallel_runs(train_cfg: TrainConfig) -> int:

@@ -57,7 +57,7 @@ from raykd import console, rundir, tracking, tune_trial
 from raykd.config import Config, TuneConfig, section_hash
 from raykd.distill import kd_settings
 from raykd.errors import RaykdError
-from raykd.runtime import DRIVER_RESOURCE
+from raykd.runtime import DRIVER_RESOURCE, own_signal_handlers
 from raykd.tune_report import METRIC, SIZE_METRICS, analyse, experiment_trials, fmt, read_json
 from raykd.tune_space import configured_point, parse_space
 from raykd.tune_trial import run_trial, shared_windows, trial_spec
@@ -203,7 +203,8 @@ def _search(cfg: Config, space: dict, run_dir: Path, out: Path, key: str) -> Non
         print(f"tune: {n} trials ({mode}) over {', '.join(space)}; {tc.max_concurrent_trials} at a time, {where}"
               + (f"; no new trial after {tc.time_budget_s:g} s" if tc.time_budget_s else ""), flush=True)
     t0 = time.perf_counter()
-    tuner.fit()
+    with own_signal_handlers():  # Tune's Ctrl-C handler (save and stop this search) ends with it
+        tuner.fit()
     seconds = time.perf_counter() - t0
     info = read_json(out / "search.json")
     info["seconds"] = info.get("seconds", 0.0) + seconds

@@ -126,6 +126,8 @@ def test_tune_trials_through_rays_logger_callbacks(ray_session, tmp_path):
     """Ray Tune's MLflow and TensorBoard loggers, as raykd.tune gets them from `tune_callbacks`."""
     from ray import tune
 
+    from raykd.runtime import own_signal_handlers
+
     def trainable(config):
         for epoch in range(2):
             tune.report({"epoch": epoch, "val_ndcg@10": 0.1 * (epoch + 1) * config["x"]})
@@ -133,9 +135,11 @@ def test_tune_trials_through_rays_logger_callbacks(ray_session, tmp_path):
     uri = (tmp_path / "mlruns").as_uri()
     for backend, extra in (("mlflow", [f"tracking.uri={uri}"]), ("tensorboard", [])):
         cfg = load_config(None, [f"tracking.backend={backend}", f"output_dir={tmp_path}", "name=t", *extra])
-        tune.Tuner(tune.with_resources(trainable, {"cpu": 0.5}), param_space={"x": tune.grid_search([1.0])},
-                   run_config=tune.RunConfig(name=backend, storage_path=str(tmp_path / "ray"), verbose=0,
-                                             callbacks=tracking.tune_callbacks(cfg))).fit()
+        tuner = tune.Tuner(tune.with_resources(trainable, {"cpu": 0.5}), param_space={"x": tune.grid_search([1.0])},
+                           run_config=tune.RunConfig(name=backend, storage_path=str(tmp_path / "ray"), verbose=0,
+                                                     callbacks=tracking.tune_callbacks(cfg)))
+        with own_signal_handlers():  # as raykd.tune does: Tune's Ctrl-C handler ends with the search
+            tuner.fit()
     client = mlflow_client(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("t").experiment_id])
     assert [m.value for m in client.get_metric_history(run.info.run_id, "val_ndcg_at_10")] == pytest.approx([0.1, 0.2])

@@ -202,6 +202,7 @@ def test_ctrl_c_during_parallel_task_runs_stops_them_all(tiny_run):
     cfg = tiny_config(tiny_run, "teacher.train.epochs=2000", "teacher.train.patience=2000")
     specs = [RunSpec(f"interrupted_{i}", cfg.teacher.model, cfg.teacher.train, seed=i, upstream={"x": "ctrl-c"})
              for i in range(2)]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C raises KeyboardInterrupt
     threading.Timer(6.0, os.kill, (os.getpid(), signal.SIGINT)).start()  # Ctrl-C
     t0 = time.perf_counter()
     with pytest.raises(KeyboardInterrupt):

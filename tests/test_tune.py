@@ -244,7 +244,9 @@ def test_search_interrupted_resumed_and_reused(tiny_run, monkeypatch, capsys):
     assert first_ckpts and not (out / "summary.json").exists()
     monkeypatch.setattr(tune.Progress, "on_trial_complete", original)
 
+    handler = signal.getsignal(signal.SIGINT)
     summary = tune.run(cfg)  # resumes: the first trial is not run again
+    assert signal.getsignal(signal.SIGINT) is handler  # Tune's Ctrl-C handler does not outlive the search
     printed = capsys.readouterr().out
     assert "resuming the search" in printed and "why:" in printed
     assert tune_report.trial_checkpoints(out, first_id) == first_ckpts
