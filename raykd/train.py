@@ -1,14 +1,15 @@
-"""The one training loop for teacher and students, run by Ray Train's TorchTrainer.
+"""The one training loop for teacher and students: on Ray Train's TorchTrainer, or as one Ray task.
 
-`fit(spec, run_dir)` (a `raykd.spec.RunSpec`) builds the window dataset (Ray Data, with soft
-labels when distilling), runs `train_loop` on `num_workers` DDP workers, and publishes the
-checkpoint that was best on validation NDCG@10 as the artifact `<run>/<spec.name>/`
-(model.safetensors, model.json, metrics.json, manifest.json; see raykd.rundir). Every epoch each
+`fit(spec, run_dir)` (a `raykd.spec.RunSpec`) trains one run and publishes the checkpoint that was
+best on validation NDCG@10 as the artifact `<run>/<spec.name>/` (model.safetensors, model.json,
+metrics.json, manifest.json; see raykd.rundir). A run on one CPU worker (`train.trainer: auto`)
+is one Ray task (raykd.train_task). Otherwise `fit` builds the window dataset (Ray Data, with soft
+labels when distilling) and runs `train_loop` on `num_workers` DDP workers: every epoch each
 worker trains on its shard, all workers evaluate a slice of the validation users (summed with an
 all-reduce, so every rank takes the same early-stopping decision), and rank 0 reports a
-checkpoint. A rerun, or a restart after a lost worker (FailureConfig), resumes from the latest.
+checkpoint (loop.checkpoint_due). Either way a rerun, or a restart after a lost worker, resumes
+from the latest checkpoint.
 """
-
 from __future__ import annotations
 
 import hashlib
@@ -145,12 +146,13 @@ def make_trainer(spec: RunSpec, name: str, storage: Path, data_dir: Path, callba
 
 
 class EpochLines(ray.train.UserCallback):
-    """The epoch lines of one run, printed by Ray Train's controller as each report arrives.
+    """The epoch lines of one run, printed as each report arrives.
 
     One line per epoch is kept in raykd.log (and shown with `-v`); the console gets the first,
     then one every `every_s` seconds, and the last, each with the time so far and an ETA (an upper
-    bound: early stopping may end the run sooner). The controller is a Ray actor: its lines reach
-    the driver through Ray's log forwarding, marked as raykd's (raykd.console.say).
+    bound: early stopping may end the run sooner). For a TorchTrainer run this is Ray Train's
+    controller, a Ray actor whose lines reach the driver through Ray's log forwarding, marked as
+    raykd's (raykd.console.say); for a run in a Ray task (raykd.train_task) it is the driver itself.
     """
 
     def __init__(self, name: str, epochs: int, every_s: float = 20.0):
