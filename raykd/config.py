@@ -240,7 +240,8 @@ class TuneConfig(Section):
     max_concurrent_trials: int = Field(1, ge=1, description="trials running at once")
     time_budget_s: float | None = Field(None, gt=0, description="stop starting trials after this")
     grace_period: int = Field(2, ge=1, description="ASHA: epochs before a trial can be stopped")
-    cpus_per_trial: float = Field(1.0, gt=0, description="CPUs of each trial's Train worker")
+    cpus_per_trial: float = Field(1.0, gt=0, description="CPUs of each in-process trial, or of each Train "
+                                  "worker of a trial on Ray Train (which also keeps one CPU for Ray Data)")
     in_process: bool = Field(True, description="trials of a 1-worker CPU student train inside the Tune trial (no "
                              "Ray Train start); false keeps every trial on Ray Train")
     seed: int = Field(0, description="TPE sampler seed")
