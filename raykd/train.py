@@ -10,6 +10,7 @@ all-reduce, so every rank takes the same early-stopping decision), and rank 0 re
 checkpoint (loop.checkpoint_due). Either way a rerun, or a restart after a lost worker, resumes
 from the latest checkpoint.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -19,7 +20,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -85,8 +86,8 @@ def parallel_runs(train_cfg: TrainConfig) -> int:
     res = ray.cluster_resources()
     if train_cfg.use_gpu:
         fits = int(res.get("GPU", 0) // train_cfg.num_workers)
-    elif train_cfg.runs_in_task():  # reads its windows itself: no Ray Data CPU to keep free
-        fits = int(res.get("CPU", 1) // train_cfg.cpus_per_worker)
+    elif train_cfg.runs_in_task():  # reads its windows itself (no Ray Data CPU to keep free); driven by a thread
+        return max(1, int(res.get("CPU", 1) // train_cfg.cpus_per_worker))
     else:
         fits = int((res.get("CPU", 1) - 1) // (train_cfg.num_workers * train_cfg.cpus_per_worker))
     return max(1, min(fits, int(res.get(DRIVER_RESOURCE, 0))))
@@ -107,7 +108,10 @@ def fit_many(specs: list[RunSpec], run_dir: Path, parallel: int) -> list[dict]:
     if all(s.train.runs_in_task() for s in specs):
         pool = ThreadPoolExecutor(parallel, thread_name_prefix="raykd-fit")
         try:
-            return list(pool.map(lambda s: fit(s, run_dir), specs))
+            futures = [pool.submit(fit, s, run_dir) for s in specs]
+            for done in as_completed(futures):
+                done.result()  # the first failure is raised as it happens
+            return [f.result() for f in futures]
         except BaseException:  # Ctrl-C or a failed run: stop the other runs' tasks too
             train_task.CANCEL.set()
             raise
