@@ -50,11 +50,14 @@ def fit(spec: RunSpec, data_dir: Path, storage: Path, callbacks: list,
     task = ray.remote(train_in_task).options(num_cpus=tc.cpus_per_worker, max_retries=tc.max_failures,
                                              retry_exceptions=False)
     ref = task.remote(spec, str(data_dir), str(storage), before_epoch)
-    while not ray.wait([ref], timeout=0.5)[0]:
-        progress.poll()
-        if CANCEL.is_set():  # the driver's main thread was interrupted (raykd.train.fit_many)
-            ray.cancel(ref, force=True)
-            raise RaykdError(f"{spec.name}: stopped; a rerun resumes from its last checkpoint")
+    try:
+        while not ray.wait([ref], timeout=0.5)[0]:
+            progress.poll()
+            if CANCEL.is_set():  # the driver's main thread was interrupted (raykd.train.fit_many)
+                raise RaykdError(f"{spec.name}: stopped; a rerun resumes from its last checkpoint")
+    except BaseException:  # Ctrl-C here or in the main thread: the task must not train on unseen
+        ray.cancel(ref, force=True)
+        raise
     ckpt = Path(ray.get(ref))  # raises the task's error
     progress.poll()
     return ckpt

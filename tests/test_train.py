@@ -191,24 +191,25 @@ def test_killed_worker_resumes_from_checkpoint(tiny_run, trainer):
     assert [h["epoch"] for h in summary["history"]] == [1, 2, 3]  # epoch 1 was not trained twice
 
 
-def test_ctrl_c_during_parallel_task_runs_stops_them_all(tiny_run):
-    """Two one-worker runs driven from driver threads: an interrupt of the main thread returns at
-    once and cancels both Ray tasks (they must not train on, nor hold the CPUs, after Ctrl-C)."""
+@pytest.mark.parametrize("runs", [1, 2])
+def test_ctrl_c_during_task_runs_stops_them_all(tiny_run, runs):
+    """One run in the main thread, or two driven from driver threads: Ctrl-C returns at once and
+    cancels every Ray task (they must not train on, nor hold the CPUs, after Ctrl-C)."""
     import signal
     import threading
 
     from raykd import train_task
 
     cfg = tiny_config(tiny_run, "teacher.train.epochs=2000", "teacher.train.patience=2000")
-    specs = [RunSpec(f"interrupted_{i}", cfg.teacher.model, cfg.teacher.train, seed=i, upstream={"x": "ctrl-c"})
-             for i in range(2)]
+    specs = [RunSpec(f"interrupted_{runs}_{i}", cfg.teacher.model, cfg.teacher.train, seed=i,
+                     upstream={"x": "ctrl-c"}) for i in range(runs)]
     # Python's own Ctrl-C handler (a background CI shell may start the tests with SIGINT ignored)
     inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         threading.Timer(6.0, os.kill, (os.getpid(), signal.SIGINT)).start()  # Ctrl-C
         t0 = time.perf_counter()
         with pytest.raises(KeyboardInterrupt):
-            train.fit_many(specs, tiny_run, parallel=2)
+            train.fit_many(specs, tiny_run, parallel=runs)
         assert time.perf_counter() - t0 < 20
     finally:
         signal.signal(signal.SIGINT, inherited)
