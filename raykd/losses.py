@@ -265,14 +265,8 @@ def _sampled_ce(h, item_emb, y, neg, neg_logits, log_count) -> torch.Tensor:
     return F.cross_entropy(logits, torch.zeros_like(y))
 
 
-def row_sampled_softmax_loss(
-    hidden: torch.Tensor,
-    item_emb: torch.Tensor,
-    targets: torch.Tensor,
-    row_negatives: int,
-    log_q: torch.Tensor,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
+def row_sampled_softmax_loss(hidden: torch.Tensor, item_emb: torch.Tensor, targets: torch.Tensor, row_negatives: int,
+                             log_q: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """`sampled_distill_loss`'s hard-label term with no teacher: every row scores its target exactly
     and `row_negatives` items drawn for it from q = softmax(log_q) (log-Q corrected, hits masked):
 
@@ -284,13 +278,10 @@ def row_sampled_softmax_loss(
     if not real.any():
         return _zero(hidden, item_emb)
     h, y = hidden[real], targets[real]
-    log_probs = log_q[1:].float().log_softmax(0)
-    draws = torch.multinomial(log_probs.exp(), len(h) * row_negatives, replacement=True, generator=generator)
-    sampled = draws.to(h.device).view(len(h), row_negatives) + 1
+    sampled, log_count = _row_samples(log_q, len(h), row_negatives, h.device, generator)
     cand = torch.cat([y.unsqueeze(1), sampled], 1)
     logits = torch.bmm(item_emb[cand].float(), h.float().unsqueeze(2)).squeeze(2)
-    corrected = logits[:, 1:] - (log_probs.to(h.device)[sampled - 1] + math.log(row_negatives))
-    corrected = corrected.masked_fill(sampled == y.unsqueeze(1), torch.finfo(torch.float32).min)
+    corrected = (logits[:, 1:] - log_count).masked_fill(sampled == y.unsqueeze(1), torch.finfo(torch.float32).min)
     log_z = torch.cat([logits[:, :1], corrected], 1).logsumexp(1)
     return (log_z - logits[:, 0]).mean()
 
@@ -376,19 +367,27 @@ def stratified_logits(h: torch.Tensor, item_emb: torch.Tensor, y: torch.Tensor, 
     the teacher items and the target, the log of its estimated mass outside the usable teacher
     items (the target exactly, the rest from n samples per row), and whether that mass has any term.
     One gather and one batched product for all K + 1 + n candidates of a row."""
-    log_probs = log_q[1:].float().log_softmax(0)
-    draws = torch.multinomial(log_probs.exp(), len(h) * n, replacement=True, generator=generator)
-    sampled = draws.to(h.device).view(len(h), n) + 1
+    sampled, log_count = _row_samples(log_q, len(h), n, h.device, generator)
     k = teacher_idx.shape[1]
     cand = torch.cat([teacher_idx, y.unsqueeze(1), sampled], 1)
     logits = torch.bmm(item_emb[cand].float(), h.float().unsqueeze(2)).squeeze(2)
     s_k, s_y = logits[:, :k], logits[:, k]
-    corrected = logits[:, k + 1:] - (log_probs.to(h.device)[sampled - 1] + math.log(n))
+    corrected = logits[:, k + 1:] - log_count
     y_in_top = ((teacher_idx == y.unsqueeze(1)) & usable).any(1)
     keep = ~_in_rows(sampled, teacher_idx, usable) & (sampled != y.unsqueeze(1))
     fill = torch.finfo(torch.float32).min
     rest = torch.cat([s_y.masked_fill(y_in_top, fill).unsqueeze(1), corrected.masked_fill(~keep, fill)], 1)
     return s_k, s_y, rest.logsumexp(1), keep.any(1) | ~y_in_top
+
+
+def _row_samples(log_q: torch.Tensor, rows: int, n: int, device, generator: torch.Generator | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`n` items per row drawn with replacement from q = softmax(log_q[1:]) ([rows, n], ids from 1),
+    and the log of each draw's expected count, log(n q_j): the log-Q correction."""
+    log_probs = log_q[1:].float().log_softmax(0)
+    draws = torch.multinomial(log_probs.exp(), rows * n, replacement=True, generator=generator)
+    sampled = draws.to(device).view(rows, n) + 1
+    return sampled, log_probs.to(device)[sampled - 1] + math.log(n)
 
 
 def _in_rows(items: torch.Tensor, sets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,8 @@ of the Train loop) on the windows read straight from the prepared shards, and ke
 Train gives a one-worker run:
 
 - the CPUs it reserves (`cpus_per_worker`, also its torch threads), so parallel runs share a node;
-- checkpoints in raykd's format under `<run>/ray_train/<name>/checkpoint/`, written atomically;
+- checkpoints in raykd's format under `<run>/ray_train/<name>/checkpoint/`, swapped in whole
+  (rundir.staged);
 - resume: a rerun, or Ray's retry of a task whose process died (`max_failures`), starts after
   the last checkpoint;
 - the same per-epoch reports to the same callbacks (epoch lines, experiment tracking), run by
@@ -21,8 +22,6 @@ an epoch; otherwise when validation improved, and after the last epoch.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -31,7 +30,7 @@ from pathlib import Path
 import ray
 import torch
 
-from raykd import console, loop
+from raykd import console, loop, rundir
 from raykd.errors import RaykdError
 from raykd.spec import RunSpec, loop_config
 
@@ -94,9 +93,6 @@ def train_in_task(spec: RunSpec, data_dir: str, storage: str, before_epoch: Call
     config = loop_config(spec, Path(data_dir))
     run = loop.LocalRun(config, data_dir)
     ckpt = Path(storage) / "checkpoint"
-    old = ckpt.with_name(f".{ckpt.name}.old")
-    if not ckpt.exists() and (old / "state.json").exists():
-        old.rename(ckpt)  # the process died between the two renames of `_save`
     if (ckpt / "state.json").exists():
         run.restore(ckpt)
         console.say(f"{spec.name}: resumed after epoch {run.state['epoch'] + 1}")
@@ -131,15 +127,8 @@ def epoch_report(state: dict, h: dict, final: bool) -> dict:
 
 
 def _save(run: loop.LocalRun, ckpt: Path) -> float:
-    """Write the checkpoint next to the old one, then swap it in; return the seconds it took."""
+    """Write the checkpoint beside the old one and swap it in (rundir.staged); return its seconds."""
     t0 = time.perf_counter()
-    tmp = ckpt.with_name(f".{ckpt.name}.{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    run.save(tmp)
-    old = ckpt.with_name(f".{ckpt.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if ckpt.exists():
-        ckpt.rename(old)
-    tmp.rename(ckpt)
-    shutil.rmtree(old, ignore_errors=True)
+    with rundir.staged(ckpt) as tmp:
+        run.save(tmp)
     return time.perf_counter() - t0
