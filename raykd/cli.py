@@ -7,7 +7,6 @@ import importlib
 import os
 import re
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -145,6 +144,7 @@ def _serve(args: argparse.Namespace) -> int:
     extra = [f"serve.host={args.host}"] if args.host else []
     extra += [f"serve.port={args.port}"] if args.port else []
     cfg = load_config(args.config, [*args.overrides, *extra])
+    from raykd.rundir import logs_of
     from raykd.runtime import ensure_ray, run_logs
 
     check_servable(args.path, cfg.serve)  # a missing, stale or broken model: said before Ray starts
@@ -152,7 +152,7 @@ def _serve(args: argparse.Namespace) -> int:
     import ray
 
     started = not ray.is_initialized()
-    with run_logs(_serve_logs(Path(args.path))):  # Serve's start-up lines to the logs, its URL to the console
+    with run_logs(logs_of(Path(args.path), "serve")):  # Serve's start-up lines to the logs, its URL to the console
         try:
             ensure_ray(cfg.ray, quiet=console.level() < console.VERBOSE)
             serve.run_blocking(args.path, cfg.serve)
@@ -160,13 +160,6 @@ def _serve(args: argparse.Namespace) -> int:
             if started:
                 ray.shutdown()  # while Ray's shutdown lines still go to the logs
     return 0
-
-
-def _serve_logs(path: Path) -> Path:
-    """Where `raykd serve` keeps Ray's output: the run's logs/, or for a model folder the temp folder's."""
-    from raykd.runtime import LOG_DIR
-
-    return path / LOG_DIR if (path / "run.json").exists() else Path(tempfile.gettempdir()) / "raykd-serve-logs"
 
 
 def _warn_if_the_report_is_stale(run_dir: Path) -> None:

@@ -325,6 +325,15 @@ class Config(Section):
     ray: RayConfig = Field(default_factory=RayConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
+    @model_validator(mode="after")
+    def _text_source(self):
+        if self.teacher.item_text and not self.distill.teacher_scores and self.data.item_text is None \
+                and self.data.format != "movielens":
+            raise ValueError("teacher.item_text needs item text: set data.item_text (path, id_col, text_cols), or for "
+                             "a log without item text set teacher.item_text=false and distil from several id-only "
+                             "teachers (teacher.ensemble=3)")
+        return self
+
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Read a YAML config, apply dotted overrides, validate. Relative data paths stay as written."""

@@ -26,7 +26,8 @@ def explain(err: ValidationError, root: type[BaseModel]) -> str:
             msg = e["msg"].removeprefix("Value error, ")
             got = e.get("input")
             whole_section = e["type"] == "value_error" and isinstance(got, dict)  # a check across fields
-            lines.append(f"  {loc}: {msg}" + ("" if whole_section else f" (got {got!r})"))
+            where = f"{loc}: " if loc else ""  # a check across sections has no location
+            lines.append(f"  {where}{msg}" + ("" if whole_section else f" (got {got!r})"))
     return "\n".join(lines)
 
 

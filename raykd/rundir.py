@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, version
@@ -53,6 +54,7 @@ CONFIG = "config.yaml"
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 LOCK = ".lock"
+LOGS = "logs"  # raykd.log and Ray's output (runtime.run_logs)
 
 
 # ---------------------------------------------------------------- names
@@ -306,3 +308,8 @@ def _write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
     tmp.write_text(json.dumps(data, indent=2, default=str))
     os.replace(tmp, path)
+
+
+def logs_of(path: Path, command: str) -> Path:
+    """Where a command on `path` keeps Ray's output: a run's logs/, else a folder in the temp dir."""
+    return path / LOGS if (path / RECORD).exists() else Path(tempfile.gettempdir()) / f"raykd-{command}-logs"

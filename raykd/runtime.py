@@ -21,7 +21,7 @@ from pathlib import Path
 import ray
 import ray.data
 
-from raykd import console
+from raykd import console, rundir
 from raykd.config import Config, RayConfig
 from raykd.errors import RaykdError
 
@@ -225,7 +225,7 @@ def check_shared_storage(run_dir: str | Path, timeout_s: float = 120.0) -> None:
 
 # ---------------------------------------------------------------- where Ray's output goes
 
-LOG_DIR = "logs"  # <run>/logs/: raykd.log, ray-workers.log, ray-driver.log, driver-stderr.log
+LOG_DIR = rundir.LOGS  # <run>/logs/: raykd.log, ray-workers.log, ray-driver.log, driver-stderr.log
 # Ray's own Python loggers in the driver, and the libraries they drive
 _LOGGERS = ("ray", "ray.data", "ray.tune", "ray.train", "ray.serve", "optuna", "py.warnings")
 _route: dict = {"file": None}  # ray-workers.log while a run_logs block is open

@@ -213,3 +213,14 @@ def test_unknown_key_in_an_optional_section_lists_its_keys():
         load_config("configs/beauty.yaml", ["data.item_text.foo=1"])
     with pytest.raises(RaykdError, match="valid keys here: type, low, high, values"):
         load_config("configs/quickstart.yaml", ["tune.space.x.bogus=1"])
+
+
+def test_text_teacher_without_item_text_fails_at_load_with_the_no_text_recipe():
+    # A log with no item text, run through the text-teacher recipe: before, prepare ran and the
+    # pipeline only failed at embed_items, without saying what to use instead.
+    with pytest.raises(RaykdError, match=r"teacher.item_text=false.*teacher.ensemble"):
+        load_config("configs/beauty.yaml", ["data.item_text=null"])
+    cfg = load_config("configs/beauty.yaml", ["data.item_text=null", "teacher.item_text=false", "teacher.ensemble=3"])
+    assert cfg.teacher.ensemble == 3 and cfg.distill.transfer
+    # MovieLens logs carry their own titles; external teacher scores need no text
+    load_config("configs/ml100k.yaml", ["teacher.item_text=true"])

@@ -45,6 +45,19 @@ def test_output_does_not_depend_on_the_number_of_workers(every_user, tiny_run, t
     assert two.equals(every_user)
 
 
+def test_the_console_shows_only_raykds_lines(tiny_run, tmp_path):
+    # A user's own shell: a fresh process that starts its own Ray. Ray's start-up warning, its C++
+    # core's actor notice and Ray Data's progress lines go to <run>/logs/, as in every stage.
+    import subprocess
+
+    res = subprocess.run(["raykd", "recommend", str(tiny_run), "--out", str(tmp_path / "r.parquet"), "--k", "3"],
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert res.returncode == 0, res.stderr
+    lines = (res.stdout + res.stderr).splitlines()
+    assert lines and all(line.startswith(("recommend: ", "ray: ")) for line in lines), lines
+    assert "streaming_executor" in (tiny_run / "logs" / "ray-driver.log").read_text()
+
+
 def test_listed_users_and_unknown_ids_in_a_side_file(tiny_run, tmp_path, capsys):
     raw_users = pq.read_table(tiny_run / "data" / "users.parquet")["raw_id"].to_pylist()
     listed = [str(raw_users[5]), "nobody", str(raw_users[2]), " 10000000000 ", str(raw_users[5]), "007"]
