@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     args.command = args.command.replace("-", "_") if args.command not in TOOLS else args.command
-    console.set_level(console.QUIET if args.quiet else console.VERBOSE if args.verbose else console.NORMAL)
+    set_output_level(args)
     try:
         if args.command == "synth":
             return _synth(args)
@@ -76,10 +76,10 @@ def main(argv: list[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raykd", description="Knowledge distillation for recommenders on Ray.")
     parser.add_argument("--version", action="version", version=f"raykd {_version()}")
-    _output_flags(parser, default=False)  # `raykd -q pipeline ...`
+    output_flags(parser, default=False)  # `raykd -q pipeline ...`
     common = argparse.ArgumentParser(add_help=False)  # flags every command takes: `raykd pipeline ... -q`
     common.add_argument("--debug", action="store_true", help="show Python tracebacks")
-    _output_flags(common, default=argparse.SUPPRESS)  # SUPPRESS: never overwrite a flag given before the command
+    output_flags(common, default=argparse.SUPPRESS)  # SUPPRESS: never overwrite a flag given before the command
     sub = parser.add_subparsers(dest="command")
     from raykd.stages import STAGES
 
@@ -124,13 +124,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _output_flags(target: argparse.ArgumentParser, default) -> None:
+def output_flags(target: argparse.ArgumentParser, default=False) -> None:
     """-q/-v on `target`: the top-level parser holds the defaults, subcommands only set them."""
     group = target.add_mutually_exclusive_group()
     group.add_argument("-q", "--quiet", action="store_true", default=default,
                        help="only warnings, errors and the result (a run's lines stay in <run>/logs/raykd.log)")
     group.add_argument("-v", "--verbose", action="store_true", default=default,
                        help="every epoch, the full report, and Ray's own logs on the console")
+
+
+def set_output_level(args: argparse.Namespace) -> None:
+    console.set_level(console.QUIET if args.quiet else console.VERBOSE if args.verbose else console.NORMAL)
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ import time
 import traceback
 from pathlib import Path
 
+from raykd.cli import output_flags, set_output_level
 from raykd.errors import RaykdError
 
 OTHER_JOBS = ("pipeline", "serve")  # besides the stages of raykd.stages.STAGES (same names as the CLI)
@@ -38,6 +39,17 @@ def parser(stage: str) -> argparse.ArgumentParser:
         p.add_argument("--path", help="run directory or model folder to serve (default: the config's output_dir)")
         p.add_argument("--block", action="store_true",
                        help="stay up until stopped (default: deploy, print the URL and exit; the app keeps running)")
+    output_flags(p)
+    return p
+
+
+def tool_parser(name: str) -> argparse.ArgumentParser:
+    """The flags of `raykd recommend` / `raykd export` (RUN_DIR first, then options), -q/-v included."""
+    import importlib
+
+    p = argparse.ArgumentParser(prog=f"jobs/{name}.py", description=f"raykd {name} as a Ray job")
+    importlib.import_module(f"raykd.{name}").add_arguments(p)
+    output_flags(p)
     return p
 
 
@@ -48,6 +60,7 @@ def main(stage: str, argv: list[str] | None = None) -> int:
     if stage not in BY_NAME and stage not in OTHER_JOBS:
         raise ValueError(f"unknown stage {stage!r}; one of {', '.join([*BY_NAME, *OTHER_JOBS])}")
     args = parser(stage).parse_args(argv)  # bad arguments: usage on stderr, exit status 2
+    set_output_level(args)
     prog = f"jobs/{stage}.py"
     try:
         check_working_directory()
@@ -95,10 +108,8 @@ def main_tool(name: str, argv: list[str] | None = None) -> int:
     """`raykd recommend` / `raykd export` as a job: the same flags (RUN_DIR first, then options)."""
     import importlib
 
-    module = importlib.import_module(f"raykd.{name}")
-    p = argparse.ArgumentParser(prog=f"jobs/{name}.py", description=f"raykd {name} as a Ray job")
-    module.add_arguments(p)
-    args = p.parse_args(argv)  # bad arguments: usage on stderr, exit status 2
+    args = tool_parser(name).parse_args(argv)  # bad arguments: usage on stderr, exit status 2
+    set_output_level(args)
     try:
         check_working_directory()
         paths = [getattr(args, a, None) for a in ("run_dir", "out", "users", "model")]
@@ -106,7 +117,7 @@ def main_tool(name: str, argv: list[str] | None = None) -> int:
         if relative and IN_RAY_JOB_ENV in os.environ:
             raise RaykdError(f"{', '.join(relative)}: relative paths resolve into the job's temporary copy of the "
                              "working directory; pass absolute paths on storage every node mounts")
-        return module.main(args) or 0  # recommend joins the cluster itself (the run's cfg.ray)
+        return importlib.import_module(f"raykd.{name}").main(args) or 0  # recommend joins the cluster itself (the run's cfg.ray)
     except RaykdError as err:
         print(f"jobs/{name}.py: error: {err}", file=sys.stderr, flush=True)
         return 1

@@ -254,6 +254,20 @@ def test_serve_job_arguments():
         jobs.parser("teacher").parse_args(["--config", "c.yaml", "--path", "/r"])
 
 
+def test_jobs_take_the_cli_output_flags():
+    from raykd import console, jobs
+
+    assert jobs.parser("pipeline").parse_args(["--config", "c.yaml", "-q", "seed=1"]).quiet
+    assert jobs.tool_parser("recommend").parse_args(["/r", "--out", "/o.parquet", "-v"]).verbose
+    with pytest.raises(SystemExit):
+        jobs.parser("teacher").parse_args(["--config", "c.yaml", "-q", "-v"])
+    try:
+        assert jobs.main("prepare", ["--config", "configs/quickstart.yaml", "-v", "output_dir=s3://b/x"]) == 1
+        assert console.level() == console.VERBOSE
+    finally:
+        console.set_level(console.NORMAL)
+
+
 # ---------------------------------------------------------------- runtime: finding a cluster, placement
 
 def test_find_cluster_order(monkeypatch):
