@@ -116,6 +116,8 @@ def main() -> int:
     p.add_argument("--transfer", type=int, default=1, help="1: KD students start from the teacher's items")
     p.add_argument("--top-k", type=int, default=100)
     p.add_argument("--tag", default="", help="suffix for the KD students' folders (variants)")
+    p.add_argument("--students", default="nokd,kd", help="which of each width's pair this process trains "
+                   "(nokd: the twin alone, so two processes can train a pair side by side)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--report-only", action="store_true", help="summarise the models already trained; train none")
     args = p.parse_args()
@@ -137,7 +139,7 @@ def main() -> int:
         base = run / "bench_kd" / f"seed{seed}"
         res = results["seeds"][seed] = {"teachers": {}, "students": {}}
         ranks = {}
-        for name in args.teachers.split(","):
+        for name in [t for t in args.teachers.split(",") if t]:
             use_text, mode = TEACHERS[name]
             d = desc(n_items, args.teacher_dim, 2, 2, 0.3)
             cfg = {"name": f"teacher_{name}", "desc": d, "seed": seed, "alpha": 0.0, "temperature": 1.0,
@@ -161,7 +163,7 @@ def main() -> int:
         widths = [int(w) for w in args.widths.split(",") if w]
         tdirs = [base / f"teacher_{t}" for t in (("id", "text") if args.kd_teacher == "ens" else (args.kd_teacher,))]
         soft_dir = base / f"soft_{args.kd_teacher}_k{args.top_k}"
-        if widths and not (REPORT_ONLY and not (soft_dir / "done").exists()):
+        if widths and "kd" in args.students.split(",") and not (REPORT_ONLY and not (soft_dir / "done").exists()):
             score_soft(tdirs, data_dir, soft_dir, args.top_k)
         for width in widths:
             try:
@@ -177,13 +179,18 @@ def student_pair(args, seed, width, base, tdirs, soft_dir, data_dir, split, rare
     """A KD student and its no-KD twin at one width: train (or reuse), test, compare paired."""
     d = desc(n_items, width, 1, 1, 0.2)
     common = {"desc": d, "seed": seed, "train": train_cfg(args.student_epochs, 2e-3, 5, 10)}
-    nokd = trained(base / f"nokd_d{width}", {**common, "name": f"nokd_d{width}", "alpha": 0.0,
-                                              "temperature": 1.0, "kd_loss": "kl"}, data_dir)
+    todo = args.students.split(",")
     kd_name = f"kd_{args.kd_teacher}_d{width}{args.tag}"
-    kd = trained(base / kd_name, {**common, "name": kd_name, "alpha": args.alpha,
-                                  "temperature": args.temperature, "kd_loss": args.kd_loss,
-                                  "init_from": [str(t) for t in tdirs] if args.transfer else None},
-                 data_dir, soft_dir)
+    kd_cfg = {**common, "name": kd_name, "alpha": args.alpha, "temperature": args.temperature,
+              "kd_loss": args.kd_loss, "init_from": [str(t) for t in tdirs] if args.transfer else None}
+    kd = trained(base / kd_name, kd_cfg, data_dir, soft_dir) if "kd" in todo else None
+    nokd_dir = base / f"nokd_d{width}"
+    if "nokd" not in todo and not (nokd_dir / "summary.json").exists():
+        raise NotTrained(nokd_dir)  # another process trains it (--students nokd)
+    nokd = trained(nokd_dir, {**common, "name": f"nokd_d{width}", "alpha": 0.0, "temperature": 1.0,
+                              "kd_loss": "kl"}, data_dir)
+    if kd is None:
+        return
     m_kd, r_kd = test_eval(base / kd_name, split, rare)
     m_no, r_no = test_eval(base / f"nokd_d{width}", split, rare)
     paired = paired_ndcg(r_kd, r_no)
