@@ -11,7 +11,7 @@ threads, with `raykd.loop.fit_local` (the step, epoch and validation of Ray Trai
    with the sampled softmax;
 2. its soft labels (top-100 and rest log-mass), scored in this process by `soft_labels.TeacherScorer`;
 3. students (16 x 1, alpha 0.5): full softmax + `kl` (the student before issue 15), sampled softmax +
-   `kl` and + `kl_full` (`losses.sampled_distill_loss`: the teacher's top-K and the target scored
+   `kl` and + `kl_full` (`sampled_losses.sampled_distill_loss`: the teacher's top-K and the target scored
    exactly, the rest of the catalogue estimated from `--kd-negatives` items drawn per position).
 
 An epoch's seconds are fit_local's (training and validation), the median of the epochs after the

@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from raykd import checkpoints, losses, metrics, models, sequences, text
+from raykd import checkpoints, losses, metrics, models, sampled_losses, sequences, text
 
 
 def build(config: dict) -> torch.nn.Module:
@@ -80,8 +80,8 @@ def train_epoch(model, core, optimizer, batches, config: dict, device, amp, log_
 
     `train.loss: sampled` never builds the [N, V] logits: with a KD term (alpha > 0) every position
     scores its teacher's top-K, its target and `kd_negatives` (default KD_NEGATIVES) items drawn for
-    it (losses.sampled_distill_loss); a student without one (`row_negatives`: a no-KD twin) scores
-    its target and as many drawn items (losses.row_sampled_softmax_loss); a teacher uses the log-Q
+    it (sampled_losses.sampled_distill_loss); a student without one (`row_negatives`: a no-KD twin) scores
+    its target and as many drawn items (sampled_losses.row_sampled_softmax_loss); a teacher uses the log-Q
     sampled softmax over `num_negatives` negatives shared by the batch. `full` scores the whole catalogue (losses.distill_loss).
     """
     tc = config["train"]
@@ -96,10 +96,10 @@ def train_epoch(model, core, optimizer, batches, config: dict, device, amp, log_
         with amp:
             hidden = model(inp)[mask]
             if tc["loss"] == "sampled" and alpha == 0 and config.get("row_negatives"):  # a no-KD student
-                loss = losses.row_sampled_softmax_loss(hidden, core.item_table(), target[mask],
+                loss = sampled_losses.row_sampled_softmax_loss(hidden, core.item_table(), target[mask],
                                                        tc.get("kd_negatives", KD_NEGATIVES), log_q)
             elif tc["loss"] == "sampled":
-                loss, _, _ = losses.sampled_distill_loss(hidden, core.item_table(), target[mask], t_idx, t_logit,
+                loss, _, _ = sampled_losses.sampled_distill_loss(hidden, core.item_table(), target[mask], t_idx, t_logit,
                                                          alpha, config["temperature"], config["kd_loss"],
                                                          tc["num_negatives"], log_q, teacher_rest=t_rest,
                                                          row_negatives=tc.get("kd_negatives", KD_NEGATIVES))
