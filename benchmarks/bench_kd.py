@@ -105,8 +105,8 @@ def main() -> int:
     p.add_argument("--seeds", default="0")
     p.add_argument("--widths", default="4,8,16,32")
     p.add_argument("--teachers", default="id,text")
-    p.add_argument("--kd-teacher", default="text", help="the teacher the students distil from: id, text, or ens "
-                   "(the id and text teachers as one ensemble)")
+    p.add_argument("--kd-teacher", default="text", help="the teacher the students distil from: id, text, ens "
+                   "(the seed's id and text teachers as one ensemble) or ens_id (the id teachers of seeds 0-2)")
     p.add_argument("--teacher-dim", type=int, default=64)
     p.add_argument("--teacher-epochs", type=int, default=25)
     p.add_argument("--student-epochs", type=int, default=40)
@@ -161,8 +161,7 @@ def main() -> int:
             res["text_vs_id"] = paired_ndcg(ranks["teacher_text"], ranks["teacher_id"])
             print(f"seed {seed} text − id teacher paired: {res['text_vs_id']}", flush=True)
         widths = [int(w) for w in args.widths.split(",") if w]
-        tdirs = [base / f"teacher_{t}" for t in (("id", "text") if args.kd_teacher == "ens" else (args.kd_teacher,))]
-        soft_dir = base / f"soft_{args.kd_teacher}_k{args.top_k}"
+        tdirs, soft_dir = kd_teachers(args.kd_teacher, run / "bench_kd", base, args.top_k)
         if widths and "kd" in args.students.split(",") and not (REPORT_ONLY and not (soft_dir / "done").exists()):
             score_soft(tdirs, data_dir, soft_dir, args.top_k)
         for width in widths:
@@ -173,6 +172,18 @@ def main() -> int:
         (run / "bench_kd" / f"results{args.tag}.json").write_text(json.dumps(results, indent=1, default=str))
     summarise(results)
     return 0
+
+
+def kd_teachers(kind: str, bench: Path, base: Path, top_k: int) -> tuple[list[Path], Path]:
+    """The teacher folders a KD student distils from, and where their soft labels go.
+
+    id, text: this seed's teacher; ens: this seed's id and text teachers; ens_id: the id-only
+    teachers of seeds 0, 1, 2 (the no-text recipe, teacher.ensemble 3), shared by every seed.
+    """
+    if kind == "ens_id":
+        return [bench / f"seed{i}" / "teacher_id" for i in range(3)], bench / f"soft_ens_id_k{top_k}"
+    names = ("id", "text") if kind == "ens" else (kind,)
+    return [base / f"teacher_{t}" for t in names], base / f"soft_{kind}_k{top_k}"
 
 
 def student_pair(args, seed, width, base, tdirs, soft_dir, data_dir, split, rare, n_items, res) -> None:
