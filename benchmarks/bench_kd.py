@@ -32,7 +32,9 @@ import pyarrow.parquet as pq
 import torch
 
 from raykd import loop, metrics, models, sequences, soft_labels
+from raykd.config import INIT_STD, ModelConfig, TrainConfig
 from raykd.evaluate import paired_ndcg
+from raykd.spec import KD, ItemText, RunSpec
 
 TEACHERS = {  # name -> (uses text, text_mode)
     "id": (False, None),
@@ -40,14 +42,13 @@ TEACHERS = {  # name -> (uses text, text_mode)
 }
 
 
-def train_cfg(epochs: int, lr: float, patience: int, min_epochs: int, batch: int = 128) -> dict:
-    return {"epochs": epochs, "batch_size": batch, "lr": lr, "weight_decay": 0.0, "patience": patience,
-            "min_epochs": min_epochs, "loss": "full", "num_negatives": 1000}
+def train_cfg(epochs: int, lr: float, patience: int, min_epochs: int, batch: int = 128) -> TrainConfig:
+    return TrainConfig(epochs=epochs, batch_size=batch, lr=lr, weight_decay=0.0, patience=patience,
+                       min_epochs=min_epochs, loss="full", num_negatives=1000)
 
 
-def desc(num_items: int, dim: int, layers: int, heads: int, dropout: float, max_len: int = 50) -> dict:
-    return {"family": "sasrec", "num_items": num_items, "dim": dim, "layers": layers, "heads": heads,
-            "max_len": max_len, "dropout": dropout}
+def model_cfg(dim: int, layers: int, heads: int, dropout: float, max_len: int = 50) -> ModelConfig:
+    return ModelConfig(family="sasrec", dim=dim, layers=layers, heads=heads, max_len=max_len, dropout=dropout)
 
 
 REPORT_ONLY = False  # --report-only: summarise what is trained, train nothing
@@ -57,16 +58,16 @@ class NotTrained(Exception):
     pass
 
 
-def trained(out: Path, config: dict, data_dir: Path, soft_dir: Path | None = None) -> dict:
+def trained(out: Path, spec: RunSpec, data_dir: Path) -> dict:
     """Train (or reuse) one model; save it with its summary to `out`."""
     if (out / "summary.json").exists():
         return json.loads((out / "summary.json").read_text())
     if REPORT_ONLY:
         raise NotTrained(out)
     t0 = time.perf_counter()
-    model, summary = loop.fit_local(config, data_dir, soft_dir, log=lambda m: print("  " + m, flush=True))
+    model, summary = loop.fit_local(spec, data_dir, log=lambda m: print("  " + m, flush=True))
     summary["seconds"] = time.perf_counter() - t0
-    models.save_model(out, model, config["desc"])
+    models.save_model(out, model, loop.model_desc(spec, data_dir))
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
@@ -75,18 +76,7 @@ def score_soft(teacher_dirs: list[Path], data_dir: Path, out: Path, top_k: int) 
     """The soft-label stage's scorer and writer, in this process (several teachers: an ensemble)."""
     if (out / "done").exists():
         return
-    out.mkdir(parents=True, exist_ok=True)
-    meta = json.loads((teacher_dirs[0] / "model.json").read_text())
-    shards = sequences.shard_paths(data_dir)
-    scorer = soft_labels.TeacherScorer([str(d) for d in teacher_dirs], meta["max_len"], top_k, False, 256)
-    rows = {}
-    for shard in shards:
-        n = soft_labels._count_windows(shard, meta["max_len"])
-        parts = [scorer({"shard": np.array([str(shard)]), "start": np.array([s])}) for s in range(0, n, 256)]
-        cat = {k: np.concatenate([p[k] for p in parts]) for k in ("pos", "idx", "logits", "rest")}
-        order = np.argsort(cat["pos"], kind="stable")
-        rows[str(shard)] = {k: v[order] for k, v in cat.items()}
-    soft_labels.write(rows, shards, out, top_k)
+    soft_labels.score_here(teacher_dirs, data_dir, out, top_k)
     (out / "done").write_text("1")
 
 
@@ -141,14 +131,11 @@ def main() -> int:
         ranks = {}
         for name in [t for t in args.teachers.split(",") if t]:
             use_text, mode = TEACHERS[name]
-            d = desc(n_items, args.teacher_dim, 2, 2, 0.3)
-            cfg = {"name": f"teacher_{name}", "desc": d, "seed": seed, "alpha": 0.0, "temperature": 1.0,
-                   "kd_loss": "kl", "train": train_cfg(args.teacher_epochs, 1e-3, 5, 10),
-                   "item_text": str(text_path) if use_text else None, "text_mode": mode}
-            if use_text and mode in ("fuse", "both"):
-                d["text_dim"] = loop.text_dim(text_path, args.teacher_dim)
+            text = ItemText(text_path, mode, INIT_STD) if use_text else None
+            spec = RunSpec(f"teacher_{name}", model_cfg(args.teacher_dim, 2, 2, 0.3), train_cfg(args.teacher_epochs,
+                           1e-3, 5, 10), seed, text=text)
             try:
-                s = trained(base / f"teacher_{name}", cfg, data_dir)
+                s = trained(base / f"teacher_{name}", spec, data_dir)
             except NotTrained:
                 print(f"seed {seed} teacher {name}: not trained yet; skipped", flush=True)
                 continue
@@ -188,18 +175,16 @@ def kd_teachers(kind: str, bench: Path, base: Path, top_k: int) -> tuple[list[Pa
 
 def student_pair(args, seed, width, base, tdirs, soft_dir, data_dir, split, rare, n_items, res) -> None:
     """A KD student and its no-KD twin at one width: train (or reuse), test, compare paired."""
-    d = desc(n_items, width, 1, 1, 0.2)
-    common = {"desc": d, "seed": seed, "train": train_cfg(args.student_epochs, 2e-3, 5, 10)}
+    model, train = model_cfg(width, 1, 1, 0.2), train_cfg(args.student_epochs, 2e-3, 5, 10)
     todo = args.students.split(",")
     kd_name = f"kd_{args.kd_teacher}_d{width}{args.tag}"
-    kd_cfg = {**common, "name": kd_name, "alpha": args.alpha, "temperature": args.temperature,
-              "kd_loss": args.kd_loss, "init_from": [str(t) for t in tdirs] if args.transfer else None}
-    kd = trained(base / kd_name, kd_cfg, data_dir, soft_dir) if "kd" in todo else None
+    settings = KD(soft_dir, args.alpha, args.temperature, args.kd_loss, tuple(tdirs) if args.transfer else (),
+                  INIT_STD)
+    kd = trained(base / kd_name, RunSpec(kd_name, model, train, seed, kd=settings), data_dir) if "kd" in todo else None
     nokd_dir = base / f"nokd_d{width}"
     if "nokd" not in todo and not (nokd_dir / "summary.json").exists():
         raise NotTrained(nokd_dir)  # another process trains it (--students nokd)
-    nokd = trained(nokd_dir, {**common, "name": f"nokd_d{width}", "alpha": 0.0, "temperature": 1.0,
-                              "kd_loss": "kl"}, data_dir)
+    nokd = trained(nokd_dir, RunSpec(f"nokd_d{width}", model, train, seed), data_dir)
     if kd is None:
         return
     m_kd, r_kd = test_eval(base / kd_name, split, rare)

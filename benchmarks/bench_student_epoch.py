@@ -33,30 +33,31 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 from raykd import loop, models, sequences, soft_labels, stages
-from raykd.config import load_config
+from raykd.config import INIT_STD, ModelConfig, TrainConfig, load_config
+from raykd.spec import KD, RunSpec
+
+KD_NEGATIVES = TrainConfig.model_fields["kd_negatives"].default
 
 
-def desc(num_items: int, dim: int, layers: int, heads: int) -> dict:
-    return {"family": "sasrec", "num_items": num_items, "dim": dim, "layers": layers, "heads": heads,
-            "max_len": 50, "dropout": 0.2}
+def model_cfg(dim: int, layers: int, heads: int) -> ModelConfig:
+    return ModelConfig(family="sasrec", dim=dim, layers=layers, heads=heads, max_len=50, dropout=0.2)
 
 
-def loop_cfg(name: str, model: dict, loss: str, epochs: int, negatives: int, alpha: float = 0.0,
-             kd_loss: str = "kl", seed: int = 0, lr: float = 0.001, batch: int = 128, patience: int = 100,
-             kd_negatives: int = loop.KD_NEGATIVES) -> dict:
-    train = {"epochs": epochs, "batch_size": batch, "lr": lr, "weight_decay": 0.0, "patience": patience,
-             "min_epochs": 0, "loss": loss, "num_negatives": negatives, "kd_negatives": kd_negatives}
-    return {"name": name, "desc": model, "train": train, "seed": seed, "alpha": alpha, "temperature": 1.0,
-            "kd_loss": kd_loss, "item_text": None, "init_from": None}
+def run_spec(name: str, model: ModelConfig, loss: str, epochs: int, negatives: int, soft_dir: Path | None = None,
+             alpha: float = 0.0, kd_loss: str = "kl", seed: int = 0, lr: float = 0.001, batch: int = 128,
+             patience: int = 100, kd_negatives: int = KD_NEGATIVES, temperature: float = 1.0) -> RunSpec:
+    train = TrainConfig(epochs=epochs, batch_size=batch, lr=lr, patience=patience, loss=loss,
+                        num_negatives=negatives, kd_negatives=kd_negatives)
+    kd = KD(soft_dir, alpha, temperature, kd_loss, (), INIT_STD) if alpha > 0 else None
+    return RunSpec(name, model, train, seed, kd=kd)
 
 
-def timed(config: dict, data_dir: Path, soft_dir: Path | None = None) -> tuple[torch.nn.Module, dict]:
+def timed(spec: RunSpec, data_dir: Path) -> tuple[torch.nn.Module, dict]:
     t0 = time.perf_counter()
-    model, summary = loop.fit_local(config, data_dir, soft_dir, log=lambda m: print("  " + m, flush=True))
+    model, summary = loop.fit_local(spec, data_dir, log=lambda m: print("  " + m, flush=True))
     seconds = [h["seconds"] for h in summary["history"]]
     summary.update(wall_s=time.perf_counter() - t0, epoch_s=statistics.median(seconds[1:] or seconds))
     return model, summary
@@ -65,17 +66,7 @@ def timed(config: dict, data_dir: Path, soft_dir: Path | None = None) -> tuple[t
 def score_soft(teacher_dir: Path, data_dir: Path, out: Path, top_k: int) -> float:
     """The soft-label stage's scorer and writer, in this process; returns seconds."""
     t0 = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
-    shards = sequences.shard_paths(data_dir)
-    scorer = soft_labels.TeacherScorer([str(teacher_dir)], 50, top_k, False, 256)
-    rows = {}
-    for shard in shards:
-        n = len(sequences.windows(pq.read_table(shard, columns=["train"])["train"].combine_chunks(), 50)["input"])
-        parts = [scorer({"shard": np.array([str(shard)]), "start": np.array([s])}) for s in range(0, n, 256)]
-        cat = {k: np.concatenate([p[k] for p in parts]) for k in ("pos", "idx", "logits", "rest")}
-        order = np.argsort(cat["pos"], kind="stable")
-        rows[str(shard)] = {k: v[order] for k, v in cat.items()}
-    soft_labels.write(rows, shards, out, top_k)
+    soft_labels.score_here([teacher_dir], data_dir, out, top_k)
     return time.perf_counter() - t0
 
 
@@ -97,19 +88,20 @@ def timing(args) -> int:
     print(f"bench_student_epoch: {n_items:,} items, {windows:,} windows, {args.threads} thread(s), "
           f"{args.epochs} epochs each, {args.negatives} shared negatives (teacher), {args.kd_negatives} per position "
           "(students)", flush=True)
-    t_desc, s_desc = desc(n_items, args.teacher_dim, 2, 2), desc(n_items, args.student_dim, 1, 1)
+    t_model, s_model = model_cfg(args.teacher_dim, 2, 2), model_cfg(args.student_dim, 1, 1)
     rows = {}
-    teacher, rows["teacher full"] = timed(loop_cfg("teacher_full", t_desc, "full", args.epochs, args.negatives), data_dir)
-    _, rows["teacher sampled"] = timed(loop_cfg("teacher_sampled", t_desc, "sampled", args.epochs, args.negatives),
+    teacher_spec = run_spec("teacher_full", t_model, "full", args.epochs, args.negatives)
+    teacher, rows["teacher full"] = timed(teacher_spec, data_dir)
+    _, rows["teacher sampled"] = timed(run_spec("teacher_sampled", t_model, "sampled", args.epochs, args.negatives),
                                        data_dir)
     out = Path(args.out).resolve()
-    models.save_model(out / "teacher", teacher, t_desc)
+    models.save_model(out / "teacher", teacher, loop.model_desc(teacher_spec, data_dir))
     soft_s = score_soft(out / "teacher", data_dir, out / "soft_labels", 100)
     for name, loss, kd in (("student full kl", "full", "kl"), ("student sampled kl", "sampled", "kl"),
                            ("student sampled kl_full", "sampled", "kl_full")):
-        config = loop_cfg(name.replace(" ", "_"), s_desc, loss, args.epochs, args.negatives, 0.5, kd, lr=0.003,
-                          kd_negatives=args.kd_negatives)
-        _, rows[name] = timed(config, data_dir, out / "soft_labels")
+        spec = run_spec(name.replace(" ", "_"), s_model, loss, args.epochs, args.negatives, out / "soft_labels", 0.5,
+                        kd, lr=0.003, kd_negatives=args.kd_negatives)
+        _, rows[name] = timed(spec, data_dir)
     report(rows, soft_s, n_items, windows, args)
     return 0
 
@@ -141,19 +133,17 @@ def quality(args) -> int:
     run = Path(args.quality).resolve()
     cfg = load_config(str(run / "config.yaml"), [f"output_dir={run}"])
     data_dir, soft_dir, d = run / "data", run / "soft_labels", cfg.distill
-    model = desc(sequences.num_items(data_dir), d.model.dim, d.model.layers, d.model.heads)
-    model.update(max_len=d.model.max_len, dropout=d.model.dropout)
     kinds = args.kd_loss.split(",") if args.kd_loss else [d.loss]
-    print(f"bench_student_epoch --quality: {model['num_items']:,} items, {args.kd_negatives} negatives per position, "
+    print(f"bench_student_epoch --quality: {sequences.num_items(data_dir):,} items, {args.kd_negatives} negatives per position, "
           f"alpha {d.alpha}, T {d.temperature}, KD {kinds}", flush=True)
     results: dict[str, list] = {}
     for seed in [int(s) for s in args.seeds.split(",")]:
         for kind in kinds:
             for loss in ("full", "sampled"):
-                config = loop_cfg(f"{loss}_{kind}_s{seed}", model, loss, d.train.epochs, args.negatives, d.alpha,
-                                  kind, seed, d.train.lr, d.train.batch_size, d.train.patience, args.kd_negatives)
-                config["temperature"] = d.temperature
-                _, s = timed(config, data_dir, soft_dir)
+                spec = run_spec(f"{loss}_{kind}_s{seed}", d.model, loss, d.train.epochs, args.negatives, soft_dir,
+                                d.alpha, kind, seed, d.train.lr, d.train.batch_size, d.train.patience,
+                                args.kd_negatives, d.temperature)
+                _, s = timed(spec, data_dir)
                 results.setdefault(f"{loss} {kind}", []).append((s["valid"]["ndcg@10"], s["epoch_s"], s["best_epoch"]))
     print("\n| student | val NDCG@10 per seed | mean | epoch s (median) |\n|---|---|---|---|")
     for name, r in results.items():
@@ -173,7 +163,7 @@ def main() -> int:
     ap.add_argument("--student-dim", type=int, default=16)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--negatives", type=int, default=1000, help="train.num_negatives: shared by a batch (no KD term)")
-    ap.add_argument("--kd-negatives", type=int, default=loop.KD_NEGATIVES,
+    ap.add_argument("--kd-negatives", type=int, default=KD_NEGATIVES,
                     help="train.kd_negatives: drawn for each position (sampled loss with a KD term)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quality", default=None, help="run directory: full vs sampled student quality instead")

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from raykd import loop, rundir, sequences, spec, stages, train
+from raykd import loop, rundir, sequences, stages, train
 from raykd.config import load_config
 from raykd.spec import RunSpec
 
@@ -66,7 +66,7 @@ def main() -> int:
 
     t0 = time.perf_counter()
     torch.set_num_threads(max(int(train_cfg.cpus_per_worker), 1))
-    _, plain = loop.fit_local(spec.loop_config(run_spec, data_dir), data_dir, log=lambda line: None)
+    _, plain = loop.fit_local(run_spec, data_dir, log=lambda line: None)
     rows["plain PyTorch"] = ([h["seconds"] for h in plain["history"]], time.perf_counter() - t0,
                              plain["history"][-1]["ndcg@10"])
 

@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from raykd.config_errors import explain, section_type  # noqa: F401 - section_type: config_docs
 from raykd.errors import RaykdError
 
+INIT_STD = 0.02  # per-column std of an item table initialised from text or a teacher (distill.transfer)
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -169,7 +171,7 @@ class TeacherConfig(Section):
     text_mode: Literal["fuse", "init", "both"] = Field(
         "both", description="fuse: add a trained projection of the PCA-whitened text vectors to the id embedding; "
         "init: start the id embeddings from them; both")
-    init_std: float = Field(0.02, gt=0, description="per-column std of item embeddings initialised from text")
+    init_std: float = Field(INIT_STD, gt=0, description="per-column std of item embeddings initialised from text")
     ensemble: int = Field(1, ge=1, le=16, description="teachers to train (seeds seed, seed+1, ...), as parallel Ray "
                           "runs when the cluster has room; soft labels average their log-probabilities")
     text_encoder: str = Field("all-MiniLM-L6-v2", description="sentence-transformers model: local dir or name")

@@ -20,7 +20,7 @@ import math
 from pathlib import Path
 
 from raykd import rundir, train
-from raykd.config import Config, ModelConfig
+from raykd.config import INIT_STD, Config, ModelConfig
 from raykd.errors import RaykdError
 from raykd.spec import KD, RunSpec
 
@@ -76,7 +76,7 @@ def kd_settings(cfg: Config, needed_by: str = "distill") -> tuple[KD, dict]:
         members = [rundir.member(i) for i in range(cfg.teacher.ensemble)]
         upstream |= {m: rundir.require(root, m, "distill.transfer") for m in members}
         transfer = tuple(root / m for m in members)
-    kd = KD(root / rundir.SOFT_LABELS, d.alpha, d.temperature, d.loss, transfer)
+    kd = KD(root / rundir.SOFT_LABELS, d.alpha, d.temperature, d.loss, transfer, INIT_STD)
     return kd, upstream
 
 

@@ -167,6 +167,23 @@ def score_all(shards: list[Path], teacher_dir: Path | list[Path], max_len: int, 
         if time.perf_counter() > next_print:
             print(f"soft_labels: {done:,} positions scored", flush=True)
             next_print = time.perf_counter() + 10
+    return _in_position_order(parts)
+
+
+def score_here(teacher_dirs: list[Path], data_dir: Path, out: Path, top_k: int, chunk: int = 256) -> tuple[int, int]:
+    """The soft labels of every training position, scored in this process without Ray (benchmarks,
+    notebooks): the same scorer, chunks and files as the stage. Returns (rows, bytes) written to `out`."""
+    max_len = _teacher_meta(Path(teacher_dirs[0]))["max_len"]
+    shards = sequences.shard_paths(data_dir)
+    scorer = TeacherScorer([str(d) for d in teacher_dirs], max_len, top_k, False, chunk)
+    parts = {str(shard): [scorer({"shard": np.array([str(shard)]), "start": np.array([start])})
+                          for start in range(0, _count_windows(shard, max_len), chunk)] for shard in shards}
+    Path(out).mkdir(parents=True, exist_ok=True)
+    return write(_in_position_order(parts), shards, Path(out), top_k)
+
+
+def _in_position_order(parts: dict[str, list[dict]]) -> dict[str, dict]:
+    """Each shard's scored chunks joined and sorted back into position order."""
     merged = {}
     for shard, items in parts.items():
         cat = {k: np.concatenate([p[k] for p in items]) for k in ("pos", "idx", "logits", "rest")}

@@ -1,9 +1,9 @@
-"""What one training run is: a typed spec, its fingerprint, and the loop config it becomes.
+"""What one training run is: a typed spec and its fingerprint.
 
 Plain Python (no Ray). A teacher is a spec with item text (or none) and no KD; a student is a
-spec with KD settings; its no-KD twin is the same spec without them. `raykd.train.fit` runs a
-spec on Ray Train, `raykd.loop.fit_local` runs its loop config in one process (notebooks,
-benchmarks), and Tune trials build theirs from a sampled config.
+spec with KD settings; its no-KD twin is the same spec without them. The spec travels as it is
+to whatever trains it (raykd.loop: a Ray Train worker, a Ray task, a Tune trial or this process),
+which builds the model and the loss from it once.
 """
 
 from __future__ import annotations
@@ -14,42 +14,47 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from raykd import loop, sequences
 from raykd.config import ModelConfig, TrainConfig
 
 
 @dataclass(frozen=True)
 class KD:
-    """Distillation settings of a student: soft labels, loss and (optionally) embedding transfer."""
+    """Distillation settings of a student: soft labels, loss and (optionally) embedding transfer.
+    The fields are the `distill.*` keys of the same names (raykd.config.DistillConfig)."""
 
     soft_labels: Path
     alpha: float
-    temperature: float = 1.0
-    loss: str = "kl"
-    transfer_from: tuple[Path, ...] = ()  # teacher folders whose item tables start the student's
+    temperature: float
+    loss: str  # kl | kl_full | rank (raykd.losses.KINDS)
+    transfer_from: tuple[Path, ...]  # teacher folders whose item tables start the student's (distill.transfer)
+    init_std: float  # per-column std of a transferred item table (raykd.config.INIT_STD)
 
 
 @dataclass(frozen=True)
 class ItemText:
-    """A text teacher's item vectors (embed-items) and how it uses them."""
+    """A text teacher's item vectors (embed-items) and how it uses them (`teacher.text_mode`,
+    `teacher.init_std`)."""
 
     vectors: Path
-    mode: str = "both"  # fuse | init | both
-    init_std: float = 0.02
+    mode: str  # fuse | init | both
+    init_std: float
 
 
 @dataclass(frozen=True)
 class RunSpec:
     """One training run. `name` is its artifact in the run directory (`teacher`, `student`,
-    `kd_curve/d8/student_nokd` ...); `upstream` maps the artifacts it is made from to their keys."""
+    `kd_curve/d8/student_nokd` ...); `upstream` maps the artifacts it is made from to their keys.
+    `before_epoch(epoch)`, when set, runs as each epoch starts (rank 0 of a DDP run): tests inject
+    faults with it; it is not part of what the run is (`fingerprint`)."""
 
     name: str
     model: ModelConfig
     train: TrainConfig
-    seed: int = 0
+    seed: int
     kd: KD | None = None
     text: ItemText | None = None
     upstream: dict[str, str] = field(default_factory=dict)
+    before_epoch: Callable[[int], None] | None = field(default=None, compare=False, repr=False)
 
     @property
     def role(self) -> str:
@@ -66,23 +71,3 @@ class RunSpec:
                                                      "loss": self.kd.loss, "transfer": bool(self.kd.transfer_from)},
                  "text": None if self.text is None else {"mode": self.text.mode, "init_std": self.text.init_std}}
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def loop_config(spec: RunSpec, data_dir: Path, before_epoch: Callable[[int], None] | None = None) -> dict:
-    """The dict `raykd.loop` runs (see its docstring). `before_epoch(epoch)` is called on rank 0
-    as each epoch starts (tests inject faults through it)."""
-    desc = {"family": spec.model.family, "num_items": sequences.num_items(data_dir),
-            **spec.model.model_dump(exclude={"family"})}
-    t, kd = spec.text, spec.kd
-    if t is not None and t.mode in ("fuse", "both"):
-        desc["text_dim"] = loop.text_dim(t.vectors, spec.model.dim)
-    init_std = t.init_std if t is not None else 0.02
-    return {"name": spec.name, "desc": desc, "train": spec.train.model_dump(), "seed": spec.seed,
-            "data_dir": str(Path(data_dir).resolve()),
-            "alpha": kd.alpha if kd else 0.0, "temperature": kd.temperature if kd else 1.0,
-            "kd_loss": kd.loss if kd else "kl",
-            "soft_dir": str(Path(kd.soft_labels).resolve()) if kd and kd.alpha > 0 else None,
-            "item_counts": loop.item_log_q(data_dir) if spec.train.loss == "sampled" else None,
-            "item_text": str(Path(t.vectors).resolve()) if t else None, "text_mode": t.mode if t else "fuse",
-            "init_from": [str(Path(f).resolve()) for f in kd.transfer_from] if kd and kd.transfer_from else None,
-            "init_std": init_std, "row_negatives": spec.role != "teacher", "before_epoch": before_epoch}

@@ -13,6 +13,7 @@ from the latest checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -35,7 +36,7 @@ from raykd import checkpoints, console, loop, metrics, models, report_md, rundir
 from raykd.config import TrainConfig
 from raykd.errors import RaykdError
 from raykd.runtime import DRIVER_RESOURCE, own_signal_handlers
-from raykd.spec import RunSpec, loop_config
+from raykd.spec import RunSpec
 
 
 def fit(spec: RunSpec, run_dir: Path, before_epoch: Callable[[int], None] | None = None) -> dict:
@@ -45,6 +46,8 @@ def fit(spec: RunSpec, run_dir: Path, before_epoch: Callable[[int], None] | None
     `before_epoch(epoch)` runs on rank 0 as each epoch starts (tests inject worker faults with it).
     """
     run_dir = Path(run_dir).resolve()
+    if before_epoch is not None:
+        spec = dataclasses.replace(spec, before_epoch=before_epoch)
     data_dir = run_dir / rundir.DATA
     out = run_dir / spec.name
     fingerprint = spec.fingerprint
@@ -65,10 +68,10 @@ def fit(spec: RunSpec, run_dir: Path, before_epoch: Callable[[int], None] | None
              "kd_loss": kd.loss if kd and kd.alpha > 0 else None, "fingerprint": fingerprint,
              "trainer": "ray_task" if in_task else "torch_trainer"}
     if in_task:
-        ckpt = train_task.fit(spec, data_dir, storage / ray_name, callbacks, before_epoch)
+        ckpt = train_task.fit(spec, data_dir, storage / ray_name, callbacks)
         summary = export(ckpt, out, spec, data_dir, {**extra, "train_seconds": time.perf_counter() - t0})
     else:
-        trainer = make_trainer(spec, ray_name, storage, data_dir, callbacks=callbacks, before_epoch=before_epoch)
+        trainer = make_trainer(spec, ray_name, storage, data_dir, callbacks=callbacks)
         with own_signal_handlers():  # Ray Train's abort-this-run Ctrl-C handler must not outlive the run
             result = trainer.fit()
         if result.error or result.checkpoint is None:
@@ -130,16 +133,16 @@ def fit_many(specs: list[RunSpec], run_dir: Path, parallel: int) -> list[dict]:
     return [results[i] for i in range(len(specs))]
 
 
-def make_trainer(spec: RunSpec, name: str, storage: Path, data_dir: Path, callbacks: list | None = None,
-                 before_epoch: Callable[[int], None] | None = None) -> TorchTrainer:
-    """The TorchTrainer for one run (also what each Tune trial builds and fits)."""
-    loop_cfg = loop_config(spec, data_dir, before_epoch)
-    loop_cfg["name"] = spec.name
-    ds = window_dataset(data_dir, spec.model.max_len, loop_cfg["soft_dir"])
+def make_trainer(spec: RunSpec, name: str, storage: Path, data_dir: Path,
+                 callbacks: list | None = None) -> TorchTrainer:
+    """The TorchTrainer for one run (also what each Tune trial builds and fits); the spec travels
+    to the workers as it is."""
+    soft_dir = spec.kd.soft_labels if spec.kd is not None and spec.kd.alpha > 0 else None
+    ds = window_dataset(data_dir, spec.model.max_len, soft_dir)
     train_cfg = spec.train
     return TorchTrainer(
         train_loop,
-        train_loop_config=loop_cfg,
+        train_loop_config={"spec": spec, "data_dir": str(Path(data_dir).resolve())},
         scaling_config=ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=train_cfg.use_gpu,
                                      resources_per_worker={"CPU": train_cfg.cpus_per_worker}),
         run_config=RunConfig(name=name, storage_path=str(storage), callbacks=callbacks,
@@ -243,60 +246,43 @@ def window_dataset(data_dir: Path, max_len: int, soft_dir: Path | None) -> ray.d
 
 
 def train_loop(config: dict) -> None:
-    """Runs on every Ray Train worker (rank 0 also checkpoints)."""
-    tc = config["train"]
+    """Runs on every Ray Train worker: `config` is {"spec": RunSpec, "data_dir": str}; rank 0 also
+    checkpoints. The loop is raykd.loop.EpochRunner's; this driver adds the worker's shard of the
+    windows, validation summed over ranks, and Ray Train's reports and checkpoints."""
+    spec, data_dir = config["spec"], config["data_dir"]
     _quiet_ray_train_logs()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    model = loop.build(config)  # seeded: same init on every rank (DDP also broadcasts rank 0's)
+    if rank != 0:
+        spec = dataclasses.replace(spec, before_epoch=None)  # the fault-injection hook runs on rank 0 only
+    desc = loop.model_desc(spec, data_dir)
+    model = loop.build(spec, desc)  # seeded: same init on every rank (DDP also broadcasts rank 0's)
     model = ray.train.torch.prepare_model(model)  # DDP + device placement (Ray)
     device = next(model.parameters()).device
-    core = models.unwrap(model)
-    optimizer = torch.optim.Adam(model.parameters(), lr=tc["lr"], weight_decay=tc["weight_decay"])
-    state = {"epoch": -1, "best": {"epoch": -1, "metrics": {"ndcg@10": -1.0}}, "bad_epochs": 0, "history": []}
-    best_weights = checkpoints.weights(core)
+    split = sequences.read_split(data_dir)
+    val_users = np.arange(rank, len(split["user"]), world)
+    shard = ray.train.get_dataset_shard("train")  # this worker's share of the windows (Ray)
+    tc = spec.train
+
+    def batches(epoch: int):
+        return shard.iter_batches(batch_size=loop.worker_batch(tc.batch_size, world), batch_format="numpy",
+                                  local_shuffle_buffer_size=4 * tc.batch_size,
+                                  local_shuffle_seed=spec.seed * 1000 + epoch)
+
+    log_q = torch.tensor(loop.item_log_q(data_dir), device=device) if tc.loss == "sampled" else None
+    runner = loop.EpochRunner(spec, model, desc, device, batches,
+                              lambda core: _validate(core, split, val_users, device, world), log_q)
     ckpt = ray.train.get_checkpoint()
     if ckpt:  # resume after a restart or a rerun (Ray)
         with ckpt.as_directory() as d:
-            state, best_weights = checkpoints.load(d, core, optimizer, device)
-        state["resumed"] = state.get("resumed", 0) + 1
-        print(f"rank {rank}: resumed after epoch {state['epoch'] + 1}", flush=True)
-    split = sequences.read_split(config["data_dir"])
-    val_users = np.arange(rank, len(split["user"]), world)
-    shard = ray.train.get_dataset_shard("train")  # this worker's share of the windows (Ray)
-    log_q = torch.tensor(config["item_counts"], device=device) if config["item_counts"] else None
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _nullcontext()
-    save_s = 0.0  # seconds the last checkpointed report took (loop.checkpoint_due)
-    for epoch in range(state["epoch"] + 1, tc["epochs"]):
-        if loop.should_stop(state, tc):  # resumed a run that had already stopped early
-            break
-        t0 = time.perf_counter()
-        if rank == 0 and config.get("before_epoch"):
-            config["before_epoch"](epoch)  # a test hook (fault injection); None in real runs
-        batches_iter = shard.iter_batches(batch_size=loop.worker_batch(tc["batch_size"], world), batch_format="numpy",
-                                          local_shuffle_buffer_size=4 * tc["batch_size"],
-                                          local_shuffle_seed=config["seed"] * 1000 + epoch)
-        loss_sum, batches = loop.train_epoch(model, core, optimizer, batches_iter, config, device, amp, log_q)
-        val = _validate(core, split, val_users, device, world)
-        state["epoch"] = epoch
-        improved = val["ndcg@10"] > state["best"]["metrics"]["ndcg@10"]
-        state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
-        if improved:
-            state["best"] = {"epoch": epoch, "metrics": val}
-            best_weights = checkpoints.weights(core)
-        state["history"].append({"epoch": epoch, "loss": loss_sum / max(batches, 1), **val,
-                                 "seconds": time.perf_counter() - t0, "steps": batches})
-        state["replica_digests"] = _replica_digests(core, world, device)
-        stop = loop.should_stop(state, tc)
-        # epoch counts from 0 here (ASHA's clock in raykd.tune_trial); EpochLines and tracking show it from 1
-        report = {"epoch": epoch, "loss": loss_sum / max(batches, 1), "val_ndcg@10": val["ndcg@10"],
-                  **{f"val_{k}": v for k, v in val.items() if k != "ndcg@10"},
-                  "best_val_ndcg@10": state["best"]["metrics"]["ndcg@10"], "best_epoch": state["best"]["epoch"],
-                  "epoch_s": state["history"][-1]["seconds"], "final": stop or epoch + 1 >= tc["epochs"]}
-        due = loop.checkpoint_due(improved, report["final"], report["epoch_s"], save_s)
-        save_s = _report(report, core, optimizer, state, config["desc"], rank, best_weights if due else None) or save_s
-        if stop:
-            break
+            runner.restore(d)
+        print(f"rank {rank}: resumed after epoch {runner.state['epoch'] + 1}", flush=True)
+
+    def report(entry: dict, due: bool) -> float | None:
+        runner.state["replica_digests"] = _replica_digests(runner.core, world, device)
+        return _report(entry, runner, rank, due)
+
+    runner.run(report)
 
 
 def _quiet_ray_train_logs() -> None:
@@ -310,19 +296,11 @@ def _quiet_ray_train_logs() -> None:
         module.logger.setLevel(logging.WARNING)
 
 
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _validate(core, split, users, device, world) -> dict:
     """Validation metrics over this rank's users, summed across ranks (same result everywhere)."""
     hist, targets, seen = sequences.eval_inputs(split, "valid", users)
     out = metrics.evaluate_model(core, hist, targets, seen, device=device) if len(users) else {}
-    keys = ["ndcg@10", "hr@10", "mrr@10", "ndcg@20", "hr@20"]
+    keys = loop.VAL_KEYS
     sums = torch.tensor([out.get(k, 0.0) * len(users) for k in keys] + [len(users)], dtype=torch.float64)
     if world > 1:
         sums = sums.to(device)
@@ -344,15 +322,14 @@ def _replica_digests(core, world: int, device) -> list[str]:
     return [bytes(g.cpu().tolist()).hex() for g in gathered]
 
 
-def _report(report, core, optimizer, state, desc, rank, best_weights) -> float | None:
-    """Every rank reports (a barrier); rank 0 attaches this epoch's checkpoint when `best_weights`
-    is given (loop.checkpoint_due), and returns the seconds the checkpointed report took (Ray)."""
-    if rank != 0 or best_weights is None:
+def _report(report: dict, runner: loop.EpochRunner, rank: int, due: bool) -> float | None:
+    """Every rank reports (a barrier); rank 0 attaches this epoch's checkpoint when it is `due`
+    (loop.checkpoint_due), and returns the seconds the checkpointed report took (Ray)."""
+    if rank != 0 or not due:
         ray.train.report(report)
         return None
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as d:
-        checkpoints.save(d, core, optimizer, state, desc, best_weights)
+        runner.save(d)
         ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
     return time.perf_counter() - t0
-

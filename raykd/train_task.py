@@ -3,8 +3,8 @@
 `raykd.train.fit` sends a run here when `train.trainer` is `auto` and the run has one CPU worker
 (`TrainConfig.runs_in_task`); runs with several workers or a GPU keep Ray Train's TorchTrainer
 (raykd.train.make_trainer).
-The task runs the loop of `raykd.loop.LocalRun` (the step, epoch, validation and early stopping
-of the Train loop) on the windows read straight from the prepared shards, and keeps what Ray
+The task runs the loop of every run (`raykd.loop.EpochRunner`: the step, epoch, validation and
+early stopping of the Train loop) on the windows read straight from the prepared shards, and keeps what Ray
 Train gives a one-worker run:
 
 - the CPUs it reserves (`cpus_per_worker`, also its torch threads), so parallel runs share a node;
@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import ray
@@ -32,11 +31,10 @@ import torch
 
 from raykd import console, loop, rundir
 from raykd.errors import RaykdError
-from raykd.spec import RunSpec, loop_config
+from raykd.spec import RunSpec
 
 
-def fit(spec: RunSpec, data_dir: Path, storage: Path, callbacks: list,
-        before_epoch: Callable[[int], None] | None = None) -> Path:
+def fit(spec: RunSpec, data_dir: Path, storage: Path, callbacks: list) -> Path:
     """Train `spec` in a Ray task; return its checkpoint directory (state, last and best weights).
 
     The task appends each epoch's report to `storage/progress.jsonl`; this process (the driver,
@@ -48,7 +46,7 @@ def fit(spec: RunSpec, data_dir: Path, storage: Path, callbacks: list,
     progress = Progress(storage / PROGRESS, callbacks)
     task = ray.remote(train_in_task).options(num_cpus=tc.cpus_per_worker, max_retries=tc.max_failures,
                                              retry_exceptions=False)
-    ref = task.remote(spec, str(data_dir), str(storage), before_epoch)
+    ref = task.remote(spec, str(data_dir), str(storage))
     try:
         while not ray.wait([ref], timeout=0.5)[0]:
             progress.poll()
@@ -87,48 +85,34 @@ class Progress:
                 callback.after_report(None, [report], None)
 
 
-def train_in_task(spec: RunSpec, data_dir: str, storage: str, before_epoch: Callable[[int], None] | None) -> str:
+def train_in_task(spec: RunSpec, data_dir: str, storage: str) -> str:
     """The task's body: resume from the checkpoint if there is one, train, report every epoch."""
     torch.set_num_threads(max(1, int(spec.train.cpus_per_worker)))  # as a Train worker with these CPUs
-    config = loop_config(spec, Path(data_dir))
-    run = loop.LocalRun(config, data_dir)
+    runner = loop.local_runner(spec, data_dir)
     ckpt = Path(storage) / "checkpoint"
     if (ckpt / "state.json").exists():
-        run.restore(ckpt)
-        console.say(f"{spec.name}: resumed after epoch {run.state['epoch'] + 1}")
-    epochs, save_s, saved = spec.train.epochs, 0.0, run.state["epoch"]
+        runner.restore(ckpt)
+        console.say(f"{spec.name}: resumed after epoch {runner.state['epoch'] + 1}")
+    saved = runner.state["epoch"]
     with open(Path(storage) / PROGRESS, "a") as progress:
-        for epoch in range(run.state["epoch"] + 1, epochs):
-            if run.stop():  # resumed a run that had already stopped early
-                break
-            if before_epoch is not None:
-                before_epoch(epoch)  # a test hook (fault injection); None in real runs
-            h = run.epoch(epoch)
-            stop = run.stop()
-            final = stop or epoch + 1 >= epochs
-            if loop.checkpoint_due(run.state["bad_epochs"] == 0, final, h["seconds"], save_s):
-                save_s, saved = _save(run, ckpt), epoch
-            progress.write(json.dumps(epoch_report(run.state, h, final)) + "\n")
+        def report(entry: dict, due: bool) -> float | None:
+            nonlocal saved
+            seconds = None
+            if due:
+                seconds, saved = _save(runner, ckpt), entry["epoch"]
+            progress.write(json.dumps(entry) + "\n")
             progress.flush()
-            if stop:
-                break
-    if saved != run.state["epoch"] or not (ckpt / "state.json").exists():
-        _save(run, ckpt)  # the last epoch's state: what the export and a rerun read
+            return seconds
+
+        runner.run(report)
+    if saved != runner.state["epoch"] or not (ckpt / "state.json").exists():
+        _save(runner, ckpt)  # the last epoch's state: what the export and a rerun read
     return str(ckpt)
 
 
-def epoch_report(state: dict, h: dict, final: bool) -> dict:
-    """The report of one epoch, with the keys Ray Train runs report (raykd.train.train_loop)."""
-    best = state["best"]
-    return {"epoch": h["epoch"], "loss": h["loss"], "val_ndcg@10": h["ndcg@10"],
-            **{f"val_{k}": h[k] for k in loop.VAL_KEYS if k != "ndcg@10"},
-            "best_val_ndcg@10": best["metrics"]["ndcg@10"], "best_epoch": best["epoch"],
-            "epoch_s": h["seconds"], "final": final}
-
-
-def _save(run: loop.LocalRun, ckpt: Path) -> float:
+def _save(runner: loop.EpochRunner, ckpt: Path) -> float:
     """Write the checkpoint beside the old one and swap it in (rundir.staged); return its seconds."""
     t0 = time.perf_counter()
     with rundir.staged(ckpt) as tmp:
-        run.save(tmp)
+        runner.save(tmp)
     return time.perf_counter() - t0

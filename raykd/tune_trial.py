@@ -25,7 +25,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from raykd import loop, models, rundir, sequences, train
 from raykd.config import Config
 from raykd.distill import kd_settings
-from raykd.spec import RunSpec, loop_config
+from raykd.spec import RunSpec
 from raykd.tune_report import METRIC
 from raykd.tune_space import apply_values
 
@@ -99,34 +99,34 @@ def train_here(spec: RunSpec, data_dir: Path, size: dict, setup: dict, t0: float
     import ray.tune
     import torch
 
-    config = loop_config(spec, data_dir)
     torch.set_num_threads(max(1, int(setup["cpus_per_worker"])))  # as a Train worker with these CPUs
-    run = loop.LocalRun(config, data_dir, cols=trial_windows(setup, config, data_dir))
+    runner = loop.local_runner(spec, data_dir, cols=trial_windows(setup, spec, data_dir))
     ckpt = ray.tune.get_checkpoint()
     if ckpt:  # a restored search: this trial resumes after its last reported epoch
         with ckpt.as_directory() as d:
-            run.restore(d)
-    tc = config["train"]
-    for epoch in range(run.state["epoch"] + 1, tc["epochs"]):
-        if run.stop():  # resumed a trial that had already stopped early
-            break
-        h = run.epoch(epoch)
-        report = {**size, "epoch": epoch, "epochs_done": epoch + 1, "loss": h["loss"], "val_ndcg@10": h["ndcg@10"],
-                  METRIC: run.state["best"]["metrics"]["ndcg@10"]}
+            runner.restore(d)
+
+    def report(entry: dict, due: bool) -> None:  # every epoch checkpoints: Tune keeps the last two
         with tempfile.TemporaryDirectory() as d:
-            run.save(d)
-            ray.tune.report(report, checkpoint=ray.tune.Checkpoint.from_directory(d))
-        if run.stop():
-            break
-    ray.tune.report(final_report(run.state, size, t0, None))  # the path: tune_report finds Tune's latest
+            runner.save(d)
+            ray.tune.report(trial_report(entry, size), checkpoint=ray.tune.Checkpoint.from_directory(d))
+
+    runner.run(report)
+    ray.tune.report(final_report(runner.state, size, t0, None))  # the path: tune_report finds Tune's latest
 
 
-def trial_windows(setup: dict, config: dict, data_dir: Path) -> dict:
+def trial_report(entry: dict, size: dict) -> dict:
+    """An epoch's report as Tune reads it: the run's report, the student's size and ASHA's clock."""
+    return {**entry, **size, "epochs_done": entry["epoch"] + 1}
+
+
+def trial_windows(setup: dict, spec: RunSpec, data_dir: Path) -> dict:
     """The training windows: the driver's shared copy when it fits this trial, else read once here."""
-    max_len = config["desc"]["max_len"]
-    soft = config.get("soft_dir") or str(Path(setup["run_dir"]) / rundir.SOFT_LABELS)
+    max_len = spec.model.max_len
+    soft = str(Path(spec.kd.soft_labels if spec.kd is not None and spec.kd.alpha > 0
+                    else Path(setup["run_dir"]) / rundir.SOFT_LABELS).resolve())
     shared = setup.get("windows")
-    if shared and shared["max_len"] == max_len and shared["soft"] == str(Path(soft).resolve()):
+    if shared and shared["max_len"] == max_len and shared["soft"] == soft:
         return shared["cols"]
     key = (str(data_dir), max_len, soft)
     if key not in _WINDOWS:
@@ -144,7 +144,7 @@ class TrialReport(TuneReportCallback):
         self.extra = extra
 
     def after_report(self, run_context, metrics, checkpoint):
-        first = {**metrics[0], **self.extra, "epochs_done": metrics[0]["epoch"] + 1}
+        first = trial_report(metrics[0], self.extra)
         super().after_report(run_context, [first, *metrics[1:]], checkpoint)
 
 

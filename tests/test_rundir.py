@@ -184,7 +184,7 @@ def test_a_run_killed_during_export_leaves_the_previous_model(tiny_run, tmp_path
     before = {p.name: p.read_bytes() for p in (tmp_path / "student").iterdir()}
     ckpt = tiny_run / "ray_train" / "student" / "checkpoint"  # the one-worker run's task checkpoint
     cfg = tiny_config(tmp_path)
-    spec = RunSpec("student", cfg.distill.model, cfg.distill.train, upstream={"data": "other"})
+    spec = RunSpec("student", cfg.distill.model, cfg.distill.train, cfg.seed, upstream={"data": "other"})
     real = models.save_model
 
     def killed(folder, *args, **kwargs):

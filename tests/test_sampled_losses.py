@@ -182,20 +182,25 @@ def test_row_sampled_softmax_is_cross_entropy_when_the_catalogue_is_sampled_dens
     assert float(one) == pytest.approx(0.0, abs=1e-6)
 
 
-def test_a_no_kd_student_trains_on_per_row_negatives_a_teacher_on_shared_ones(tmp_path):
-    import json
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
+def test_a_no_kd_student_trains_on_per_row_negatives_a_teacher_on_shared_ones():
+    from raykd import loop, models
     from raykd.config import ModelConfig, TrainConfig
-    from raykd.spec import RunSpec, loop_config
+    from raykd.spec import RunSpec
 
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "stats.json").write_text(json.dumps({"items": 2}))
-    pq.write_table(pa.table({"index": [1, 2], "count": [3, 4]}), data / "items.parquet")
-    train = TrainConfig(loss="sampled")
-    twin = loop_config(RunSpec("student_nokd", ModelConfig(), train), data)
-    teacher = loop_config(RunSpec("teacher", ModelConfig(), train), data)
-    assert twin["row_negatives"] and not teacher["row_negatives"]
+    train = TrainConfig(loss="sampled", num_negatives=7, kd_negatives=5)
+    core = models.build_model({"family": "sasrec", "num_items": 30, "dim": 8, "layers": 1, "heads": 1,
+                               "max_len": 5, "dropout": 0.0})
+    hidden, targets, log_q = torch.randn(6, 8), torch.randint(1, 31, (6,)), torch.zeros(31)
+    none = (None, None, None)
+    twin = loop.make_loss(RunSpec("student_nokd", ModelConfig(), train, 0), log_q)
+    teacher = loop.make_loss(RunSpec("teacher", ModelConfig(), train, 0), log_q)
+    for loss, reference in ((twin, lambda: row_sampled_softmax_loss(hidden, core.item_table(), targets, 5, log_q)),
+                            (teacher, lambda: sampled_softmax_loss(hidden, core.item_table(), targets, 7, log_q))):
+        torch.manual_seed(1)
+        got = loss(hidden, core, targets, none)
+        torch.manual_seed(1)
+        assert torch.equal(got, reference())
+    torch.manual_seed(1)
+    other = twin(hidden, core, targets, none)
+    torch.manual_seed(1)
+    assert not torch.equal(other, sampled_softmax_loss(hidden, core.item_table(), targets, 7, log_q))

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
 from raykd import loop, models, text
+from raykd.config import ModelConfig, TrainConfig
+from raykd.spec import KD, RunSpec
 
 
 def test_reduce_whitens_and_keeps_empty_rows_zero():
@@ -52,11 +56,10 @@ def test_worker_batch_keeps_the_global_batch():
 
 
 def test_should_stop_waits_for_min_epochs():
-    tc = {"patience": 3, "min_epochs": 10}
-    assert not loop.should_stop({"bad_epochs": 3, "epoch": 5}, tc)  # epoch 6 of at least 10
-    assert loop.should_stop({"bad_epochs": 3, "epoch": 9}, tc)
-    assert not loop.should_stop({"bad_epochs": 2, "epoch": 20}, tc)
-    assert loop.should_stop({"bad_epochs": 3, "epoch": 0}, {"patience": 3})
+    assert not loop.should_stop({"bad_epochs": 3, "epoch": 5}, 3, 10)  # epoch 6 of at least 10
+    assert loop.should_stop({"bad_epochs": 3, "epoch": 9}, 3, 10)
+    assert not loop.should_stop({"bad_epochs": 2, "epoch": 20}, 3, 10)
+    assert loop.should_stop({"bad_epochs": 3, "epoch": 0}, 3)
 
 
 def test_checkpoint_cadence_every_epoch_only_while_cheap():
@@ -73,12 +76,14 @@ def test_embedding_transfer_starts_the_student_from_the_teachers_items(tmp_path)
     torch.manual_seed(3)
     teacher = models.build_model({**desc, "dim": 16})
     models.save_model(tmp_path / "teacher", teacher, {**desc, "dim": 16})
-    config = {"desc": {**desc, "dim": 4}, "seed": 0, "init_from": str(tmp_path / "teacher"), "init_std": 0.1}
-    student = loop.build(config)
+    model = ModelConfig(dim=4, layers=1, heads=1, max_len=5, dropout=0.0)
+    kd = KD(tmp_path / "soft", 0.5, 1.0, "kl", (tmp_path / "teacher",), 0.1)
+    student_desc = {**desc, "dim": 4}
+    student = loop.build(RunSpec("student", model, TrainConfig(), 0, kd=kd), student_desc)
     expected = text.reduce(text.teacher_items(teacher), 4)
     got = student.item_emb.weight.detach().numpy()
     # the same principal directions, rescaled column by column to std 0.1
     assert np.allclose(got[1:] / got[1:].std(0), expected[1:] / expected[1:].std(0), atol=1e-4)
     assert np.allclose(got[1:].std(0), 0.1, atol=1e-5) and not got[0].any()
-    plain = loop.build({**config, "init_from": None})
+    plain = loop.build(RunSpec("student", model, TrainConfig(), 0, kd=replace(kd, transfer_from=())), student_desc)
     assert not np.allclose(plain.item_emb.weight.detach().numpy(), got)

@@ -144,7 +144,7 @@ def test_two_worker_ddp_keeps_replicas_identical(tiny_run):
 
     cfg = tiny_config(tiny_run, "teacher.train.num_workers=2", "teacher.train.cpus_per_worker=0.5")
     handler = signal.getsignal(signal.SIGINT)
-    summary = train.fit(RunSpec("ddp_teacher", cfg.teacher.model, cfg.teacher.train, upstream={"x": "ddp"}), tiny_run)
+    summary = train.fit(RunSpec("ddp_teacher", cfg.teacher.model, cfg.teacher.train, cfg.seed, upstream={"x": "ddp"}), tiny_run)
     assert summary["trainer"] == "torch_trainer"  # several workers: Ray Train (one: a Ray task)
     assert signal.getsignal(signal.SIGINT) is handler  # Ray Train's own Ctrl-C handler does not outlive the run
     digests = summary["replica_digests"]
@@ -182,7 +182,7 @@ def test_killed_worker_resumes_from_checkpoint(tiny_run, trainer):
                       f"teacher.train.trainer={trainer}")
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the Train worker unpickles DieOnce
     marker = tiny_run / f".fault_injected_{trainer}"
-    spec = RunSpec(f"fault_teacher_{trainer}", cfg.teacher.model, cfg.teacher.train, upstream={"x": "fault"})
+    spec = RunSpec(f"fault_teacher_{trainer}", cfg.teacher.model, cfg.teacher.train, cfg.seed, upstream={"x": "fault"})
     summary = train.fit(spec, tiny_run, before_epoch=DieOnce(marker))
     assert summary["trainer"] == ("ray_task" if trainer == "auto" else "torch_trainer")
     assert marker.exists()

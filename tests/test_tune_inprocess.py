@@ -19,7 +19,7 @@ import pytest
 import torch
 from conftest import TINY, copy_parts
 
-from raykd import loop, models, prepare, rundir, sequences, soft_labels, spec, train, tune, tune_report, tune_trial
+from raykd import loop, models, prepare, rundir, sequences, soft_labels, train, tune, tune_report, tune_trial
 from raykd.config import load_config
 
 SPACE = ("tune.space={distill.temperature: {type: loguniform, low: 1, high: 4}, "
@@ -84,11 +84,10 @@ def test_soft_labels_are_packed_and_gathered_per_window_in_slot_order(soft_run):
 def test_local_run_checkpoints_resume_and_export_like_ray_train(soft_run, tmp_path):
     cfg = cfg_for(soft_run, "distill.loss=kl_full", "distill.train.loss=sampled", "distill.train.num_negatives=50")
     run_spec = tune_trial.trial_spec(cfg, "tune/trial_x")
-    config = spec.loop_config(run_spec, soft_run / "data")
-    first = loop.LocalRun(config, soft_run / "data")
+    first = loop.local_runner(run_spec, soft_run / "data")
     first.epoch(0)
     first.save(tmp_path / "ckpt")
-    again = loop.LocalRun(config, soft_run / "data", cols=first.cols)
+    again = loop.local_runner(run_spec, soft_run / "data", cols=first.cols)
     again.restore(tmp_path / "ckpt")
     assert again.state["epoch"] == 0 and again.state["resumed"] == 1
     h = again.epoch(1)
