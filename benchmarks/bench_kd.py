@@ -8,7 +8,7 @@
 `--run` is a run directory that `raykd prepare` and `raykd embed-items` already filled (data/ and
 item_text/). Seeds and widths can run as separate processes (`--threads 1` each) into the same
 run directory; `--report-only` then summarises whatever has finished. Every model is trained in this process with raykd's
-own Ray-free loop (`raykd.loop.fit_local`: the same step, epoch, validation and early stopping as
+own Ray-free loop (`raykd.training.loop.fit_local`: the same step, epoch, validation and early stopping as
 the Ray Train stages) and saved under `<run>/bench_kd/seed<N>/`, so an interrupted benchmark
 resumes where it stopped. Per seed: each teacher, its soft labels (top-K + rest log-mass), then per
 width a KD student and its no-KD twin (same size, budget and seed). Protocol of GUIDE.md:
@@ -31,10 +31,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from raykd import loop, metrics, models, sequences, soft_labels
 from raykd.config import INIT_STD, ModelConfig, TrainConfig
-from raykd.evaluate import paired_ndcg
-from raykd.spec import KD, ItemText, RunSpec
+from raykd.core import metrics, models, sequences
+from raykd.stages import soft_labels
+from raykd.stages.evaluate import paired_ndcg
+from raykd.training import loop
+from raykd.training.spec import KD, ItemText, RunSpec
 
 TEACHERS = {  # name -> (uses text, text_mode)
     "id": (False, None),

@@ -3,7 +3,7 @@
     python benchmarks/bench_losses.py                      # Beauty's shape: 12,102 columns, K 100
     python benchmarks/bench_losses.py --items 50000 --rows 800
 
-Forward + backward of `raykd.losses.distill_loss` on random logits [rows, items + 1] (one thread,
+Forward + backward of `raykd.core.losses.distill_loss` on random logits [rows, items + 1] (one thread,
 best of --repeats), side by side in one run:
     ce         alpha 0: cross-entropy alone (what a no-KD twin pays)
     kl         top-K KL + CE
@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from raykd import losses
+from raykd.core import losses
 
 
 def masked_rest_kl_full(s, targets, idx, t_logits, t_rest, alpha, temperature):

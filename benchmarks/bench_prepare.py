@@ -3,7 +3,7 @@
     python benchmarks/bench_prepare.py                       # synthetic 1M, 5M, 20M + ML-100K
     python benchmarks/bench_prepare.py --sizes 1M --no-ml100k
 
-For each size, a seeded synthetic log (`raykd.synth`, written once to bench_out/prepare/) is
+For each size, a seeded synthetic log (`raykd.data.synth`, written once to bench_out/prepare/) is
 prepared twice, side by side, each in its own process whose whole process tree is watched:
 
     raykd  `raykd prepare CONFIG` (data.format parquet, k-core 5/5): Ray start, Ray Data read
@@ -76,11 +76,11 @@ def parse_size(text: str) -> int:
 def synth_log(size: int) -> Path:
     """A synthetic log of about `size` interactions (users = size / mean length), written once."""
     from raykd.config import SyntheticConfig
-    from raykd.synth import write
+    from raykd.data.synth import write
 
     path = OUT / f"synth_{size}.parquet"
     if not path.exists():
-        # raykd.synth draws lengths 3 + geometric(1 / (mean - 2)), i.e. mean + 1 on average
+        # raykd.data.synth draws lengths 3 + geometric(1 / (mean - 2)), i.e. mean + 1 on average
         cfg = SyntheticConfig(users=max(size // (MEAN_LENGTH + 1), 10), items=ITEMS, mean_length=MEAN_LENGTH, seed=0)
         t0 = time.perf_counter()
         info = write(cfg, path.with_suffix(".tmp"))

@@ -13,7 +13,7 @@ Catalogues (models are randomly initialised: scoring cost does not depend on the
 Paths, each scoring the same users into the same Parquet file (checked equal):
     plain      one process: Recommender.recommend_many over chunks of --batch-size users read
                shard by shard, pyarrow's ParquetWriter; torch threads 1 (a 1-CPU actor's)
-    ray Nw     raykd.recommend's own plan -> score (Ray Data actor pool of N actors x 1 CPU) ->
+    ray Nw     raykd.serve.recommend's own plan -> score (Ray Data actor pool of N actors x 1 CPU) ->
                write, as `raykd recommend` runs them; Ray is started once before
 Printed per path: users, wall seconds (start-up included: model load, actors), users/s over the
 wall time and at steady state (after the first chunk is out), the ratio to plain, and the peak
@@ -82,7 +82,7 @@ def random_model(model_dir: Path, num_items: int, dim: int, layers: int, heads: 
     """A randomly initialised sasrec saved as a servable model folder (model.json + safetensors)."""
     import torch
 
-    from raykd import models
+    from raykd.core import models
 
     desc = {"family": "sasrec", "num_items": num_items, "dim": dim, "layers": layers, "heads": heads,
             "max_len": max_len, "dropout": 0.0}
@@ -150,8 +150,9 @@ def plain(model_dir: Path, data_dir: Path, users: int, k: int, batch: int, out: 
     """The same scoring and file, in one process, without Ray."""
     import torch
 
-    from raykd import recommend, sequences
-    from raykd.recommender import Recommender
+    from raykd.core import sequences
+    from raykd.serve import recommend
+    from raykd.serve.recommender import Recommender
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()
@@ -178,7 +179,7 @@ def plain(model_dir: Path, data_dir: Path, users: int, k: int, batch: int, out: 
 def with_ray(model_dir: Path, data_dir: Path, users_file: str | None, k: int, batch: int, workers: int,
              out: Path) -> dict:
     """raykd recommend's plan -> score -> write, timing the first chunk out."""
-    from raykd import recommend
+    from raykd.serve import recommend
 
     args = argparse.Namespace(run_dir=str(data_dir.parent), k=k, out=str(out), users=users_file, exclude_seen=True,
                               model=str(model_dir), workers=workers, cpus_per_worker=1.0, use_gpu=False,
@@ -254,8 +255,8 @@ def main() -> int:
     args = ap.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    from raykd.cluster.runtime import ensure_ray
     from raykd.config import RayConfig
-    from raykd.runtime import ensure_ray
 
     print(f"load average at start: {os.getloadavg()}, {os.cpu_count()} CPUs", flush=True)
     catalogues = args.catalogues.split(",")

@@ -19,7 +19,7 @@ Everything runs in one invocation on one machine, one server at a time, bound to
 on two catalogues: the quickstart run's (small, --run) and a synthetic 100,000-item catalogue
 (--big-run, built on first use: `raykd prepare` of a synthetic log with 100k items, then a
 student (sasrec 16x1) and teacher (sasrec 64x2) of the quickstart's shapes saved with
-raykd.models.save_model from RANDOM initial weights: serving cost does not depend on the weights,
+raykd.core.models.save_model from RANDOM initial weights: serving cost does not depend on the weights,
 training a 100k-item model would take far longer than the benchmark).
 
 Two phases per catalogue. (1) One server at a time, every load point below: the full tables.
@@ -159,8 +159,8 @@ class Bench:
 
     def setup_catalogues(self) -> None:
         """Request bodies (written for the load generator) and the models' sizes, per catalogue."""
-        from raykd.models import count_params
-        from raykd.recommender import Recommender
+        from raykd.core.models import count_params
+        from raykd.serve.recommender import Recommender
         for cat in self.catalogues:
             run = self.runs[cat]
             bodies = request_bodies(run, self.a.bodies)
@@ -191,7 +191,7 @@ class Bench:
         self.opts = serve_options(self.settings)
 
     def app_for(self, server: str, run: Path):
-        from raykd.serve import build_app
+        from raykd.serve.app import build_app
         if server == "serve-student":
             return build_app(str(run / "student"), self.settings)
         if server == "serve-teacher":

@@ -118,7 +118,7 @@ def in_process(model_dirs: dict[str, Path], users: list, seconds: float = 3.0) -
     """Users/s of Recommender.recommend_batch on 64 user_id bodies, no HTTP, one torch thread (a replica's)."""
     import torch
 
-    from raykd.recommender import Recommender
+    from raykd.serve.recommender import Recommender
 
     torch.set_num_threads(1)
     rates = {}
@@ -138,7 +138,7 @@ def deploy(model_dirs: dict[str, Path], port: int) -> None:
     from ray import serve
 
     from raykd.config import ServeConfig
-    from raykd.serve import build_app
+    from raykd.serve.app import build_app
 
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     for name, path in model_dirs.items():
@@ -167,8 +167,8 @@ def main() -> int:
     (out / "single.json").write_text(json.dumps([{"user_id": u, "k": K} for u in users[:2000]]))
     (out / "batch.json").write_text(json.dumps([{"requests": [{"user_id": u, "k": K} for u in users[i:i + BATCH]]}
                                                 for i in range(0, 2000 * BATCH // 10, BATCH)]))
+    from raykd.cluster.runtime import ensure_ray
     from raykd.config import RayConfig
-    from raykd.runtime import ensure_ray
 
     ensure_ray(RayConfig(num_cpus=2))
     with socket.socket() as s:

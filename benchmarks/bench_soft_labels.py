@@ -5,7 +5,7 @@
 Needs a run directory with `data/` and `teacher/` (any `raykd pipeline` run). In one process, for
 each worker count W, side by side:
 
-    ray    raykd.soft_labels.score_all + write: W TeacherScorer actors (1 CPU each, so Ray gives
+    ray    raykd.stages.soft_labels.score_all + write: W TeacherScorer actors (1 CPU each, so Ray gives
            each one torch thread), fixed chunks of --batch-size windows, rows sorted back into
            position order, zstd Parquet
     plain  a loop in this process with W torch threads: the same teacher, the same windows and
@@ -30,9 +30,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from raykd import models, sequences, soft_labels
+from raykd.cluster.runtime import ensure_ray
 from raykd.config import RayConfig
-from raykd.runtime import ensure_ray
+from raykd.core import models, sequences
+from raykd.stages import soft_labels
 
 
 def main() -> int:

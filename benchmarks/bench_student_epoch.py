@@ -4,8 +4,8 @@
     python benchmarks/bench_student_epoch.py --quality runs/quickstart --seeds 0,1,2 --kd-loss kl,kl_full
 
 Timing (the default): prepares a synthetic log whose catalogue has >= 20k items (`raykd prepare`'s
-stage on `raykd.synth`, the only Ray work here), then trains in this process, on `--threads`
-threads, with `raykd.loop.fit_local` (the step, epoch and validation of Ray Train, without Ray):
+stage on `raykd.data.synth`, the only Ray work here), then trains in this process, on `--threads`
+threads, with `raykd.training.loop.fit_local` (the step, epoch and validation of Ray Train, without Ray):
 
 1. the teacher (128 x 2 by default) with a full softmax (the configs' default `train.loss`) and
    with the sampled softmax;
@@ -35,9 +35,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from raykd import loop, models, sequences, soft_labels, stages
+from raykd import stages
 from raykd.config import INIT_STD, ModelConfig, TrainConfig, load_config
-from raykd.spec import KD, RunSpec
+from raykd.core import models, sequences
+from raykd.stages import soft_labels
+from raykd.training import loop
+from raykd.training.spec import KD, RunSpec
 
 KD_NEGATIVES = TrainConfig.model_fields["kd_negatives"].default
 

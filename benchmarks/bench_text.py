@@ -13,7 +13,7 @@ process (benchmarks/bench_quality.py's runner, one after the other):
            teacher adds a learned projection of the frozen vector to each item embedding
 
 Then, for every seed and variant, the test ranks of teacher, student and student_nokd (full
-ranking, leave-one-out, history excluded: raykd.metrics, as `raykd evaluate`), NDCG@10 overall
+ranking, leave-one-out, history excluded: raykd.core.metrics, as `raykd evaluate`), NDCG@10 overall
 and by the popularity of the test item (its training interactions, in terciles of the test
 targets: each bucket holds about a third of the users). Prints the mean over seeds and the paired
 text − id difference per model and bucket (mean and standard error over seeds); writes
@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_quality import run_seed
 
-from raykd import metrics, models, sequences
+from raykd.core import metrics, models, sequences
 
 MODELS = ("teacher", "student", "student_nokd")
 BUCKETS = ("rare", "mid", "popular")

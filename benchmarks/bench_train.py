@@ -6,12 +6,12 @@
 One process, side by side: the quickstart's synthetic log is prepared once (bench_out/train/),
 then the same model (same seed, same init) trains for --epochs epochs three times:
 
-    ray    raykd.train.fit with `train.trainer: ray_train`: TorchTrainer with 1 worker of
+    ray    raykd.cluster.train.fit with `train.trainer: ray_train`: TorchTrainer with 1 worker of
            `cpus_per_worker` CPUs, windows from a materialised Ray Data dataset (`iter_batches`
            with a local shuffle buffer), a validation pass and a checkpoint report every epoch
-    task   raykd.train.fit with the default `train.trainer: auto`: one Ray task of the same CPUs
-           (raykd.train_task), windows read into memory, checkpoints per loop.checkpoint_due
-    plain  raykd.loop.fit_local on the same RunSpec: the same step, epoch, validation and early
+    task   raykd.cluster.train.fit with the default `train.trainer: auto`: one Ray task of the same CPUs
+           (raykd.cluster.task), windows read into memory, checkpoints per loop.checkpoint_due
+    plain  raykd.training.loop.fit_local on the same RunSpec: the same step, epoch, validation and early
            stopping in this process, on the same windows as NumPy arrays, torch threads set to
            the worker's CPUs (Ray gives a 1-CPU worker OMP_NUM_THREADS=1)
 
@@ -32,9 +32,12 @@ from pathlib import Path
 
 import torch
 
-from raykd import loop, rundir, sequences, stages, train
+from raykd import stages
+from raykd.cluster import train
 from raykd.config import load_config
-from raykd.spec import RunSpec
+from raykd.core import rundir, sequences
+from raykd.training import loop
+from raykd.training.spec import RunSpec
 
 
 def main() -> int:

@@ -15,7 +15,7 @@ Search overhead, per trial, from `tune/trials.parquet`: `trial_s` (the trial fun
 or Tune's `time_total_s` for trials ASHA stopped) minus `loop_s` (the sum of the training loop's
 own per-epoch seconds from the checkpoint history). For a trial on Ray Train that is the Train
 controller and worker start, the dataset and the trial actor; for an in-process trial (one CPU
-worker: `raykd.tune_trial.in_process`) the trial actor, the student's size and the per-epoch
+worker: `raykd.stages.tune.trial.in_process`) the trial actor, the student's size and the per-epoch
 checkpoints. Also: the search's wall time per trial, and its share spent in training loops.
 Prints a JSON summary (also written to --out) and PASS/FAIL for the issue's targets.
 """

@@ -32,7 +32,7 @@ def build_big_run(run: Path) -> None:
     import pyarrow.parquet as pq
     import torch
 
-    from raykd import models
+    from raykd.core import models
     num_items = pq.read_table(run / "data" / "items.parquet").num_rows
     torch.manual_seed(0)
     shapes = {"student": {"dim": 16, "layers": 1, "heads": 1}, "teacher": {"dim": 64, "layers": 2, "heads": 2}}
@@ -50,7 +50,7 @@ def request_bodies(run: Path, n: int, seed: int = 0) -> list[dict]:
     import numpy as np
     import pyarrow.parquet as pq
 
-    from raykd import sequences
+    from raykd.core import sequences
     data = run / "data"
     raw = pq.read_table(data / "items.parquet")["raw_id"].to_pylist()
     split = sequences.read_split(data)
@@ -81,7 +81,7 @@ def scoring_microbench(runs: dict, catalogues: list[str], bodies_files: dict, se
     intra-op threads, so the HTTP numbers can be split into model cost and serving cost."""
     import torch
 
-    from raykd.recommender import Recommender
+    from raykd.serve.recommender import Recommender
     rows = []
     saved = torch.get_num_threads()
     print("\n## scoring alone: Recommender.recommend_many in-process, ms per request (req/s)")

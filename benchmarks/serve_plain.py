@@ -31,7 +31,7 @@ def plain_main(argv: list[str], prog: str = "serve_plain.py") -> None:
     from fastapi.responses import JSONResponse
 
     from raykd.config import ServeConfig
-    from raykd.recommender import BadRequest, Recommender
+    from raykd.serve.recommender import BadRequest, Recommender
 
     torch.set_num_threads(a.torch_threads)
     settings = ServeConfig()

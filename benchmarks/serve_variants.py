@@ -56,7 +56,7 @@ def _two_hop_deployments():
 
         def __init__(self, path: str, settings: dict):
             from raykd.config import ServeConfig
-            from raykd.recommender import Recommender
+            from raykd.serve.recommender import Recommender
             cfg = ServeConfig(**settings)
             self.rec = Recommender(path, cfg.max_k, cfg.max_history)
             self._batched.set_max_batch_size(cfg.max_batch_size)
@@ -67,7 +67,7 @@ def _two_hop_deployments():
             return self.rec.recommend_many(parsed)
 
         async def recommend(self, data: dict) -> tuple[int, dict]:
-            from raykd.recommender import BadRequest
+            from raykd.serve.recommender import BadRequest
             try:
                 parsed = self.rec.parse(data)
             except BadRequest as err:
@@ -115,7 +115,7 @@ def student_one_loop(path: str, settings):
     """build_app's deployment, but the replica runs user code on its main event loop
     (RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0 in the replica's runtime_env): no thread hop per
     request between Serve's loop and the user loop."""
-    from raykd.serve import StudentDeployment
+    from raykd.serve.app import StudentDeployment
     opts = serve_options(settings)
     opts["ray_actor_options"] = {**opts["ray_actor_options"], "runtime_env": {
         "env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}}}

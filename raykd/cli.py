@@ -11,13 +11,13 @@ import time
 import traceback
 from pathlib import Path
 
-from raykd import console
-from raykd.errors import RaykdError
+from raykd.core import console
+from raykd.core.errors import RaykdError
 
 # commands on a finished run: module with add_arguments(parser) and main(args), help
 TOOLS = {
-    "recommend": ("raykd.recommend", "top-k for every user (or a list) as Parquet, on a Ray Data actor pool"),
-    "export": ("raykd.export", "a self-contained model bundle (safetensors, TorchScript or ONNX)"),
+    "recommend": ("raykd.serve.recommend", "top-k for every user (or a list) as Parquet, on a Ray Data actor pool"),
+    "export": ("raykd.serve.export", "a self-contained model bundle (safetensors, TorchScript or ONNX)"),
 }
 
 
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         start = time.perf_counter()
         if args.command == "pipeline":
-            from raykd import pipeline
+            from raykd.stages import pipeline
 
             pipeline.run(cfg)
         else:
@@ -138,8 +138,8 @@ def set_output_level(args: argparse.Namespace) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from raykd import serve
     from raykd.config import load_config
+    from raykd.serve import app as serve
 
     if any(o.strip().startswith("serve.api_key=") for o in args.overrides):
         raise RaykdError("serve.api_key on the command line is visible to every user of this machine (ps, shell "
@@ -148,8 +148,8 @@ def _serve(args: argparse.Namespace) -> int:
     extra = [f"serve.host={args.host}"] if args.host else []
     extra += [f"serve.port={args.port}"] if args.port else []
     cfg = load_config(args.config, [*args.overrides, *extra])
-    from raykd.rundir import logs_of
-    from raykd.runtime import ensure_ray, run_logs
+    from raykd.cluster.runtime import ensure_ray, run_logs
+    from raykd.core.rundir import logs_of
 
     check_servable(args.path, cfg.serve)  # a missing, stale or broken model: said before Ray starts
     _warn_if_the_report_is_stale(Path(args.path))
@@ -168,7 +168,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _warn_if_the_report_is_stale(run_dir: Path) -> None:
     """A run whose models changed after its report: say so before serving one of them."""
-    from raykd import report_md
+    from raykd.stages import report_md
 
     changed = report_md.changed_since(run_dir) if (run_dir / "report.json").exists() else []
     if changed:
@@ -178,7 +178,7 @@ def _warn_if_the_report_is_stale(run_dir: Path) -> None:
 
 def check_servable(path: str, settings) -> None:
     """Load what would be served, as a replica will: model, vocabulary, and that they match."""
-    from raykd.recommender import Recommender
+    from raykd.serve.recommender import Recommender
 
     try:
         Recommender(path, settings.max_k, settings.max_history)
@@ -200,7 +200,7 @@ def _version() -> str:
 
 
 def _config(args: argparse.Namespace) -> int:
-    from raykd import config_docs
+    from raykd.config import docs as config_docs
     from raykd.config import load_config
 
     if args.action == "schema":
@@ -254,8 +254,8 @@ def _init(args: argparse.Namespace) -> int:
 def _synth(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from raykd import synth
     from raykd.config import SyntheticConfig
+    from raykd.data import synth
 
     try:
         cfg = SyntheticConfig(users=args.users, items=args.items, mean_length=args.mean_length,

@@ -21,7 +21,7 @@ import traceback
 from pathlib import Path
 
 from raykd.cli import output_flags, set_output_level
-from raykd.errors import RaykdError
+from raykd.core.errors import RaykdError
 
 OTHER_JOBS = ("pipeline", "serve")  # besides the stages of raykd.stages.STAGES (same names as the CLI)
 # Set by the Ray job supervisor for the job's driver process (ray/_private/runtime_env/constants.py).
@@ -76,7 +76,7 @@ def main(stage: str, argv: list[str] | None = None) -> int:
             from raykd.cli import check_servable
 
             check_servable(args.path or str(run_dir), cfg.serve)  # a stale or broken model: before Ray too
-        from raykd.runtime import check_shared_storage, describe_placement, ensure_ray
+        from raykd.cluster.runtime import check_shared_storage, describe_placement, ensure_ray
 
         ensure_ray(cfg.ray)
         check_shared_storage(run_dir)
@@ -85,7 +85,7 @@ def main(stage: str, argv: list[str] | None = None) -> int:
             describe_placement(cfg, ["serve"])
             _serve(cfg, args.path or str(run_dir), args.block)
         elif stage == "pipeline":
-            from raykd import pipeline
+            from raykd.stages import pipeline
 
             pipeline.run(cfg)
         else:
@@ -170,7 +170,7 @@ def _serve(cfg, path: str, block: bool) -> None:
     """Deploy the student as the Serve app `raykd` (serve.* settings); block only if asked."""
     from ray import serve
 
-    from raykd.serve import deploy, wait_for_stop
+    from raykd.serve.app import deploy, wait_for_stop
 
     s = cfg.serve
     student = deploy(path, s)

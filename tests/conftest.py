@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import ray
 
+from raykd.cluster.runtime import ensure_ray
 from raykd.config import RayConfig
-from raykd.runtime import ensure_ray
 
 
 @pytest.fixture(scope="session")
@@ -44,7 +44,7 @@ def tiny_config(run_dir, *extra):
 @pytest.fixture(scope="session")
 def tiny_run(ray_session, tmp_path_factory):
     """The whole pipeline run once on a tiny synthetic log; stage and serving tests share it."""
-    from raykd import pipeline
+    from raykd.stages import pipeline
 
     run_dir = tmp_path_factory.mktemp("tiny_run")
     pipeline.run(tiny_config(run_dir))

@@ -9,9 +9,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from raykd import logs, prepare
 from raykd.config import load_config
-from raykd.errors import RaykdError
+from raykd.core.errors import RaykdError
+from raykd.data import readers as logs
+from raykd.stages import prepare
 
 # Three users with three items each, in an order that time must fix: (user, item, rating, time).
 ROWS = [

@@ -11,7 +11,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from raykd import cli, prepare
+from raykd import cli
+from raykd.stages import prepare
 
 QUICKSTART = "configs/quickstart.yaml"
 

@@ -4,7 +4,7 @@
 - the KubeRay manifests (deploy/kuberay/) for the fields KubeRay needs, their embedded Serve
   config against Ray Serve's schema and raykd's app arguments, their entrypoint against the repo;
 - jobs/*.py: argument parsing and failure exit codes;
-- raykd.runtime: cluster detection and the placement summary (on the session's local Ray).
+- raykd.cluster.runtime: cluster detection and the placement summary (on the session's local Ray).
 
 The multi-node runs are scripts (each starts its own cluster): tests/multinode/run.sh.
 """
@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from raykd.cluster.runtime import DRIVER_RESOURCE
 from raykd.config import load_config
-from raykd.runtime import DRIVER_RESOURCE
 
 REPO = Path(__file__).resolve().parents[1]
 KUBERAY = REPO / "deploy" / "kuberay"
@@ -176,7 +176,7 @@ def test_dockerfile_installs_what_the_manifests_run():
 def test_rayservice_manifest_and_its_serve_config():
     from ray.serve.schema import ServeDeploySchema
 
-    from raykd.serve import AppArgs
+    from raykd.serve.app import AppArgs
 
     svc = _manifest("rayservice-student.yaml")
     assert svc["apiVersion"] == "ray.io/v1" and svc["kind"] == "RayService" and svc["metadata"]["name"]
@@ -255,7 +255,8 @@ def test_serve_job_arguments():
 
 
 def test_jobs_take_the_cli_output_flags():
-    from raykd import console, jobs
+    from raykd import jobs
+    from raykd.core import console
 
     assert jobs.parser("pipeline").parse_args(["--config", "c.yaml", "-q", "seed=1"]).quiet
     assert jobs.tool_parser("recommend").parse_args(["/r", "--out", "/o.parquet", "-v"]).verbose
@@ -271,8 +272,8 @@ def test_jobs_take_the_cli_output_flags():
 # ---------------------------------------------------------------- runtime: finding a cluster, placement
 
 def test_find_cluster_order(monkeypatch):
+    from raykd.cluster.runtime import find_cluster
     from raykd.config import RayConfig
-    from raykd.runtime import find_cluster
 
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
     assert find_cluster(RayConfig()) == "10.0.0.1:6379"
@@ -282,7 +283,7 @@ def test_find_cluster_order(monkeypatch):
 
 
 def test_placement_summary_and_warnings(ray_session, capsys):
-    from raykd.runtime import check_shared_storage, describe_placement
+    from raykd.cluster.runtime import check_shared_storage, describe_placement
 
     ok = load_config("configs/quickstart.yaml", ["tune.enabled=false"])
     assert describe_placement(ok) == []

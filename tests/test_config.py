@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from raykd import rundir
 from raykd.config import Config, load_config
-from raykd.errors import RaykdError
+from raykd.core import rundir
+from raykd.core.errors import RaykdError
 
 
 def write_yaml(tmp_path, text: str):
@@ -145,7 +145,7 @@ def test_resolved_config_round_trips(tmp_path):
 
 
 def test_kd_curve_reuses_the_main_student_at_its_own_width(tmp_path):
-    from raykd.distill import curve_pair, sized
+    from raykd.stages.distill import curve_pair, sized
 
     cfg = load_config("configs/quickstart.yaml", [f"output_dir={tmp_path}", "distill.sizes=[4,16,32]"])
     assert curve_pair(cfg, 16) == ("student", "student_nokd")  # distill.model.dim is 16
@@ -177,7 +177,7 @@ def test_external_scores_refuse_what_needs_a_raykd_teacher(setting, message):
 
 
 def test_every_config_key_has_a_description():
-    from raykd import config_docs
+    from raykd.config import docs as config_docs
 
     missing = [key for key, description in config_docs.described_keys() if not description]
     assert not missing, f"keys without a description: {missing}"

@@ -1,4 +1,4 @@
-"""The console (raykd.console, raykd.runtime.run_logs), `raykd init`, the bundled configs and stale reports.
+"""The console (raykd.core.console, raykd.cluster.runtime.run_logs), `raykd init`, the bundled configs and stale reports.
 
 No training here: worker output is fed to the log router as Ray would forward it, and stale
 reports are made from hand-written manifests.
@@ -15,8 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from raykd import cli, console, report_md, rundir, runtime
+from raykd import cli
+from raykd.cluster import runtime
 from raykd.config import load_config
+from raykd.core import console, rundir
+from raykd.stages import report_md
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,9 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from raykd import bundle, cli, models, sequences
-from raykd.errors import RaykdError
-from raykd.recommender import Recommender
+from raykd import cli
+from raykd.core import models, sequences
+from raykd.core.errors import RaykdError
+from raykd.serve import bundle
+from raykd.serve.recommender import Recommender
 
 
 def export(run_dir, out, *flags) -> None:

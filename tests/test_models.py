@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from raykd.losses import cross_entropy
-from raykd.models import (
+from raykd.core.losses import cross_entropy
+from raykd.core.models import (
     GRURec,
     SASRec,
     build_model,
@@ -143,7 +143,7 @@ def test_left_pad_by_hand():
 
 
 def test_ensemble_is_the_mean_log_probability_of_its_members():
-    from raykd.models import Ensemble
+    from raykd.core.models import Ensemble
 
     desc = {"family": "sasrec", "num_items": 12, "dim": 8, "layers": 1, "heads": 1, "max_len": 6, "dropout": 0.0}
     torch.manual_seed(0)

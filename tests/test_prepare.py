@@ -13,8 +13,9 @@ import pytest
 import ray.data
 from prepare_cases import EXPECTED, ROWS, config, prepare_in_pieces, run, same_output, sequences, stats, write_text
 
-from raykd import logs, synth
 from raykd.config import SyntheticConfig, load_config
+from raykd.data import readers as logs
+from raykd.data import synth
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

@@ -9,8 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 from prepare_cases import ROWS, config, fails, prepare_in_pieces, write_text
 
-from raykd import dates, logs
-from raykd.errors import RaykdError
+from raykd.core.errors import RaykdError
+from raykd.data import dates
+from raykd.data import readers as logs
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

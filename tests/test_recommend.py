@@ -8,9 +8,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from raykd import cli, recommend
-from raykd.errors import RaykdError
-from raykd.recommender import Recommender, top_k
+from raykd import cli
+from raykd.core.errors import RaykdError
+from raykd.serve import recommend
+from raykd.serve.recommender import Recommender, top_k
 
 
 def run_recommend(run_dir, out, *flags) -> pa.Table:

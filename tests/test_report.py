@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from raykd import report_md
+from raykd.stages import report_md
 
 
 def fake_report() -> dict:

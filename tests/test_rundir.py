@@ -1,4 +1,4 @@
-"""The run-directory contract (raykd.rundir, raykd.stages): manifests, atomic publication, the run
+"""The run-directory contract (raykd.core.rundir, raykd.stages): manifests, atomic publication, the run
 record, the lock, and the defects a new user hit before it existed (issue 12)."""
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ import time
 import pytest
 from conftest import tiny_config
 
-from raykd import cli, rundir, stages
+from raykd import cli, stages
 from raykd.config import load_config
-from raykd.errors import RaykdError
+from raykd.core import rundir
+from raykd.core.errors import RaykdError
 
 
 def make(root, artifact, key, files=("a.txt",)):
@@ -83,7 +84,7 @@ def test_served_model_prefers_a_current_tune_winner(tmp_path):
 
 def test_a_second_process_cannot_take_a_held_run_directory(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from raykd import rundir\n"
+        "import sys, time; from raykd.core import rundir\n"
         f"with rundir.lock({str(tmp_path)!r}, 'raykd pipeline'):\n"
         "    print('held', flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True)
     try:
@@ -124,8 +125,8 @@ def test_serve_min_replicas_above_max_is_a_config_error():
 
 
 def test_the_core_imports_no_ray():
-    code = ("import sys; import raykd.models, raykd.losses, raykd.metrics, raykd.sequences, raykd.checkpoints, "
-            "raykd.loop, raykd.spec, raykd.text, raykd.rundir, raykd.recommender; "
+    code = ("import sys; import raykd.core.models, raykd.core.losses, raykd.core.metrics, raykd.core.sequences, raykd.core.checkpoints, "
+            "raykd.training.loop, raykd.training.spec, raykd.core.text, raykd.core.rundir, raykd.serve.recommender; "
             "bad = sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')); print(bad); "
             "sys.exit(1 if bad else 0)")
     done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
@@ -177,8 +178,9 @@ def test_a_truncated_model_is_refused_before_ray_starts(tiny_run, tmp_path, caps
 
 
 def test_a_run_killed_during_export_leaves_the_previous_model(tiny_run, tmp_path, monkeypatch):
-    from raykd import models, train
-    from raykd.spec import RunSpec
+    from raykd.cluster import train
+    from raykd.core import models
+    from raykd.training.spec import RunSpec
 
     shutil.copytree(tiny_run / "student", tmp_path / "student")
     before = {p.name: p.read_bytes() for p in (tmp_path / "student").iterdir()}
@@ -208,7 +210,7 @@ def test_a_vocabulary_of_the_same_size_with_other_ids_is_refused(tiny_run, tmp_p
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from raykd.recommender import Recommender
+    from raykd.serve.recommender import Recommender
 
     shutil.copytree(tiny_run / "student", tmp_path / "student")
     shutil.copytree(tiny_run / "data", tmp_path / "data")

@@ -1,4 +1,4 @@
-"""Sampled-softmax losses (raykd.sampled_losses) against the full-softmax losses they estimate."""
+"""Sampled-softmax losses (raykd.core.sampled_losses) against the full-softmax losses they estimate."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from raykd.losses import cross_entropy, distill_loss
-from raykd.sampled_losses import (
+from raykd.core.losses import cross_entropy, distill_loss
+from raykd.core.sampled_losses import (
     row_sampled_softmax_loss,
     sampled_distill_loss,
     sampled_softmax_loss,
@@ -183,9 +183,10 @@ def test_row_sampled_softmax_is_cross_entropy_when_the_catalogue_is_sampled_dens
 
 
 def test_a_no_kd_student_trains_on_per_row_negatives_a_teacher_on_shared_ones():
-    from raykd import loop, models
     from raykd.config import ModelConfig, TrainConfig
-    from raykd.spec import RunSpec
+    from raykd.core import models
+    from raykd.training import loop
+    from raykd.training.spec import RunSpec
 
     train = TrainConfig(loss="sampled", num_negatives=7, kd_negatives=5)
     core = models.build_model({"family": "sasrec", "num_items": 30, "dim": 8, "layers": 1, "heads": 1,

@@ -20,11 +20,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from raykd import auth, cli, ids, models, prepare, rundir, teacher_scores
-from raykd import serve as raykd_serve
-from raykd.config import ServeConfig, load_config
-from raykd.errors import RaykdError
-from raykd.recommender import BadRequest, Recommender
+from raykd import cli
+from raykd.config import ServeConfig, auth, load_config
+from raykd.core import ids, models, rundir
+from raykd.core.errors import RaykdError
+from raykd.data import teacher_scores
+from raykd.serve import app as raykd_serve
+from raykd.serve.recommender import BadRequest, Recommender
+from raykd.stages import prepare
 
 KEY = "k3y-" + "s3cr3t" * 5
 

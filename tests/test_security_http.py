@@ -16,7 +16,7 @@ from ray import serve
 from schemathesis import GenerationMode
 
 from raykd.config import ServeConfig
-from raykd.serve import build_app
+from raykd.serve.app import build_app
 
 KEY = "fuzz-" + "0123456789abcdef" * 2
 LIMIT = ServeConfig().max_body_bytes  # the default, 64 KiB

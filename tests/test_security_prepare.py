@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raykd import prepare
 from raykd.config import load_config
-from raykd.errors import RaykdError
+from raykd.core.errors import RaykdError
+from raykd.stages import prepare
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 LOOSE = ["data.min_user_interactions=3", "data.min_item_interactions=1"]
@@ -84,7 +84,7 @@ def test_time_format_needs_a_time_column():
 
 
 def test_parse_keeps_one_format_on_its_own():
-    from raykd import dates
+    from raykd.data import dates
 
     keys = dates.parse(pa.array(["12/01/2020", None, "13/01/2020", "12/01/2020"]), None, "ts")
     assert np.isnan(keys[1]) and keys[0] == keys[3] and keys[2] - keys[0] == 86400e6

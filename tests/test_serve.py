@@ -15,9 +15,9 @@ import yaml
 from ray import serve
 from ray.serve.schema import ServeDeploySchema
 
-from raykd import models
 from raykd.config import ServeConfig
-from raykd.serve import app_builder, build_app
+from raykd.core import models
+from raykd.serve.app import app_builder, build_app
 
 
 def _free_port() -> int:

@@ -13,8 +13,8 @@ from ray import serve
 
 from raykd import cli
 from raykd.config import ServeConfig
-from raykd.recommender import Recommender
-from raykd.serve import build_app
+from raykd.serve.app import build_app
+from raykd.serve.recommender import Recommender
 
 KEY = "batch-" + "0123456789abcdef" * 2
 

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from raykd import loop, models, text
 from raykd.config import ModelConfig, TrainConfig
-from raykd.spec import KD, RunSpec
+from raykd.core import models, text
+from raykd.training import loop
+from raykd.training.spec import KD, RunSpec
 
 
 def test_reduce_whitens_and_keeps_empty_rows_zero():

@@ -1,4 +1,4 @@
-"""Experiment tracking (raykd.tracking), read back with each backend's own reader.
+"""Experiment tracking (raykd.cluster.tracking), read back with each backend's own reader.
 
 One tiny pipeline runs with `tracking.backend=mlflow` on a local file store: MLflow's client must
 find a run per trained model with its per-epoch loss and validation metrics, and a `report` run
@@ -16,8 +16,10 @@ from pathlib import Path
 import pytest
 from conftest import tiny_config
 
-from raykd import console, pipeline, tracking
+from raykd.cluster import tracking
 from raykd.config import load_config
+from raykd.core import console
+from raykd.stages import pipeline
 
 mlflow = pytest.importorskip("mlflow")
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
@@ -88,7 +90,7 @@ def test_tensorboard_events_of_a_training_run_and_the_report(tmp_path):
     cfg = load_config("configs/quickstart.yaml", ["tracking.backend=tensorboard", f"output_dir={tmp_path}"])
     found = tracking.settings(cfg.tracking, cfg.name, tmp_path)
     callback = tracking.TrainTracking(found, "student", {"model": {"dim": 8}}, {"raykd.role": "student"})
-    for epoch in range(3):  # reports as raykd.train.train_loop makes them (epochs from 0)
+    for epoch in range(3):  # reports as raykd.cluster.train.train_loop makes them (epochs from 0)
         callback.after_report(None, [{"epoch": epoch, "loss": 3.0 - epoch, "val_ndcg@10": 0.1 * (epoch + 1),
                                       "val_hr@10": 0.2, "best_val_ndcg@10": 0.1 * (epoch + 1),
                                       "final": epoch == 2}], None)
@@ -123,10 +125,10 @@ def test_a_missing_backend_package_is_a_clear_error(monkeypatch):
 
 
 def test_tune_trials_through_rays_logger_callbacks(ray_session, tmp_path):
-    """Ray Tune's MLflow and TensorBoard loggers, as raykd.tune gets them from `tune_callbacks`."""
+    """Ray Tune's MLflow and TensorBoard loggers, as raykd.stages.tune gets them from `tune_callbacks`."""
     from ray import tune
 
-    from raykd.runtime import own_signal_handlers
+    from raykd.cluster.runtime import own_signal_handlers
 
     def trainable(config):
         for epoch in range(2):
@@ -138,7 +140,7 @@ def test_tune_trials_through_rays_logger_callbacks(ray_session, tmp_path):
         tuner = tune.Tuner(tune.with_resources(trainable, {"cpu": 0.5}), param_space={"x": tune.grid_search([1.0])},
                            run_config=tune.RunConfig(name=backend, storage_path=str(tmp_path / "ray"), verbose=0,
                                                      callbacks=tracking.tune_callbacks(cfg)))
-        with own_signal_handlers():  # as raykd.tune does: Tune's Ctrl-C handler ends with the search
+        with own_signal_handlers():  # as raykd.stages.tune does: Tune's Ctrl-C handler ends with the search
             tuner.fit()
     client = mlflow_client(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("t").experiment_id])
@@ -151,7 +153,7 @@ def test_tune_trials_through_rays_logger_callbacks(ray_session, tmp_path):
 
 
 def test_epoch_lines_show_progress_and_eta_and_are_throttled(capsys):
-    from raykd.train import EpochLines
+    from raykd.cluster.train import EpochLines
 
     lines = EpochLines("student", epochs=4, every_s=3600)
     for epoch in range(4):

@@ -20,8 +20,10 @@ import ray
 import torch
 from conftest import copy_parts, tiny_config
 
-from raykd import models, pipeline, soft_labels, train
-from raykd.spec import RunSpec
+from raykd.cluster import train
+from raykd.core import models
+from raykd.stages import pipeline, soft_labels
+from raykd.training.spec import RunSpec
 
 
 def test_report_has_every_section_and_metric(tiny_run):
@@ -198,7 +200,7 @@ def test_ctrl_c_during_task_runs_stops_them_all(tiny_run, runs):
     import signal
     import threading
 
-    from raykd import train_task
+    from raykd.cluster import task as train_task
 
     cfg = tiny_config(tiny_run, "teacher.train.epochs=2000", "teacher.train.patience=2000")
     specs = [RunSpec(f"interrupted_{runs}_{i}", cfg.teacher.model, cfg.teacher.train, seed=i,
@@ -242,7 +244,7 @@ def test_soft_labels_store_the_teachers_rest_log_mass(tiny_run):
 
 def test_kd_curve_with_transfer_and_whole_catalogue_kl(tiny_run, tmp_path):
     """distill.sizes trains a KD student and a no-KD twin per width; evaluate reports the curve."""
-    from raykd import distill, evaluate
+    from raykd.stages import distill, evaluate
 
     copy_parts(tiny_run, tmp_path, "data", "teacher", "soft_labels")
     cfg = tiny_config(tmp_path, "distill.sizes=[4]", "distill.transfer=true", "distill.loss=kl_full",
@@ -259,7 +261,7 @@ def test_kd_curve_with_transfer_and_whole_catalogue_kl(tiny_run, tmp_path):
     assert (tmp_path / "kd_curve.png").stat().st_size > 1000
     assert "## KD curve" in (tmp_path / "report.md").read_text()
     # a curve's student is servable from where it lies (its run's vocabulary is three levels up)
-    from raykd.recommender import Recommender
+    from raykd.serve.recommender import Recommender
 
     rec = Recommender(tmp_path / "kd_curve" / "d4" / "student")
     raw = pq.read_table(tmp_path / "data" / "items.parquet")["raw_id"].to_pylist()[:3]
@@ -269,7 +271,7 @@ def test_kd_curve_with_transfer_and_whole_catalogue_kl(tiny_run, tmp_path):
 
 def test_teacher_ensemble_trains_in_parallel_and_distils_from_the_mean(tiny_run, tmp_path, capsys):
     """teacher.ensemble=2: two seeds as parallel Ray runs, soft labels from their mean log-probability."""
-    from raykd import distill, evaluate, teacher
+    from raykd.stages import distill, evaluate, teacher
 
     copy_parts(tiny_run, tmp_path, "data")
     cfg = tiny_config(tmp_path, "teacher.ensemble=2", "teacher.train.cpus_per_worker=0.5", "distill.transfer=true",

@@ -19,9 +19,12 @@ import torch
 import yaml
 from conftest import TINY
 
-from raykd import evaluate, models, prepare, rundir, sequences, soft_labels, tune, tune_report, tune_space
 from raykd.config import load_config
-from raykd.errors import RaykdError
+from raykd.core import models, rundir, sequences
+from raykd.core.errors import RaykdError
+from raykd.stages import evaluate, prepare, soft_labels, tune
+from raykd.stages.tune import report as tune_report
+from raykd.stages.tune import space as tune_space
 
 # 3 trials: the configured student first (T=1, alpha=0.5, dim=8), then two from TPE
 SEARCH = [

@@ -19,8 +19,13 @@ import pytest
 import torch
 from conftest import TINY, copy_parts
 
-from raykd import loop, models, prepare, rundir, sequences, soft_labels, train, tune, tune_report, tune_trial
+from raykd.cluster import train
 from raykd.config import load_config
+from raykd.core import models, rundir, sequences
+from raykd.stages import prepare, soft_labels, tune
+from raykd.stages.tune import report as tune_report
+from raykd.stages.tune import trial as tune_trial
+from raykd.training import loop
 
 SPACE = ("tune.space={distill.temperature: {type: loguniform, low: 1, high: 4}, "
          "distill.alpha: {type: uniform, low: 0, high: 1}, distill.model.dim: {type: choice, values: [4, 8]}}")

@@ -14,8 +14,10 @@ import json
 import pyarrow.parquet as pq
 from conftest import copy_parts
 
-from raykd import distill, evaluate, models, sequences, stages
+from raykd import stages
 from raykd.config import load_config
+from raykd.core import models, sequences
+from raykd.stages import distill, evaluate
 
 
 def quickstart(run_dir, *extra):

@@ -72,9 +72,10 @@ def start_cluster(head: dict, worker: dict, attempts: int = 3) -> Cluster:
 
 
 def main() -> int:
-    from raykd import distill, models, prepare, rundir, sequences, soft_labels
+    from raykd.cluster.runtime import DRIVER_RESOURCE, describe_placement, ensure_ray
     from raykd.config import load_config
-    from raykd.runtime import DRIVER_RESOURCE, describe_placement, ensure_ray
+    from raykd.core import models, rundir, sequences
+    from raykd.stages import distill, prepare, soft_labels
 
     t0 = time.time()
     os.chdir(REPO)

@@ -1,0 +1,339 @@
+"""The one training loop for teacher and students: on Ray Train's TorchTrainer, or as one Ray task.
+
+`fit(spec, run_dir)` (a `raykd.training.spec.RunSpec`) trains one run and publishes the checkpoint that was
+best on validation NDCG@10 as the artifact `<run>/<spec.name>/` (model.safetensors, model.json,
+metrics.json, manifest.json; see raykd.core.rundir). A run on one CPU worker (`train.trainer: auto`)
+is one Ray task (raykd.cluster.task). Otherwise `fit` builds the window dataset (Ray Data, with soft
+labels when distilling) and runs `train_loop` on `num_workers` DDP workers: every epoch each
+worker trains on its shard, all workers evaluate a slice of the validation users (summed with an
+all-reduce, so every rank takes the same early-stopping decision), and rank 0 reports a
+checkpoint (loop.checkpoint_due). Either way a rerun, or a restart after a lost worker, resumes
+from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+import numpy as np
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from raykd.cluster import task as train_task
+from raykd.cluster import tracking
+from raykd.cluster.runtime import DRIVER_RESOURCE, own_signal_handlers
+from raykd.config import TrainConfig
+from raykd.core import checkpoints, console, metrics, models, rundir, sequences
+from raykd.core.errors import RaykdError
+from raykd.stages import report_md
+from raykd.training import loop
+from raykd.training.spec import RunSpec
+
+
+def fit(spec: RunSpec, run_dir: Path, before_epoch: Callable[[int], None] | None = None) -> dict:
+    """Train one run with Ray Train and publish its best checkpoint as the artifact `run_dir/spec.name`.
+
+    A finished model with the same fingerprint (settings and upstream keys) is reused instead.
+    `before_epoch(epoch)` runs on rank 0 as each epoch starts (tests inject worker faults with it).
+    """
+    run_dir = Path(run_dir).resolve()
+    if before_epoch is not None:
+        spec = dataclasses.replace(spec, before_epoch=before_epoch)
+    data_dir = run_dir / rundir.DATA
+    out = run_dir / spec.name
+    fingerprint = spec.fingerprint
+    done = reusable(out, fingerprint)
+    if done:
+        console.say(f"{spec.name}: reusing {out} (same inputs and settings)")
+        return {**done, "reused": True}
+    storage = run_dir / "ray_train"
+    ray_name = spec.name.replace("/", "-")  # kd_curve/d8/student -> one flat Ray Train run name
+    _forget_stale_run(storage / ray_name, fingerprint)
+    callbacks = [EpochLines(spec.name, spec.train.epochs), *tracking.train_callbacks(run_dir, spec)]
+    m, tc, kd = spec.model, spec.train, spec.kd
+    in_task = tc.runs_in_task()
+    console.say(f"{spec.name}: training {m.family} dim={m.dim} layers={m.layers} on {tc.num_workers} "
+                f"{'GPU' if tc.use_gpu else 'CPU'} worker(s){' in one Ray task' if in_task else ' (Ray Train)'}")
+    t0 = time.perf_counter()
+    extra = {"name": spec.name, "alpha": kd.alpha if kd else 0.0, "temperature": kd.temperature if kd else 1.0,
+             "kd_loss": kd.loss if kd and kd.alpha > 0 else None, "fingerprint": fingerprint,
+             "trainer": "ray_task" if in_task else "torch_trainer"}
+    if in_task:
+        ckpt = train_task.fit(spec, data_dir, storage / ray_name, callbacks)
+        summary = export(ckpt, out, spec, data_dir, {**extra, "train_seconds": time.perf_counter() - t0})
+    else:
+        trainer = make_trainer(spec, ray_name, storage, data_dir, callbacks=callbacks)
+        with own_signal_handlers():  # Ray Train's abort-this-run Ctrl-C handler must not outlive the run
+            result = trainer.fit()
+        if result.error or result.checkpoint is None:
+            raise RaykdError(f"{spec.name}: training failed: {result.error}")
+        with result.checkpoint.as_directory() as ckpt:
+            summary = export(Path(ckpt), out, spec, data_dir, {**extra, "train_seconds": time.perf_counter() - t0})
+    console.say(f"{spec.name}: best valid NDCG@10 {summary['valid']['ndcg@10']:.4f} at epoch {summary['best_epoch']} "
+                f"({summary['epochs_run']} epochs, {console.duration(summary['train_seconds'])}) -> {out}")
+    return summary
+
+
+def parallel_runs(train_cfg: TrainConfig) -> int:
+    """Training runs of this size that fit at once; TorchTrainer runs leave one CPU free for Ray Data
+    (GUIDE.md section 4)."""
+    res = ray.cluster_resources()
+    if train_cfg.use_gpu:
+        fits = int(res.get("GPU", 0) // train_cfg.num_workers)
+    elif train_cfg.runs_in_task():  # reads its windows itself (no Ray Data CPU to keep free); driven by a thread
+        return max(1, int(res.get("CPU", 1) // train_cfg.cpus_per_worker))
+    else:
+        fits = int((res.get("CPU", 1) - 1) // (train_cfg.num_workers * train_cfg.cpus_per_worker))
+    return max(1, min(fits, int(res.get(DRIVER_RESOURCE, 0))))
+
+
+def fit_many(specs: list[RunSpec], run_dir: Path, parallel: int) -> list[dict]:
+    """`fit` for every spec, in order; `parallel` > 1 runs that many at once. Finished ones are reused.
+
+    Runs that train as Ray tasks (raykd.cluster.task) are driven from threads of this process, so
+    their epoch lines print here as they come; TorchTrainer runs are each driven by a Ray task on
+    the zero-CPU driver resource (as Tune drives its trials).
+    """
+    todo = [s for s in specs if not reusable(Path(run_dir) / s.name, s.fingerprint)]
+    parallel = min(parallel, len(todo))
+    if parallel <= 1:
+        return [fit(s, run_dir) for s in specs]
+    console.say(f"{len(todo)} training runs, {parallel} at a time: {', '.join(s.name for s in todo)}")
+    if all(s.train.runs_in_task() for s in specs):
+        pool = ThreadPoolExecutor(parallel, thread_name_prefix="raykd-fit")
+        try:
+            futures = [pool.submit(fit, s, run_dir) for s in specs]
+            for done in as_completed(futures):
+                done.result()  # the first failure is raised as it happens
+            return [f.result() for f in futures]
+        except BaseException:  # Ctrl-C or a failed run: stop the other runs' tasks too
+            train_task.CANCEL.set()
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            train_task.CANCEL.clear()
+    remote_fit = ray.remote(num_cpus=0, resources={DRIVER_RESOURCE: 1}, max_retries=0)(fit)
+    pending, results = {}, {}
+    for i, spec in enumerate(specs):
+        if len(pending) >= parallel:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            results[pending.pop(done[0])] = ray.get(done[0])
+        pending[remote_fit.remote(spec, run_dir)] = i
+    for ref, i in pending.items():
+        results[i] = ray.get(ref)
+    return [results[i] for i in range(len(specs))]
+
+
+def make_trainer(spec: RunSpec, name: str, storage: Path, data_dir: Path,
+                 callbacks: list | None = None) -> TorchTrainer:
+    """The TorchTrainer for one run (also what each Tune trial builds and fits); the spec travels
+    to the workers as it is."""
+    soft_dir = spec.kd.soft_labels if spec.kd is not None and spec.kd.alpha > 0 else None
+    ds = window_dataset(data_dir, spec.model.max_len, soft_dir)
+    train_cfg = spec.train
+    return TorchTrainer(
+        train_loop,
+        train_loop_config={"spec": spec, "data_dir": str(Path(data_dir).resolve())},
+        scaling_config=ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=train_cfg.use_gpu,
+                                     resources_per_worker={"CPU": train_cfg.cpus_per_worker}),
+        run_config=RunConfig(name=name, storage_path=str(storage), callbacks=callbacks,
+                             failure_config=FailureConfig(max_failures=train_cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        datasets={"train": ds},
+    )
+
+
+class EpochLines(ray.train.UserCallback):
+    """The epoch lines of one run, printed as each report arrives.
+
+    One line per epoch is kept in raykd.log (and shown with `-v`); the console gets the first,
+    then one every `every_s` seconds, and the last, each with the time so far and an ETA (an upper
+    bound: early stopping may end the run sooner). For a TorchTrainer run this is Ray Train's
+    controller, a Ray actor whose lines reach the driver through Ray's log forwarding, marked as
+    raykd's (raykd.core.console.say); for a run in a Ray task (raykd.cluster.task) it is the driver itself.
+    """
+
+    def __init__(self, name: str, epochs: int, every_s: float = 20.0):
+        self.name, self.epochs = name, epochs
+        self.start = time.time()  # the driver's clock, at fit(): the elapsed time includes start-up
+        self.throttle = console.Throttle(every_s)
+        self.first = None
+
+    def after_report(self, run_context, metrics, checkpoint):
+        r = metrics[0]
+        done, now = r["epoch"] + 1, time.time()
+        elapsed = now - self.start
+        if self.first is None:  # the first report of this process (a resumed run starts later than epoch 1)
+            self.first = (done, now - r.get("epoch_s", 0.0))
+        pace = (now - self.first[1]) / max(done - self.first[0] + 1, 1)  # seconds per epoch, reports included
+        left = pace * (self.epochs - done)
+        eta = f", ETA at most {console.duration(left)}" if not r.get("final") else ""
+        line = (f"{self.name}: epoch {done}/{self.epochs} loss {r['loss']:.4f}, val NDCG@10 {r['val_ndcg@10']:.4f} "
+                f"(best {r['best_val_ndcg@10']:.4f} at epoch {r.get('best_epoch', r['epoch']) + 1}), "
+                f"{r.get('epoch_s', 0.0):.1f}s/epoch, {console.duration(elapsed)} so far{eta}")
+        console.say(line, detail=not self.throttle.due(force=bool(r.get("final"))))
+
+
+def export(ckpt: Path, out: Path, spec: RunSpec, data_dir: Path, extra: dict) -> dict:
+    """Publish a checkpoint's best-on-validation model as the artifact `out` (servable as is).
+
+    Written into a staging folder and renamed into place, its manifest last: a run killed
+    mid-export leaves the previous model or none, never a mix of the two.
+    """
+    state = checkpoints.read_state(ckpt)
+    model, desc = models.load_model(Path(ckpt) / "best")
+    best = state["best"]
+    # epochs count from 1 in every file and line a user reads (the checkpoint state counts from 0)
+    summary = {**extra, "best_epoch": best["epoch"] + 1, "valid": best["metrics"],
+               "epochs_run": state["epoch"] + 1, "history": [{**h, "epoch": h["epoch"] + 1} for h in state["history"]],
+               "resumed": state.get("resumed", 0), "replica_digests": state.get("replica_digests", []),
+               "params": models.count_params(model)}
+    data = rundir.read_manifest(data_dir)  # the model is tied to the vocabulary it was trained on
+    with rundir.staged(out) as tmp:
+        models.save_model(tmp, model, desc, extra={"fingerprint": spec.fingerprint})
+        (tmp / "metrics.json").write_text(json.dumps(summary, indent=2))
+        rundir.write_manifest(tmp, spec.fingerprint, spec.upstream, role=spec.role,
+                              vocab_digest=data.get("vocab_digest"), num_items=desc["num_items"])
+    report_md.mark_stale(Path(data_dir).parent)  # a report that scored the model replaced here says so
+    return summary
+
+
+def reusable(out: Path, fingerprint: str) -> dict | None:
+    """The stored summary of a finished model with this fingerprint, else None."""
+    if rundir.key_of(out) != fingerprint:
+        return None
+    try:
+        return json.loads((out / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _forget_stale_run(path: Path, fingerprint: str) -> None:
+    """Ray resumes a run with the same name: only let it when the run was for this same config."""
+    marker = path.with_suffix(".fingerprint")
+    if path.exists() and (not marker.exists() or marker.read_text() != fingerprint):
+        shutil.rmtree(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(fingerprint)
+
+
+def window_dataset(data_dir: Path, max_len: int, soft_dir: Path | None) -> ray.data.Dataset:
+    """Ray Data: one task per sequence shard cuts windows (and attaches its soft-label shard)."""
+    shards = sequences.shard_paths(data_dir)
+    if soft_dir is not None:
+        soft = [Path(soft_dir) / p.name for p in shards]
+        missing = [str(s) for s in soft if not s.exists()]
+        if missing:
+            raise RaykdError(f"soft labels missing: {', '.join(missing)}; run `raykd soft-labels CONFIG`")
+    items = [{"shard": str(p), "soft": str(Path(soft_dir) / p.name) if soft_dir else ""} for p in shards]
+
+    def cut(batch: dict) -> object:
+        for shard, soft in zip(batch["shard"], batch["soft"]):
+            yield sequences.window_table(Path(shard), max_len, Path(soft) if soft else None)
+
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    # materialised once, so epochs and workers read blocks without re-running tasks
+    return ds.map_batches(cut, batch_size=1, batch_format="numpy").materialize()
+
+
+def train_loop(config: dict) -> None:
+    """Runs on every Ray Train worker: `config` is {"spec": RunSpec, "data_dir": str}; rank 0 also
+    checkpoints. The loop is raykd.training.loop.EpochRunner's; this driver adds the worker's shard of the
+    windows, validation summed over ranks, and Ray Train's reports and checkpoints."""
+    spec, data_dir = config["spec"], config["data_dir"]
+    _quiet_ray_train_logs()
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if rank != 0:
+        spec = dataclasses.replace(spec, before_epoch=None)  # the fault-injection hook runs on rank 0 only
+    desc = loop.model_desc(spec, data_dir)
+    model = loop.build(spec, desc)  # seeded: same init on every rank (DDP also broadcasts rank 0's)
+    model = ray.train.torch.prepare_model(model)  # DDP + device placement (Ray)
+    device = next(model.parameters()).device
+    split = sequences.read_split(data_dir)
+    val_users = np.arange(rank, len(split["user"]), world)
+    shard = ray.train.get_dataset_shard("train")  # this worker's share of the windows (Ray)
+    tc = spec.train
+
+    def batches(epoch: int):
+        return shard.iter_batches(batch_size=loop.worker_batch(tc.batch_size, world), batch_format="numpy",
+                                  local_shuffle_buffer_size=4 * tc.batch_size,
+                                  local_shuffle_seed=spec.seed * 1000 + epoch)
+
+    log_q = torch.tensor(loop.item_log_q(data_dir), device=device) if tc.loss == "sampled" else None
+    runner = loop.EpochRunner(spec, model, desc, device, batches,
+                              lambda core: _validate(core, split, val_users, device, world), log_q)
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:  # resume after a restart or a rerun (Ray)
+        with ckpt.as_directory() as d:
+            runner.restore(d)
+        print(f"rank {rank}: resumed after epoch {runner.state['epoch'] + 1}", flush=True)
+
+    def report(entry: dict, due: bool) -> float | None:
+        runner.state["replica_digests"] = _replica_digests(runner.core, world, device)
+        return _report(entry, runner, rank, due)
+
+    runner.run(report)
+
+
+def _quiet_ray_train_logs() -> None:
+    """Ray Train logs every report and checkpoint path at INFO on each worker; the loop prints
+    one line per epoch instead. Private loggers (one is named after its file): best effort."""
+    try:
+        from ray.train.v2._internal.execution import context, storage
+    except ImportError:
+        return
+    for module in (context, storage):
+        module.logger.setLevel(logging.WARNING)
+
+
+def _validate(core, split, users, device, world) -> dict:
+    """Validation metrics over this rank's users, summed across ranks (same result everywhere)."""
+    hist, targets, seen = sequences.eval_inputs(split, "valid", users)
+    out = metrics.evaluate_model(core, hist, targets, seen, device=device) if len(users) else {}
+    keys = loop.VAL_KEYS
+    sums = torch.tensor([out.get(k, 0.0) * len(users) for k in keys] + [len(users)], dtype=torch.float64)
+    if world > 1:
+        sums = sums.to(device)
+        dist.all_reduce(sums)
+    sums = sums.cpu()
+    return {k: float(sums[i] / max(float(sums[-1]), 1.0)) for i, k in enumerate(keys)}
+
+
+def _replica_digests(core, world: int, device) -> list[str]:
+    """A hash of every rank's parameters: DDP replicas must stay identical (tested)."""
+    h = hashlib.sha256()
+    for tensor in core.state_dict().values():
+        h.update(tensor.detach().float().cpu().numpy().tobytes())
+    mine = torch.tensor(list(h.digest()[:16]), dtype=torch.uint8, device=device)
+    if world == 1:
+        return [bytes(mine.tolist()).hex()]
+    gathered = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(gathered, mine)
+    return [bytes(g.cpu().tolist()).hex() for g in gathered]
+
+
+def _report(report: dict, runner: loop.EpochRunner, rank: int, due: bool) -> float | None:
+    """Every rank reports (a barrier); rank 0 attaches this epoch's checkpoint when it is `due`
+    (loop.checkpoint_due), and returns the seconds the checkpointed report took (Ray)."""
+    if rank != 0 or not due:
+        ray.train.report(report)
+        return None
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as d:
+        runner.save(d)
+        ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
+    return time.perf_counter() - t0

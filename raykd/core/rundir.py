@@ -1,0 +1,315 @@
+"""The run directory: where every artifact lives, how it is published, and what is current.
+
+Plain Python (no Ray, no torch), the one contract between the stages:
+
+- **Paths.** An artifact is a folder named by its path relative to the run directory: `data`,
+  `item_text`, `teacher`, `teacher_ensemble/m1`, `soft_labels`, `student`, `student_nokd`,
+  `kd_curve/d8/student`, `tune/best`. Only this module spells those names.
+- **One manifest format.** Every artifact folder holds `manifest.json`: its `key` (what it was
+  made from: the config sections and upstream keys that matter), its `upstream` keys, the hash of
+  the whole config, and the raykd/torch/Ray/Python versions. It is written last.
+- **Atomic publication.** An artifact is written into a hidden staging folder beside its place and
+  renamed into place when complete (`staged`). A run killed mid-write leaves either the previous
+  artifact or none, never a mix.
+- **The run record** (`run.json`) lists what the current config produced: artifact -> its key,
+  the stage that wrote it and the upstream keys it was made from. Running a stage first forgets
+  that stage's entries, so outputs a config no longer asks for (tune off, no no-KD twin) stop
+  counting. `current(...)` also checks the chain: an artifact whose upstream was remade since is
+  stale. `evaluate`, `serve`, `recommend` and `tune` read the record, never "which folders exist".
+- **The lock.** One process at a time writes a run directory (`lock`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import yaml
+
+from raykd.core.errors import RaykdError
+
+DATA = "data"
+ITEM_TEXT = "item_text"
+TEACHER = "teacher"
+SOFT_LABELS = "soft_labels"
+STUDENT = "student"
+STUDENT_NOKD = "student_nokd"
+TUNE = "tune"  # the search itself (trials, plots); its exported winner is TUNE_BEST
+TUNE_BEST = "tune/best"
+MANIFEST = "manifest.json"
+RECORD = "run.json"
+CONFIG = "config.yaml"
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+LOCK = ".lock"
+LOGS = "logs"  # raykd.log and Ray's output (runtime.run_logs)
+
+
+# ---------------------------------------------------------------- names
+
+def member(i: int) -> str:
+    """Teacher ensemble member i (0 is `teacher` itself)."""
+    return TEACHER if i == 0 else f"teacher_ensemble/m{i}"
+
+
+def curve(width: int, kd: bool) -> str:
+    """The KD curve's student (kd) or no-KD twin at one width."""
+    return f"kd_curve/d{width}/{STUDENT if kd else STUDENT_NOKD}"
+
+
+def check_output_dir(root: str | Path) -> Path:
+    """The run directory as an absolute path, created if needed; a clear error if it cannot be."""
+    root = Path(root).expanduser()
+    for parent in (root, *root.parents):
+        if parent.exists() and not parent.is_dir():
+            raise RaykdError(f"output_dir {root} cannot be a run directory: {parent} is a file, not a folder. "
+                             "Set output_dir to a folder path (e.g. output_dir=runs/my_run)")
+    try:
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as err:
+        raise RaykdError(f"output_dir {root} cannot be created ({err.strerror}): choose a writable folder") from None
+    if not os.access(root, os.W_OK):
+        raise RaykdError(f"output_dir {root} is not writable by this user: choose another folder")
+    return root.resolve()
+
+
+# ---------------------------------------------------------------- manifests
+
+def versions() -> dict:
+    def of(package: str) -> str | None:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return None
+
+    return {"raykd": of("raykd"), "torch": of("torch"), "ray": of("ray"), "python": platform.python_version()}
+
+
+def write_manifest(folder: Path, key: str, upstream: dict | None = None, config_hash: str = "", **info) -> dict:
+    """Write `folder/manifest.json` (do it last: its presence says the artifact is complete)."""
+    manifest = {"key": key, "upstream": upstream or {}, "config_hash": config_hash, "versions": versions(),
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **info}
+    _write_json(Path(folder) / MANIFEST, manifest)
+    return manifest
+
+
+def read_manifest(folder: Path) -> dict:
+    """An artifact's manifest, or {} when it is missing or unreadable (an incomplete artifact)."""
+    try:
+        data = json.loads((Path(folder) / MANIFEST).read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def key_of(folder: Path) -> str | None:
+    return read_manifest(folder).get("key")
+
+
+def vocab_digest(raw_ids: list) -> str:
+    """A short hash of an item vocabulary (raw ids in index order): a model is tied to it."""
+    return hashlib.sha256(json.dumps(raw_ids, default=str).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- atomic publication
+
+@contextlib.contextmanager
+def staged(target: Path) -> Iterator[Path]:
+    """Yield an empty staging folder; on success it replaces `target` in one rename.
+
+    On an exception the staging folder is removed and `target` is left as it was.
+    """
+    target = Path(target)
+    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.staging-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(mode=0o700)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    publish(tmp, target)
+
+
+def publish(tmp: Path, target: Path) -> None:
+    """Move a complete folder into place; the previous one goes aside first, then is deleted."""
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def sweep(root: Path) -> None:
+    """Remove staging and set-aside folders that a killed run left (call with the lock held)."""
+    for pattern in (".*.staging-*", ".*.old-*", "*/.*.staging-*", "*/.*.old-*", "*/*/.*.staging-*", "*/*/.*.old-*"):
+        for path in Path(root).glob(pattern):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- the run record
+
+def read_record(root: Path) -> dict:
+    try:
+        data = json.loads((Path(root) / RECORD).read_text())
+        return data if isinstance(data, dict) and isinstance(data.get("artifacts"), dict) else {"artifacts": {}}
+    except (OSError, ValueError):
+        return {"artifacts": {}}
+
+
+def record(root: Path, artifact: str, stage: str, upstream: list[str] = ()) -> dict:
+    """Record that the current config produced `artifact` (its manifest must exist) from `upstream`."""
+    key = key_of(Path(root) / artifact)
+    if key is None:
+        raise RaykdError(f"internal: {Path(root) / artifact} has no manifest to record")
+    data = read_record(root)
+    arts = data["artifacts"]
+    entry = {"key": key, "stage": stage, "upstream": {u: arts.get(u, {}).get("key") for u in upstream}}
+    arts[artifact] = entry
+    _write_json(Path(root) / RECORD, data)
+    return entry
+
+
+def forget(root: Path, stage: str) -> list[str]:
+    """Drop every entry `stage` wrote (it is about to run again, or is off in this config)."""
+    data = read_record(root)
+    gone = [a for a, e in data["artifacts"].items() if e.get("stage") == stage]
+    if gone:
+        for a in gone:
+            del data["artifacts"][a]
+        _write_json(Path(root) / RECORD, data)
+    return gone
+
+
+# what produces each artifact, for "run this first" messages
+MAKES = {DATA: "raykd prepare CONFIG", ITEM_TEXT: "raykd embed-items CONFIG", TEACHER: "raykd teacher CONFIG",
+         SOFT_LABELS: "raykd soft-labels CONFIG", STUDENT: "raykd distill CONFIG", TUNE_BEST: "raykd tune CONFIG"}
+
+
+def require(root: Path, artifact: str, needed_by: str) -> str:
+    """The key of an upstream artifact the current config produced; else an error saying what to run."""
+    if current(root, artifact) is None:
+        make = MAKES.get(artifact.split("/")[0], "raykd pipeline CONFIG")
+        raise RaykdError(f"{needed_by} needs {Path(root) / artifact}, but {stale_reason(root, artifact)}: "
+                         f"run `{make}` first (or `raykd pipeline CONFIG`, which runs every stage in order)")
+    return read_record(root)["artifacts"][artifact]["key"]
+
+
+def current(root: Path, artifact: str) -> Path | None:
+    """The artifact's folder if the current config produced it and nothing it was made from changed since."""
+    arts = read_record(root)["artifacts"]
+    return Path(root) / artifact if _is_current(Path(root), arts, artifact, set()) else None
+
+
+def stale_reason(root: Path, artifact: str) -> str:
+    """Why `current` said no, in words a user can act on."""
+    arts = read_record(root)["artifacts"]
+    entry = arts.get(artifact)
+    if entry is None:
+        exists = (Path(root) / artifact / MANIFEST).exists()
+        return (f"{artifact}/ was not produced by the run's current config (left from an earlier run)" if exists
+                else f"{artifact}/ has not been produced")
+    if key_of(Path(root) / artifact) != entry["key"]:
+        return f"{artifact}/ was replaced or deleted after it was recorded"
+    for up, key in entry.get("upstream", {}).items():
+        if not _is_current(Path(root), arts, up, set()) or arts[up]["key"] != key:
+            return f"{artifact}/ was made from an earlier {up}/, which has been produced again since"
+    return f"{artifact}/ is current"
+
+
+def _is_current(root: Path, arts: dict, artifact: str, seen: set) -> bool:
+    entry = arts.get(artifact)
+    if entry is None or artifact in seen or key_of(root / artifact) != entry["key"]:
+        return False
+    seen = seen | {artifact}
+    return all(up in arts and arts[up]["key"] == key and _is_current(root, arts, up, seen)
+               for up, key in entry.get("upstream", {}).items())
+
+
+def served_model(path: str | Path) -> Path:
+    """The model a path means: a model folder or bundle itself; for a run directory, the tune
+    winner if the run's current config produced one, else its current student."""
+    path = Path(path)
+    if (path / "model.json").exists():
+        return path
+    if not (path / RECORD).exists():
+        raise RaykdError(f"{path} is neither a model folder (no model.json) nor a raykd run directory (no {RECORD}): "
+                         "give a run directory after `raykd pipeline`, a model folder, or a `raykd export` bundle")
+    for artifact in (TUNE_BEST, STUDENT):
+        if current(path, artifact) is not None:
+            return path / artifact
+    raise RaykdError(f"{path} has no current student to serve: {stale_reason(path, STUDENT)}. Run `raykd distill "
+                     "CONFIG` (or `raykd pipeline CONFIG`) for this run directory")
+
+
+def dump_config(cfg, root: Path) -> None:
+    """Write the resolved config (every default spelled out) as `<run>/config.yaml`."""
+    Path(root).mkdir(mode=0o700, parents=True, exist_ok=True)  # owner-only: Tune's resume state is pickle
+    # the API key is a secret: never on disk (a reloaded "**********" would become the key)
+    data = cfg.model_dump(mode="json", exclude={"serve": {"api_key"}})
+    (Path(root) / CONFIG).write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+# ---------------------------------------------------------------- the lock
+
+_HELD: dict[Path, int] = {}
+
+
+@contextlib.contextmanager
+def lock(root: Path, what: str = "raykd") -> Iterator[None]:
+    """Hold the run directory for this process; a second process gets a clear error at once.
+
+    An OS file lock (flock), so a killed process releases it. Re-entrant within one process.
+    """
+    root = Path(root).resolve()
+    if root in _HELD:
+        yield
+        return
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        holder = (root / LOCK).read_text().strip() or "another process"
+        os.close(fd)
+        if err.errno not in (errno.EAGAIN, errno.EACCES):
+            raise
+        raise RaykdError(f"run directory {root} is in use by {holder}. Two runs writing one directory would mix "
+                         "their outputs: wait for that run to finish (or stop it), or set another output_dir") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} ({what}, since {datetime.datetime.now():%Y-%m-%d %H:%M:%S})".encode())
+    _HELD[root] = fd
+    try:
+        sweep(root)
+        yield
+    finally:
+        del _HELD[root]
+        os.ftruncate(fd, 0)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Write a small JSON file atomically (a reader never sees half of it)."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def logs_of(path: Path, command: str) -> Path:
+    """Where a command on `path` keeps Ray's output: a run's logs/, else a folder in the temp dir."""
+    return path / LOGS if (path / RECORD).exists() else Path(tempfile.gettempdir()) / f"raykd-{command}-logs"

@@ -1,0 +1,345 @@
+"""The training step, the loss and the one epoch runner for teacher and students, without Ray.
+
+A run is a `raykd.training.spec.RunSpec` (a frozen dataclass: model, train settings, seed, KD and text
+settings) and the prepared data it trains on. The spec travels as it is to the process that
+trains: a Ray Train worker (`raykd.cluster.train.train_loop`), a Ray task (`raykd.cluster.task`), a Tune
+trial (`raykd.stages.tune.trial`) or this process (`fit_local`: notebooks, benchmarks, tests). Each of
+them builds one `EpochRunner`, which owns the epoch bookkeeping: the state, the best weights,
+early stopping, resume and the per-epoch report. The drivers differ only in where batches come
+from, how validation is reduced and where reports and checkpoints go.
+
+Batches are dicts of NumPy arrays: input/target [B, L] (0 = padding) and, when distilling,
+t_idx/t_logits/t_rest, one bytes object per window holding its real slots' soft labels (Ray
+Data), or the rows themselves as arrays (in-memory batches, `shuffled_batches`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from raykd.core import checkpoints, losses, metrics, models, sampled_losses, sequences, text
+from raykd.training.spec import RunSpec
+
+VAL_KEYS = ("ndcg@10", "hr@10", "mrr@10", "ndcg@20", "hr@20")  # what every run records per epoch
+
+
+# ---------------------------------------------------------------- the model of a run
+
+def model_desc(spec: RunSpec, data_dir: str | Path) -> dict:
+    """The model description (models.build_model, model.json) of `spec` on this prepared data."""
+    desc = {"family": spec.model.family, "num_items": sequences.num_items(data_dir),
+            **spec.model.model_dump(exclude={"family"})}
+    if spec.text is not None and spec.text.mode in ("fuse", "both"):
+        desc["text_dim"] = text_dim(spec.text.vectors, spec.model.dim)
+    return desc
+
+
+def build(spec: RunSpec, desc: dict) -> torch.nn.Module:
+    """The seeded model of this run, with text vectors and item-table initialisation applied."""
+    torch.manual_seed(spec.seed)
+    model = models.build_model(desc)
+    t = spec.text
+    if t is not None:
+        raw = load_vectors(t.vectors)
+        if t.mode in ("fuse", "both"):
+            reduced = text.reduce(raw, desc["text_dim"])
+            model.item_text[:, :reduced.shape[1]] = torch.from_numpy(reduced)  # rank < width: zero columns
+        if t.mode in ("init", "both"):
+            text.init_item_table(model, text.reduce(raw, model.dim), t.init_std)
+    if spec.kd is not None and spec.kd.transfer_from:
+        # an ensemble's members side by side: PCA finds the directions they share
+        items = np.concatenate([text.teacher_items(models.load_model(f)[0]) for f in spec.kd.transfer_from], 1)
+        text.init_item_table(model, text.reduce(items, model.dim), spec.kd.init_std)
+    return model
+
+
+def text_dim(item_text: str | Path, model_dim: int) -> int:
+    """Width of the fused text vectors: the model's width, or fewer if the vectors have less rank."""
+    return min(model_dim, pq.read_schema(item_text).field("vector").type.list_size)
+
+
+def load_vectors(path: str | Path) -> np.ndarray:
+    """[V + 1, d] float32 item text vectors from embed-items' vectors.parquet (row 0 = padding)."""
+    table = pq.read_table(path)
+    d = table.schema.field("vector").type.list_size
+    out = np.zeros((table.num_rows + 1, d), np.float32)
+    out[table["index"].to_numpy()] = table["vector"].combine_chunks().values.to_numpy().reshape(-1, d)
+    return out
+
+
+def item_log_q(data_dir: str | Path) -> list[float]:
+    """log of each item's share of training interactions (add-one smoothed; entry 0 = padding)."""
+    counts = pq.read_table(Path(data_dir) / "items.parquet", columns=["count"])["count"].to_numpy()
+    q = np.concatenate([[1.0], counts + 1.0])
+    return np.log(q / q.sum()).tolist()
+
+
+# ---------------------------------------------------------------- the loss, chosen once
+
+Soft = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]  # teacher idx, logits, rest
+
+
+class Loss(Protocol):
+    def __call__(self, hidden: torch.Tensor, core: torch.nn.Module, target: torch.Tensor, soft: Soft) -> torch.Tensor:
+        """The loss of the real positions: hidden [N, D], their targets [N], their soft labels."""
+
+
+def make_loss(spec: RunSpec, log_q: torch.Tensor | None) -> Loss:
+    """The training loss of this run, built once from its spec.
+
+    `train.loss: full` scores the whole catalogue (losses.distill_loss; cross-entropy alone without
+    a KD term). `sampled` never builds the [N, V] logits: with a KD term every position scores its
+    teacher's top-K, its target and `kd_negatives` items drawn for it
+    (sampled_losses.sampled_distill_loss); a student without one (a no-KD twin, or alpha 0) scores
+    its target and as many drawn items (row_sampled_softmax_loss); a teacher uses the log-Q
+    sampled softmax over `num_negatives` negatives shared by the batch.
+    """
+    tc, kd = spec.train, spec.kd
+    if kd is not None and kd.loss not in losses.KINDS:
+        raise ValueError(f"unknown distillation loss {kd.loss!r}; valid kinds: {', '.join(losses.KINDS)}")
+    sampled = tc.loss == "sampled"
+    if kd is None or kd.alpha == 0:
+        if sampled and spec.role != "teacher":
+            return lambda h, core, y, soft: sampled_losses.row_sampled_softmax_loss(
+                h, core.item_table(), y, tc.kd_negatives, log_q)
+        if sampled:
+            return lambda h, core, y, soft: sampled_losses.sampled_softmax_loss(
+                h, core.item_table(), y, tc.num_negatives, log_q)
+        return lambda h, core, y, soft: losses.cross_entropy(core.score(h).float(), y)
+    if sampled:
+        return lambda h, core, y, soft: sampled_losses.sampled_distill_loss(
+            h, core.item_table(), y, soft[0], soft[1], kd.alpha, kd.temperature, kd.loss, tc.num_negatives, log_q,
+            teacher_rest=soft[2], row_negatives=tc.kd_negatives)[0]
+    return lambda h, core, y, soft: losses.distill_loss(
+        core.score(h).float(), y, soft[0], soft[1], kd.alpha, kd.temperature, kd.loss, teacher_rest=soft[2])[0]
+
+
+# ---------------------------------------------------------------- batches
+
+def matrix(column: np.ndarray) -> np.ndarray:
+    """A fixed-size-list column as an int64 matrix (Ray Data hands it over as rows of arrays)."""
+    return np.stack(column).astype(np.int64) if column.dtype == object else column.astype(np.int64)
+
+
+def soft(batch: dict, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Soft labels of the batch's real slots, in row-major slot order (matches `hidden[mask]`).
+
+    Ray Data batches carry one bytes value per window (sequences.window_table): joined and viewed
+    as arrays in one go; in-memory batches (shuffled_batches) already hold the rows as arrays.
+    """
+    idx, logit, rest = (batch.get(k) for k in sequences.SOFT_COLUMNS)
+    if idx.dtype == object:
+        rows = max(int((matrix(batch["target"]) > 0).sum()), 1)
+        idx = np.frombuffer(b"".join(idx), dtype=np.int32)
+        logit = np.frombuffer(b"".join(logit), dtype=np.float16).reshape(-1, len(idx) // rows)
+        idx = idx.reshape(logit.shape)
+        rest = None if rest is None else np.frombuffer(b"".join(rest), dtype=np.float32)
+    if rest is not None:
+        rest = torch.as_tensor(np.array(rest, dtype=np.float32), device=device)
+    return (torch.as_tensor(idx.astype(np.int64), device=device),
+            torch.as_tensor(logit.astype(np.float32), device=device), rest)
+
+
+def worker_batch(batch_size: int, world: int) -> int:
+    """Per-worker batch for a global `batch_size`: the global batch (and so the number of steps
+    per epoch and the learning-rate schedule) does not change with the number of workers."""
+    return max(1, -(-batch_size // world))
+
+
+def windows_in_memory(data_dir: str | Path, max_len: int, soft_dir: str | Path | None = None) -> dict:
+    """All training windows of a prepared run as NumPy arrays: input/target [W, max_len] int32 and,
+    with soft labels, t_idx/t_logits [R, K] (t_rest [R]) for the R real slots in window order, and
+    t_start [W + 1], where each window's rows begin. Plain numeric arrays: `ray.put` shares them."""
+    parts = [sequences.window_arrays(p, max_len, Path(soft_dir) / p.name if soft_dir else None)
+             for p in sequences.shard_paths(data_dir)]
+    cols = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+    if soft_dir:
+        cols["t_start"] = np.concatenate([[0], np.cumsum((cols["target"] > 0).sum(1), dtype=np.int64)])
+    return cols
+
+
+def shuffled_batches(cols: dict, batch_size: int, seed: int):
+    """Batches of `cols` in a seeded random order (the in-process twin of Ray Data's shuffle)."""
+    order = np.random.default_rng(seed).permutation(len(cols["input"]))
+    for start in range(0, len(order), batch_size):
+        yield take(cols, order[start:start + batch_size])
+
+
+def take(cols: dict, rows: np.ndarray) -> dict:
+    """The windows `rows` of `cols`, with their soft-label rows gathered in one vectorised step."""
+    batch = {"input": cols["input"][rows], "target": cols["target"][rows]}
+    if "t_start" in cols:
+        first, count = cols["t_start"][rows], np.diff(cols["t_start"])[rows]
+        slots = np.repeat(first - np.cumsum(count) + count, count) + np.arange(count.sum())
+        batch.update({k: cols[k][slots] for k in sequences.SOFT_COLUMNS if k in cols})
+    return batch
+
+
+# ---------------------------------------------------------------- the step and the epoch
+
+def train_epoch(model, core, optimizer, batches: Iterable[dict], loss: Loss, distill: bool, device,
+                amp) -> tuple[float, int]:
+    """One pass over `batches`; returns (summed loss, number of batches)."""
+    model.train()
+    loss_sum, count = 0.0, 0
+    for batch in batches:
+        inp = torch.as_tensor(matrix(batch["input"]), device=device)
+        target = torch.as_tensor(matrix(batch["target"]), device=device)
+        mask = target > 0
+        labels = soft(batch, device) if distill else (None, None, None)
+        with amp:
+            value = loss(model(inp)[mask], core, target[mask], labels)
+        optimizer.zero_grad(set_to_none=True)
+        value.backward()
+        optimizer.step()
+        loss_sum += float(value.detach())
+        count += 1
+    return loss_sum, count
+
+
+def should_stop(state: dict, patience: int, min_epochs: int = 0) -> bool:
+    """Early stopping: `patience` epochs without a gain, never before `min_epochs` epochs ran.
+
+    The floor keeps a distilled student from being stopped in the plateau it often goes through
+    before it climbs (seen when more workers made fewer, larger steps per epoch).
+    """
+    return state["bad_epochs"] >= patience and state["epoch"] + 1 >= min_epochs
+
+
+def checkpoint_due(improved: bool, final: bool, epoch_s: float, save_s: float, cheap: float = 0.05) -> bool:
+    """Whether to write a checkpoint after this epoch: always while the last one took at most
+    `cheap` of an epoch; otherwise when validation improved (the best model) and after the last
+    epoch (what resume and export read). A restart then redoes at most the epochs since the best."""
+    return improved or final or save_s <= cheap * epoch_s
+
+
+def epoch_report(state: dict, h: dict, final: bool) -> dict:
+    """The report of one epoch (epochs from 0: ASHA's clock; epoch lines and tracking show them from 1)."""
+    best = state["best"]
+    return {"epoch": h["epoch"], "loss": h["loss"], "val_ndcg@10": h["ndcg@10"],
+            **{f"val_{k}": h[k] for k in VAL_KEYS if k != "ndcg@10"},
+            "best_val_ndcg@10": best["metrics"]["ndcg@10"], "best_epoch": best["epoch"],
+            "epoch_s": h["seconds"], "final": final}
+
+
+Report = Callable[[dict, bool], "float | None"]  # (epoch report, checkpoint due) -> seconds the checkpoint took
+
+
+class EpochRunner:
+    """The one owner of a run's epochs: state, best weights, early stopping, resume, the report.
+
+    `model` may be wrapped (DDP); `batches(epoch)` yields that epoch's batches and `validate(core)`
+    returns the VAL_KEYS metrics (a DDP run reduces them over ranks inside it). `run(report)` trains
+    the remaining epochs and calls `report(epoch_report, checkpoint_due)` after each; the driver
+    saves a checkpoint there (`save`) when it is due, or whenever it likes.
+    """
+
+    cols: dict | None = None  # the windows in memory, for a runner built by `local_runner`
+
+    def __init__(self, spec: RunSpec, model: torch.nn.Module, desc: dict, device,
+                 batches: Callable[[int], Iterable[dict]], validate: Callable[[torch.nn.Module], dict],
+                 log_q: torch.Tensor | None):
+        self.spec, self.model, self.core, self.desc, self.device = spec, model, models.unwrap(model), desc, device
+        self.batches, self.validate = batches, validate
+        tc = spec.train
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        self.loss = make_loss(spec, log_q)
+        self.distill = spec.kd is not None and spec.kd.alpha > 0
+        self.amp = (torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda"
+                    else torch.autocast("cpu", enabled=False))
+        self.state = {"epoch": -1, "best": {"epoch": -1, "metrics": {"ndcg@10": -1.0}}, "bad_epochs": 0,
+                      "history": []}
+        self.best = checkpoints.weights(self.core)
+
+    def epoch(self, epoch: int) -> dict:
+        """Train epoch `epoch` (from 0), validate, update the state; return its history entry."""
+        t0 = time.perf_counter()
+        loss_sum, n = train_epoch(self.model, self.core, self.optimizer, self.batches(epoch), self.loss,
+                                  self.distill, self.device, self.amp)
+        val = self.validate(self.core)
+        val = {k: val[k] for k in VAL_KEYS}
+        state = self.state
+        state["epoch"] = epoch
+        improved = val["ndcg@10"] > state["best"]["metrics"]["ndcg@10"]
+        state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
+        if improved:
+            state["best"] = {"epoch": epoch, "metrics": val}
+            self.best = checkpoints.weights(self.core)
+        entry = {"epoch": epoch, "loss": loss_sum / max(n, 1), **val, "seconds": time.perf_counter() - t0,
+                 "steps": n}
+        state["history"].append(entry)
+        return entry
+
+    def stop(self) -> bool:
+        return should_stop(self.state, self.spec.train.patience, self.spec.train.min_epochs)
+
+    def run(self, report: Report) -> None:
+        """Train from after the last finished epoch to the end or an early stop."""
+        epochs, save_s = self.spec.train.epochs, 0.0
+        for epoch in range(self.state["epoch"] + 1, epochs):
+            if self.stop():  # resumed a run that had already stopped early
+                break
+            if self.spec.before_epoch is not None:
+                self.spec.before_epoch(epoch)  # a test hook (fault injection); None in real runs
+            h = self.epoch(epoch)
+            stop = self.stop()
+            entry = epoch_report(self.state, h, final=stop or epoch + 1 >= epochs)
+            due = checkpoint_due(self.state["bad_epochs"] == 0, entry["final"], h["seconds"], save_s)
+            seconds = report(entry, due)
+            save_s = save_s if seconds is None else seconds
+            if stop:
+                break
+
+    def save(self, path: str | Path) -> None:
+        checkpoints.save(path, self.core, self.optimizer, self.state, self.desc, self.best)
+
+    def restore(self, path: str | Path) -> None:
+        self.state, self.best = checkpoints.load(path, self.core, self.optimizer, self.device)
+        self.state["resumed"] = self.state.get("resumed", 0) + 1
+
+    def summary(self) -> dict:
+        """Best epoch counted from 1, valid metrics, history (epochs from 1), parameters."""
+        state = self.state
+        return {"best_epoch": state["best"]["epoch"] + 1, "valid": state["best"]["metrics"],
+                "epochs_run": state["epoch"] + 1, "history": [{**h, "epoch": h["epoch"] + 1} for h in state["history"]],
+                "params": models.count_params(self.core)}
+
+
+def local_runner(spec: RunSpec, data_dir: str | Path, cols: dict | None = None, device: str = "cpu") -> EpochRunner:
+    """An EpochRunner in this process: windows in memory (`cols`, else read here), seeded shuffles,
+    validation over every user."""
+    desc = model_desc(spec, data_dir)
+    model = build(spec, desc).to(device)
+    soft_dir = spec.kd.soft_labels if spec.kd is not None and spec.kd.alpha > 0 else None
+    cols = cols if cols is not None else windows_in_memory(data_dir, desc["max_len"], soft_dir)
+    valid = sequences.eval_inputs(sequences.read_split(data_dir), "valid")
+    log_q = torch.tensor(item_log_q(data_dir), device=device) if spec.train.loss == "sampled" else None
+    runner = EpochRunner(spec, model, desc, device,
+                         batches=lambda epoch: shuffled_batches(cols, spec.train.batch_size, spec.seed * 1000 + epoch),
+                         validate=lambda core: metrics.evaluate_model(core, *valid, device=device), log_q=log_q)
+    runner.cols = cols
+    return runner
+
+
+def fit_local(spec: RunSpec, data_dir: str | Path, device: str = "cpu", log=print) -> tuple[torch.nn.Module, dict]:
+    """Train one model in this process with the same step, epoch and early stopping as Ray Train.
+
+    Returns the best-on-validation model and a summary (best_epoch counted from 1, valid metrics, history).
+    """
+    runner = local_runner(spec, data_dir, device=device)
+    epochs = spec.train.epochs
+
+    def line(report: dict, due: bool) -> None:
+        log(f"{spec.name}: epoch {report['epoch'] + 1}/{epochs} loss {report['loss']:.4f} "
+            f"val NDCG@10 {report['val_ndcg@10']:.4f} ({report['epoch_s']:.1f}s)")
+
+    runner.run(line)
+    runner.core.load_state_dict(runner.best)
+    return runner.core.eval(), runner.summary()
