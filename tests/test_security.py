@@ -79,7 +79,15 @@ def _unchecked(**changes) -> ServeConfig:
     return ServeConfig.model_construct(**{**ServeConfig().model_dump(), **changes})
 
 
-def test_builder_refuses_an_exposed_bind_without_a_key(monkeypatch):
+@pytest.fixture
+def student_here(tmp_path, monkeypatch):
+    """A folder `student/` in the working directory: the builder resolves and digests the model it serves."""
+    (tmp_path / "student").mkdir()
+    (tmp_path / "student" / "model.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+
+
+def test_builder_refuses_an_exposed_bind_without_a_key(monkeypatch, student_here):
     with pytest.raises(RaykdError, match="reachable from other machines"):
         raykd_serve.build_app("student", _unchecked(host="0.0.0.0"))
     with pytest.raises(ValueError, match="reachable from other machines"):
@@ -95,7 +103,7 @@ def test_builder_refuses_an_exposed_bind_without_a_key(monkeypatch):
 
 
 @pytest.mark.parametrize("source", ["config", "env", "file"])
-def test_the_key_is_never_in_the_deployment_arguments(monkeypatch, tmp_path, source):
+def test_the_key_is_never_in_the_deployment_arguments(monkeypatch, tmp_path, source, student_here):
     settings = ServeConfig(host="0.0.0.0", api_key=KEY) if source == "config" else ServeConfig()
     if source == "env":
         monkeypatch.setenv(auth.API_KEY_ENV, KEY)

@@ -313,3 +313,82 @@ def _write_json(path: Path, data: dict) -> None:
 def logs_of(path: Path, command: str) -> Path:
     """Where a command on `path` keeps Ray's output: a run's logs/, else a folder in the temp dir."""
     return path / LOGS if (path / RECORD).exists() else Path(tempfile.gettempdir()) / f"raykd-{command}-logs"
+
+
+# ---------------------------------------------------------------- readers: durable writes, consistent reads
+
+
+def write_json_durable(path: Path, data: dict) -> None:
+    """Write a JSON file that survives a crash: a temporary file beside it, flushed, fsynced, renamed.
+
+    The folder is fsynced after the rename too, so the new name itself is on disk.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(json.dumps(data, indent=2, default=str) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    """fsync a folder: the names created or renamed in it are then on disk."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def copy_snapshot(src: Path, dst: Path, names: tuple[str, ...] | list[str], attempts: int = 5) -> str:
+    """Copy the `names` that `src` holds (files or folders) into `dst`, all from one version of `src`.
+
+    Artifacts are replaced by renaming a new folder into place and deleting the old one (`publish`),
+    and a writer holds the run's lock for a whole run: readers take no lock. Every file is opened
+    through one descriptor of the folder, so a publication mid-read cannot mix two versions: the old
+    folder's files are read to the end, or one is gone (deleted) and the copy starts over on the new
+    folder. Returns a digest of what was copied (names and contents), the version read.
+    """
+    for _ in range(attempts):
+        fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            present = sorted(set(names) & set(os.listdir(fd)))
+            digest = hashlib.sha256()
+            for name in present:
+                _copy_at(fd, name, Path(dst) / name, digest)
+            return digest.hexdigest()[:16]
+        except FileNotFoundError:  # the folder was replaced and its old files deleted mid-read
+            for name in names:
+                target = Path(dst) / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                else:
+                    target.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
+    raise RaykdError(f"{src} was replaced {attempts} times while it was read: retry when the run writing it is done")
+
+
+def _copy_at(dir_fd: int, name: str, dest: Path, digest) -> None:
+    """Copy `name` (a file, or a folder recursively) of the folder open as `dir_fd` to `dest`."""
+    import stat
+
+    fd = os.open(name, os.O_RDONLY, dir_fd=dir_fd)
+    if stat.S_ISDIR(os.fstat(fd).st_mode):
+        try:
+            dest.mkdir(exist_ok=True)
+            for child in sorted(os.listdir(fd)):
+                _copy_at(fd, child, dest / child, digest)
+        finally:
+            os.close(fd)
+        return
+    digest.update(f"{name}\0".encode())
+    with open(fd, "rb") as f, open(dest, "wb") as out:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+            out.write(block)

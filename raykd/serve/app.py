@@ -49,7 +49,9 @@ from raykd.serve.recommender import (
     RecommendResponse,
     batch_entries,
     batch_schema,
+    model_digest,
     request_schema,
+    resolve_student,
 )
 
 DEFAULT_MAX_BATCH_USERS = 256  # until ServeConfig has serve.max_batch_users
@@ -73,7 +75,8 @@ class Health(BaseModel):
 
 def _errors(*codes: int) -> dict:
     what = {400: "body is not JSON", 401: "missing or wrong bearer key", 404: "unknown user_id",
-            413: "body over serve.max_body_bytes", 422: "body does not follow the schema or the limits"}
+            413: "body over serve.max_body_bytes", 422: "body does not follow the schema or the limits",
+            500: "the model is corrupt (it scores NaN)"}
     return {c: {"model": ErrorResponse, "description": what[c]} for c in codes}
 
 
@@ -120,7 +123,8 @@ def _proxy_host() -> str | None:
 class StudentDeployment:
     """One replica: loads the student once, validates requests, scores them in batches."""
 
-    def __init__(self, student_path: str, settings: dict, verifier: tuple[bytes, bytes] | None = None):
+    def __init__(self, student_path: str, settings: dict, verifier: tuple[bytes, bytes] | None = None,
+                 digest: str | None = None):
         self.settings = ServeConfig.model_construct(**settings)  # validated by the builder; holds no key
         # the replica's own key (environment or file) first; else the builder's verifier of a config key
         key = auth.resolve_key(None, self.settings.api_key_file)
@@ -128,7 +132,7 @@ class StudentDeployment:
         if self.verifier is None:  # fail closed, whatever the builder saw
             auth.require_key(_proxy_host() or self.settings.host, None, "Serve's HTTP proxy host")
         self.rec = Recommender(student_path, self.settings.max_k, self.settings.max_history,
-                               exclude_seen=getattr(self.settings, "exclude_seen", True))
+                               exclude_seen=getattr(self.settings, "exclude_seen", True), model_digest=digest)
         self._batched.set_max_batch_size(self.settings.max_batch_size)
         self._batched.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
 
@@ -141,7 +145,7 @@ class StudentDeployment:
             return None
         return _error(401, "missing or wrong API key: send `Authorization: Bearer <key>`")
 
-    @app.post("/recommend", response_model=RecommendResponse, responses=_errors(400, 401, 404, 413, 422),
+    @app.post("/recommend", response_model=RecommendResponse, responses=_errors(400, 401, 404, 413, 422, 500),
               openapi_extra={"requestBody": {"required": True, "content": {
                   "application/json": {"schema": request_schema()}}}})
     async def recommend(self, request: Request) -> JSONResponse:
@@ -156,9 +160,12 @@ class StudentDeployment:
             parsed = self.rec.parse(data)
         except BadRequest as err:
             return _error(err.status, err.message)
-        return JSONResponse(await self._batched(parsed))
+        try:
+            return JSONResponse(await self._batched(parsed))
+        except RaykdError as err:  # a corrupt model (NaN scores): say so, never invalid JSON
+            return _error(500, str(err))
 
-    @app.post("/recommend/batch", response_model=BatchResponse, responses=_errors(400, 401, 413, 422),
+    @app.post("/recommend/batch", response_model=BatchResponse, responses=_errors(400, 401, 413, 422, 500),
               openapi_extra={"requestBody": {"required": True, "content": {
                   "application/json": {"schema": batch_schema()}}}})
     async def recommend_batch(self, request: Request) -> JSONResponse:
@@ -172,7 +179,10 @@ class StudentDeployment:
             entries = batch_entries(data, self._max_batch_users())
         except BadRequest as err:
             return _error(err.status, err.message)
-        results = self.rec.recommend_batch(entries)
+        try:
+            results = self.rec.recommend_batch(entries)
+        except RaykdError as err:  # a corrupt model (NaN scores)
+            return _error(500, str(err))
         for r in results:
             if "error" in r:
                 r["error"] = _safe(r["error"])
@@ -229,6 +239,8 @@ def build_app(student_path: str, settings: ServeConfig) -> serve.Application:
     Fails closed: with no API key, both `settings.host` and the running Serve proxy's host must be
     loopback. The key never enters the deployment's arguments: replicas read it from their
     environment or `api_key_file`, and fall back on a salted SHA-256 verifier of the builder's key.
+    The model folder and its digest are resolved here, once: every replica, late ones included,
+    loads that folder and refuses to start on another version of it (a model published since).
     """
     inline = settings.api_key.get_secret_value() if settings.api_key else None
     key = auth.resolve_key(inline, settings.api_key_file)
@@ -246,7 +258,8 @@ def build_app(student_path: str, settings: ServeConfig) -> serve.Application:
         ray_actor_options={"num_cpus": settings.replica_cpus},
         logging_config={"enable_access_log": settings.access_log},
     )
-    return deployment.bind(str(student_path), settings.model_dump(exclude={"api_key"}), verifier)
+    student = resolve_student(student_path).resolve()
+    return deployment.bind(str(student), settings.model_dump(exclude={"api_key"}), verifier, model_digest(student))
 
 
 class AppArgs(ServeConfig):
@@ -271,8 +284,6 @@ def app_builder(args: dict) -> serve.Application:
 
 def deploy(path: str, settings: ServeConfig) -> Path:
     """Deploy the student of `path` (a run or model folder) as the Serve app `raykd`; no blocking."""
-    from raykd.serve.recommender import resolve_student
-
     student = resolve_student(path).resolve()
     serve.start(http_options={"host": settings.host, "port": settings.port})
     serve.run(build_app(str(student), settings), name="raykd", route_prefix="/", blocking=False)
@@ -293,7 +304,6 @@ def wait_for_stop() -> None:
 def run_blocking(path: str, settings: ServeConfig) -> None:
     """`raykd serve`: deploy, print the URL, block until Ctrl-C, shut down cleanly."""
     from raykd.cluster.runtime import ensure_ray
-    from raykd.serve.recommender import resolve_student
 
     resolve_student(path)  # fail before Ray starts
     ensure_ray()

@@ -12,10 +12,12 @@
       stats.json          data statistics of the run
       metrics.json        the model's training summary (validation metrics, KD settings), if any
       README.md           the model card
-      manifest.json       written last: format, source, each file with its size and SHA-256
+      manifest.json       written last: kind "bundle", format, source, the vocabulary digest the
+                          model was trained on, each file with its size and SHA-256
 
 `Recommender(BUNDLE)` (so `raykd serve BUNDLE` and, with histories, `raykd recommend BUNDLE`)
-loads it as it loads a run's model. The graphs need neither raykd nor its classes: they take
+loads it as it loads a run's model, and refuses it when items.parquet is not the vocabulary of
+the manifest's `vocab_digest`. The graphs need neither raykd nor its classes: they take
 `history`, int64 [B, max_len] item indices left-padded with 0 (an item's index is its row in
 items.parquet), and return `scores`, float32 [B, num_items + 1], the next-item scores (column 0
 is padding and holds float32's most negative value). Every row needs at least one item.
@@ -30,7 +32,7 @@ import hashlib
 import io
 import json
 import logging
-import shutil
+import os
 import warnings
 from pathlib import Path
 
@@ -38,8 +40,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from raykd.core import models
+from raykd.core import models, rundir
 from raykd.core.errors import RaykdError
+from raykd.serve.recommender import MODEL_FILES
 
 FORMATS = ("safetensors", "torchscript", "onnx")
 GRAPH_FILES = {"torchscript": "model.pt", "onnx": "model.onnx"}
@@ -104,19 +107,21 @@ def require_onnx() -> None:
                          "(onnxruntime, in the same extra, runs the exported model)") from None
 
 
-def write_files(out: Path, model_dir: Path, data_dir: Path, fmt: str, with_histories: bool) -> dict:
-    """Copy the weights, vocabulary (and histories), export the graph; returns the parity check's figures."""
-    for name in ("model.safetensors", "model.json", "metrics.json"):
-        if (model_dir / name).exists():
-            shutil.copy2(model_dir / name, out / name)
-    for name in ("items.parquet", "stats.json"):
-        if (data_dir / name).exists():
-            shutil.copy2(data_dir / name, out / name)
-    if with_histories:
-        if not (data_dir / "users.parquet").exists() or not (data_dir / "sequences").is_dir():
-            raise RaykdError(f"--with-histories: {data_dir} holds no user histories (users.parquet, sequences/)")
-        shutil.copy2(data_dir / "users.parquet", out / "users.parquet")
-        shutil.copytree(data_dir / "sequences", out / "sequences")
+def copy_sources(out: Path, model_dir: Path, data_dir: Path, with_histories: bool) -> dict:
+    """Copy the weights and the vocabulary (and histories), each folder as one version; returns the
+    model's own manifest (read with its weights: a model published meanwhile is never mixed in)."""
+    if with_histories and (not (data_dir / "users.parquet").exists() or not (data_dir / "sequences").is_dir()):
+        raise RaykdError(f"--with-histories: {data_dir} holds no user histories (users.parquet, sequences/)")
+    rundir.copy_snapshot(model_dir, out, MODEL_FILES)
+    source = rundir.read_manifest(out)
+    (out / rundir.MANIFEST).unlink(missing_ok=True)  # the bundle writes its own, last
+    histories = ("users.parquet", "sequences") if with_histories else ()
+    rundir.copy_snapshot(data_dir, out, ("items.parquet", "stats.json", *histories))
+    return source
+
+
+def write_graph(out: Path, fmt: str) -> dict:
+    """Export the bundle's model as the format's graph; returns the parity check's figures."""
     if fmt == "safetensors":
         return {}
     model, desc = models.load_model(out)
@@ -192,12 +197,30 @@ def sha256(path: Path) -> str:
 
 
 def write_manifest(out: Path, info: dict) -> dict:
-    """manifest.json, last: every file of the bundle with its size and SHA-256, and `info`."""
+    """manifest.json, last and durably: kind "bundle", every file with its size and SHA-256, and `info`."""
     files = {p.relative_to(out).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256(p)}
              for p in sorted(out.rglob("*")) if p.is_file() and p.name != "manifest.json"}
-    manifest = {"bundle_version": 1, **info, "files": files}
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    manifest = {"kind": "bundle", "bundle_version": 1, **info, "files": files}
+    rundir.write_json_durable(out / "manifest.json", manifest)
     return manifest
+
+
+def is_bundle(folder: Path) -> bool:
+    """A folder `raykd export` wrote: its manifest says kind "bundle" (or, from before that field, has a
+    bundle_version and no artifact key); a run's teacher/, student/ or data/ never does."""
+    manifest = rundir.read_manifest(folder)
+    return manifest.get("kind") == "bundle" or ("kind" not in manifest and "bundle_version" in manifest
+                                                and "key" not in manifest)
+
+
+def sync_files(folder: Path) -> None:
+    """fsync every file and folder under `folder`, so a renamed bundle never holds empty files after a crash."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    for path in [*sorted(p for p in folder.rglob("*") if p.is_dir()), folder]:
+        rundir.fsync_dir(path)
 
 
 def verify(folder: Path) -> list[str]:

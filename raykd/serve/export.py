@@ -3,9 +3,12 @@
     raykd export RUN_DIR --out DIR [--format safetensors|torchscript|onnx] [--with-histories]
                  [--model DIR] [--overwrite]
 
-The bundle is written to a temporary folder beside DIR, its manifest last, and renamed into place:
-DIR is either the whole bundle or absent, never half written. `--overwrite` replaces a bundle
-(a folder with a manifest.json) and nothing else. The card (README.md) gives the data, the
+The bundle is written to a temporary folder beside DIR, fsynced, its manifest last, and renamed
+into place: DIR is either the whole bundle or absent, never half written, even after a crash.
+`--overwrite` replaces a bundle (its manifest says kind "bundle") and nothing else: never a run's
+teacher/, student/ or data/. The model folder and the data are each read as one version
+(`rundir.copy_snapshot`), so a run publishing a new model meanwhile is never mixed in, and a
+model trained on another vocabulary than the run's data holds now is refused. The card (README.md) gives the data, the
 model's test metrics beside the teacher's and the no-KD twin's (from the run's report.json), the
 distillation settings, the config hash and the versions of raykd, Ray and torch.
 
@@ -22,7 +25,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from raykd.core import console
+from raykd.core import console, rundir
 from raykd.core.errors import RaykdError
 
 ROWS = ("popularity", "teacher", "teacher_ensemble", "student", "student_nokd", "tune_best")
@@ -56,13 +59,17 @@ def main(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        check = bundle.write_files(tmp, model_dir, data_dir, args.format, args.with_histories)
+        source = bundle.copy_sources(tmp, model_dir, data_dir, args.with_histories)
         run_root = data_dir.parent if data_dir.name == "data" else None
+        vocab = check_vocab(source.get("vocab_digest"), tmp, model_dir, data_dir, run_root)
+        check = bundle.write_graph(tmp, args.format)
         (tmp / "README.md").write_text(card(model_dir, run_root, tmp, args.format, args.with_histories))
         bundle.write_manifest(tmp, {"format": args.format, "with_histories": args.with_histories,
                                     "source": {"model": str(model_dir), "data": str(data_dir)},
+                                    **({"vocab_digest": vocab} if vocab else {}),
                                     "parity": check, "versions": versions()})
         tmp.chmod(0o755)  # mkdtemp makes it owner-only; a bundle is read by servers and jobs
+        bundle.sync_files(tmp)
         _place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -75,6 +82,35 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_vocab(trained_on: str | None, bundle_dir: Path, model_dir: Path, data_dir: Path,
+                run_root: Path | None) -> str | None:
+    """The model's vocabulary digest, checked against the vocabulary being bundled with it.
+
+    A model trained before the data was prepared anew scores the old items: bundled with the new
+    items.parquet it would answer with the wrong items, so it is refused (None: an older model
+    with no digest, which only the item count checks).
+    """
+    import pyarrow.parquet as pq
+
+    if not trained_on:
+        console.warn(f"export: {model_dir} records no vocabulary digest (made by an older raykd): it cannot be "
+                     "checked against the run's vocabulary beyond the item count")
+        return None
+    now = rundir.vocab_digest(pq.read_table(bundle_dir / "items.parquet", columns=["raw_id"])["raw_id"].to_pylist())
+    if now != trained_on:
+        raise RaykdError(f"{model_dir} was trained on item vocabulary {trained_on}, but {data_dir} now holds "
+                         f"vocabulary {now} (the data was prepared again): a bundle of it would recommend the wrong "
+                         f"items. Retrain it: `{_retrain(model_dir, run_root)}` for this run, then export again")
+    return trained_on
+
+
+def _retrain(model_dir: Path, run_root: Path | None) -> str:
+    """The command that remakes a model folder of a run (the whole pipeline when it is not a known one)."""
+    rel = model_dir.relative_to(run_root).as_posix() if run_root and run_root in model_dir.parents else ""
+    return rundir.MAKES.get(rel) or rundir.MAKES.get(rel.split("/")[0]) or \
+        ("raykd distill CONFIG" if rel == rundir.STUDENT_NOKD else "raykd pipeline CONFIG")
+
+
 def _check_out(out: Path, overwrite: bool, sources: tuple[Path, ...]) -> None:
     if any(out == s or out in s.parents for s in sources):
         raise RaykdError(f"--out {out} holds the model or data being exported: choose a folder outside them")
@@ -83,9 +119,12 @@ def _check_out(out: Path, overwrite: bool, sources: tuple[Path, ...]) -> None:
     if not overwrite:
         raise RaykdError(f"--out {out} already exists: choose a new folder, or pass --overwrite to replace the "
                          "bundle there")
-    if not out.is_dir() or (any(out.iterdir()) and not (out / "manifest.json").exists()):
-        raise RaykdError(f"--out {out} is not a raykd bundle (no manifest.json): refusing to replace it; choose "
-                         "a new folder")
+    from raykd.serve.bundle import is_bundle
+
+    if not out.is_dir() or (any(out.iterdir()) and not is_bundle(out)):
+        raise RaykdError(f"--out {out} is not a raykd bundle (its manifest.json, if any, does not say kind "
+                         "\"bundle\"; a run's teacher/, student/ and data/ are never replaced): refusing to "
+                         "replace it; choose a new folder")
 
 
 def _place(tmp: Path, out: Path) -> None:
@@ -94,6 +133,7 @@ def _place(tmp: Path, out: Path) -> None:
     if old:
         os.rename(out, old)
     os.rename(tmp, out)
+    rundir.fsync_dir(out.parent)
     if old:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -224,7 +224,8 @@ def schema(data_dir: Path):
 class UserScorer:
     """Ray Data actor: loads the model once through Recommender, answers one chunk of a shard's users a call."""
 
-    def __init__(self, model_dir: str, data_dir: str, k: int, exclude_seen: bool, use_gpu: bool, threads: int):
+    def __init__(self, model_dir: str, data_dir: str, k: int, exclude_seen: bool, use_gpu: bool, threads: int,
+                 digest: str | None = None):
         import pyarrow.parquet as pq
         import torch
 
@@ -232,7 +233,8 @@ class UserScorer:
 
         torch.set_num_threads(threads)
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        self.rec = Recommender(model_dir, max_k=k, data_dir=data_dir, with_histories=False, device=device)
+        self.rec = Recommender(model_dir, max_k=k, data_dir=data_dir, with_histories=False, device=device,
+                               model_digest=digest)  # every actor the version the driver saw
         self.raw_users = pq.read_table(Path(data_dir) / "users.parquet", columns=["raw_id"])["raw_id"]
         self.schema = schema(Path(data_dir))
         self.k, self.exclude = k, exclude_seen
@@ -272,7 +274,9 @@ def score(chunks: list[dict], model_dir: Path, data_dir: Path, args: argparse.Na
     import ray.data
 
     from raykd.cluster.runtime import ensure_ray
+    from raykd.serve.recommender import model_digest
 
+    digest = model_digest(model_dir)
     ensure_ray(ray_config(Path(args.run_dir)))
     check_resources(args)
     ctx = ray.data.DataContext.get_current()
@@ -282,7 +286,7 @@ def score(chunks: list[dict], model_dir: Path, data_dir: Path, args: argparse.Na
             UserScorer,
             fn_constructor_kwargs={"model_dir": str(model_dir), "data_dir": str(data_dir), "k": args.k,
                                    "exclude_seen": args.exclude_seen, "use_gpu": args.use_gpu,
-                                   "threads": max(1, int(args.cpus_per_worker))},
+                                   "threads": max(1, int(args.cpus_per_worker)), "digest": digest},
             compute=ray.data.ActorPoolStrategy(size=args.workers), batch_size=1, batch_format="numpy",
             num_cpus=args.cpus_per_worker, num_gpus=1 if args.use_gpu else 0)
         yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")

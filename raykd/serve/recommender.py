@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -33,6 +35,8 @@ from raykd.core.errors import RaykdError
 
 MIN_ROWS = 8  # rows of the smallest forward pass (see Recommender._scores)
 TOPK_BLOCK = 128  # columns per block of top_k's first step
+DEFAULT_K = 10  # a request's k when it gives none (at most the deployment's max_k)
+MODEL_FILES = ("model.safetensors", "model.json", "metrics.json", rundir.MANIFEST)  # read as one version
 
 
 def _valid_text(raw: str) -> str:
@@ -62,7 +66,8 @@ class RecommendRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     history: list[RawId] | None = Field(None, description="raw item ids, oldest first (at most serve.max_history)")
     user_id: RawId | None = Field(None, description="a user of the prepared data: its whole known history is used")
-    k: Integer = Field(10, ge=1, description="how many items (at most serve.max_k)")
+    k: Integer = Field(DEFAULT_K, ge=1, description="how many items (at most serve.max_k; default 10, or "
+                       "serve.max_k when that is smaller)")
     exclude_seen: StrictBool | None = Field(None, description="never recommend an item of the history (default: "
                                             "the deployment's serve.exclude_seen, true unless set)")
 
@@ -83,6 +88,7 @@ def request_schema(max_k: int = 1000, max_history: int = 1000) -> dict:
         props[name]["anyOf"] = [s for s in props[name]["anyOf"] if s.get("type") != "null"]
     props["history"]["anyOf"][0]["maxItems"] = max_history
     props["k"]["maximum"] = max_k
+    props["k"]["default"] = min(DEFAULT_K, max_k)  # what `Recommender.parse` uses when k is not given
     schema["oneOf"] = [{"required": ["history"]}, {"required": ["user_id"]}]
     return schema
 
@@ -159,16 +165,29 @@ class Recommender:
     vocabulary and user histories come from `data_dir` when given, else from the model's own folder
     (a bundle) or its run's `data/`. `with_histories=False` skips the user histories (a batch job
     that reads them shard by shard); `device` places the model (a GPU for batch jobs).
+
+    The weights, model.json, metrics.json and the manifest are read as one version of the folder
+    (`rundir.copy_snapshot`), even while a run publishes a new model there. `model_digest` (of
+    `model_digest(path)`, taken once by a Serve app's builder) makes every replica load that same
+    version: a folder that changed since raises.
     """
 
     def __init__(self, path: str | Path, max_k: int = 100, max_history: int = 1000, *,
                  data_dir: str | Path | None = None, with_histories: bool = True, device: str = "cpu",
-                 exclude_seen: bool = True):
+                 exclude_seen: bool = True, model_digest: str | None = None):
         self.model_dir = resolve_student(path)
         self.exclude_seen = exclude_seen  # a request's default: serve.exclude_seen, the rule evaluate scores by
         check_bundle(self.model_dir)
         self.device = torch.device(device)
-        self.model, self.desc = models.load_model(self.model_dir, self.device)
+        with tempfile.TemporaryDirectory(prefix="raykd-model-") as snap:
+            self.digest = rundir.copy_snapshot(self.model_dir, Path(snap), MODEL_FILES)
+            if model_digest and self.digest != model_digest:
+                raise RaykdError(f"{self.model_dir} changed since the app was built (model digest {self.digest}, "
+                                 f"expected {model_digest}: a new model was published there): deploy the app again "
+                                 "to serve the new model, so that every replica serves the same one")
+            self.model, self.desc = models.load_model(snap, self.device)
+            manifest = rundir.read_manifest(Path(snap))
+            self.metrics = _read_metrics(Path(snap) / "metrics.json")
         self.max_k, self.max_history = max_k, max_history
         data_dir = Path(data_dir) if data_dir is not None else find_data_dir(self.model_dir)
         items = pq.read_table(data_dir / "items.parquet")
@@ -176,12 +195,14 @@ class Recommender:
             raise RaykdError(f"{self.model_dir} scores {self.desc['num_items']:,} items but the vocabulary "
                              f"{data_dir / 'items.parquet'} has {items.num_rows:,}: the model was trained on other "
                              "data; give the run directory (or bundle) it was trained in")
-        trained_on = rundir.read_manifest(self.model_dir).get("vocab_digest")
-        if trained_on and trained_on != rundir.vocab_digest(items["raw_id"].to_pylist()):
-            raise RaykdError(f"{self.model_dir} was trained on another item vocabulary than {data_dir / 'items.parquet'} "
-                             "holds (the data was prepared again, or items.parquet was replaced): its answers would "
-                             "name the wrong items. Retrain it (`raykd distill CONFIG`), or serve an exported bundle "
-                             "(`raykd export`), which carries its own vocabulary")
+        trained_on = manifest.get("vocab_digest")
+        if trained_on and trained_on != (now := rundir.vocab_digest(items["raw_id"].to_pylist())):
+            fix = ("Export the bundle again from the run the model was trained in (`raykd export RUN_DIR --out DIR`)"
+                   if manifest.get("kind") == "bundle" else "Retrain it (`raykd distill CONFIG`), or serve a bundle "
+                   "exported before the data changed, which carries its own vocabulary")
+            raise RaykdError(f"{self.model_dir} was trained on another item vocabulary (digest {trained_on}) than "
+                             f"{data_dir / 'items.parquet'} holds (digest {now}; the data was prepared again, or "
+                             f"items.parquet was replaced): its answers would name the wrong items. {fix}")
         self.int_items = pa.types.is_integer(items.schema.field("raw_id").type)
         users = data_dir / "users.parquet"
         self.int_users = users.exists() and pa.types.is_integer(pq.read_schema(users).field("raw_id").type)
@@ -200,13 +221,14 @@ class Recommender:
             req = RecommendRequest.model_validate(body)
         except ValidationError as err:
             raise BadRequest(422, _explain(err)) from None
-        if not 1 <= req.k <= self.max_k:
-            raise BadRequest(422, f"k must be between 1 and {self.max_k}, got {req.k}")
+        k = req.k if "k" in req.model_fields_set else min(DEFAULT_K, self.max_k)
+        if not 1 <= k <= self.max_k:
+            raise BadRequest(422, f"k must be between 1 and {self.max_k}, got {k}")
         if req.user_id is not None:
             key = ids.lookup_key(req.user_id, self.int_users)
             if key is None or key not in self.histories:
                 raise BadRequest(404, f"unknown user_id {req.user_id!r}: send its 'history' instead")
-            return self.histories[key], [], req.k, self._exclude(req)
+            return self.histories[key], [], k, self._exclude(req)
         if len(req.history) > self.max_history:
             raise BadRequest(422, f"history has {len(req.history)} items; at most {self.max_history} are "
                                   "accepted (send the most recent ones)")
@@ -214,7 +236,7 @@ class Recommender:
         for raw in req.history:
             idx = self.index.get(ids.lookup_key(raw, self.int_items))
             (known.append(idx) if idx else unknown.append(raw))
-        return np.asarray(known, dtype=np.int64), unknown, req.k, self._exclude(req)
+        return np.asarray(known, dtype=np.int64), unknown, k, self._exclude(req)
 
     def _exclude(self, req: RecommendRequest) -> bool:
         return self.exclude_seen if req.exclude_seen is None else req.exclude_seen
@@ -250,7 +272,7 @@ class Recommender:
         rows = [i for i, (hist, *_rest) in enumerate(requests) if len(hist)]
         if rows:
             hists = [np.asarray(requests[i][0], dtype=np.int64) for i in rows]
-            scores = self._scores(hists)
+            scores = self._usable(self._scores(hists))
             scores[:, 0] = -torch.inf
             masked = [r for r, i in enumerate(rows) if requests[i][3]]
             if masked:
@@ -281,6 +303,20 @@ class Recommender:
             padded = torch.cat([padded, padded[:1].expand(MIN_ROWS - len(hists), -1)])
         return self.model.last_scores(padded.to(self.device)).float()[: len(hists)]
 
+    def _usable(self, scores: torch.Tensor) -> torch.Tensor:
+        """Scores with NaN and infinities at -inf, so they rank last and are never answered.
+
+        A history whose every score is NaN or infinite (a corrupt model, or a corrupt item in it)
+        raises: there is nothing to rank, and an empty answer would hide the corruption.
+        """
+        bad = ~torch.isfinite(scores)
+        if not bad.any():
+            return scores
+        if bad[:, 1:].all(1).any():
+            raise RaykdError(f"model {self.model_id} ({self.model_dir}) scores NaN or infinity for every item of a "
+                             "history: the model is corrupt; retrain it, or serve another model or bundle")
+        return scores.masked_fill(bad, -torch.inf)
+
     def _answer(self, idx: np.ndarray, scores: np.ndarray, unknown: list, fallback: str | None) -> dict:
         answer = {"items": [self.raw_items[i] for i in idx.tolist()], "scores": [round(float(s), 5) for s in scores],
                   "model": self.model_id, "unknown_items": unknown}
@@ -289,14 +325,37 @@ class Recommender:
         return answer
 
     def describe(self) -> dict:
-        metrics = {}
-        if (self.model_dir / "metrics.json").exists():
-            m = json.loads((self.model_dir / "metrics.json").read_text())
-            metrics = {"valid": m.get("valid"), "best_epoch": m.get("best_epoch")}
-        return {"model": self.model_id, "path": str(self.model_dir), "description": self.desc,
-                "params": models.count_params(self.model), "items": len(self.raw_items) - 1,
-                "users_with_history": len(self.histories), "metrics": metrics,
-                "limits": {"max_k": self.max_k, "max_history": self.max_history}}
+        """What GET /model answers: the loaded model's own metrics (read with its weights), JSON-safe."""
+        return json_safe({"model": self.model_id, "path": str(self.model_dir), "description": self.desc,
+                          "params": models.count_params(self.model), "items": len(self.raw_items) - 1,
+                          "users_with_history": len(self.histories), "metrics": self.metrics,
+                          "limits": {"max_k": self.max_k, "max_history": self.max_history}})
+
+
+def _read_metrics(path: Path) -> dict:
+    """The validation summary of a model's metrics.json ({} when it has none or it is unreadable)."""
+    try:
+        m = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return json_safe({"valid": m.get("valid"), "best_epoch": m.get("best_epoch")}) if isinstance(m, dict) else {}
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with NaN and infinities as None: strict JSON (an answer with NaN would be a 500)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def model_digest(path: str | Path) -> str:
+    """The digest of the model a path serves, as `Recommender` computes it: one version of the folder."""
+    with tempfile.TemporaryDirectory(prefix="raykd-model-") as snap:
+        return rundir.copy_snapshot(resolve_student(path), Path(snap), MODEL_FILES)
 
 
 def top_k(scores: torch.Tensor, k: int, block: int = TOPK_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
