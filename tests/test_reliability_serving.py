@@ -25,7 +25,8 @@ import torch
 from conftest import copy_parts
 from safetensors.torch import load_file, save_file
 
-from raykd import cli, rundir
+from raykd import cli
+from raykd.core import rundir
 from raykd.core.errors import RaykdError
 from raykd.serve.recommender import BadRequest, Recommender, request_schema
 

@@ -173,7 +173,7 @@ def test_epoch_lines_show_progress_and_eta_and_are_throttled(capsys):
 def test_settings_defaults(tmp_path):
     cfg = load_config("configs/quickstart.yaml", ["tracking.backend=mlflow", f"output_dir={tmp_path}"])
     found = tracking.settings(cfg.tracking, cfg.name, Path(cfg.output_dir))
-    assert found["uri"] == (tmp_path / "mlruns").as_uri() and found["project"] == "quickstart"
+    assert found["uri"] == f"sqlite:///{tmp_path.resolve()}/mlflow.db" and found["project"] == "quickstart"
     assert tracking.metric_name("val_ndcg@10") == "val_ndcg_at_10"
 
 

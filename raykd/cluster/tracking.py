@@ -14,8 +14,9 @@ a W&B run) in the experiment/project `tracking.project` (default: the config's n
 
 Metric names are the same in every backend: `loss`, `val/ndcg_at_10`, `val/hr_at_10`, ...,
 `best/ndcg_at_10`, `epoch_s`; test metrics `test/<model>/ndcg_at_10` ("@" is not allowed by MLflow).
-Steps are epochs counted from 1. MLflow's default store is `file:<run>/mlruns` (open it with
-`mlflow ui --backend-store-uri file:<run>/mlruns`); TensorBoard's event files go to
+Steps are epochs counted from 1. MLflow's default store is a SQLite file, `sqlite:///<run>/mlflow.db`
+(open it with `mlflow ui --backend-store-uri sqlite:///<run>/mlflow.db`; MLflow's file store is in
+maintenance mode and needs an opt-in to be read; a `file:` tracking.uri still works when asked for); TensorBoard's event files go to
 `<run>/tensorboard/` (`tensorboard --logdir <run>/tensorboard`).
 """
 
@@ -52,7 +53,7 @@ def settings(tracking: TrackingConfig, name: str, run_dir: Path) -> dict:
     if tracking.backend == "tensorboard":
         uri = str(Path(uri or root / "tensorboard").expanduser().resolve())
     elif tracking.backend == "mlflow" and not uri:
-        uri = (root / "mlruns").as_uri()
+        uri = f"sqlite:///{root / 'mlflow.db'}"  # MLflow's file store is in maintenance mode
     return {"backend": tracking.backend, "uri": uri, "project": tracking.project or name, "run_dir": str(root)}
 
 

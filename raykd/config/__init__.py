@@ -309,7 +309,7 @@ class TrackingConfig(Section):
         "none", description="where metrics go: tensorboard (event files), mlflow (a tracking server or store), "
         "wandb (Weights & Biases; needs WANDB_API_KEY or `wandb login`), or none")
     uri: str | None = Field(None, description="tensorboard: folder for the event files (default <run>/tensorboard); "
-                            "mlflow: tracking URI (default file:<run>/mlruns; e.g. http://host:5000); wandb: the W&B "
+                            "mlflow: tracking URI (default sqlite:///<run>/mlflow.db, a file: URI also works; e.g. http://host:5000); wandb: the W&B "
                             "server (default WANDB_BASE_URL, else wandb.ai)")
     project: str | None = Field(None, description="mlflow experiment or wandb project (default: the config's name)")
 

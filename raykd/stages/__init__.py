@@ -11,9 +11,11 @@ the run directory and the inputs of the first stage asked for (a missing upstrea
 error that names the command to run, before Ray starts), locks the run directory, sends Ray's own
 output to `<run>/logs/` (raykd.cluster.runtime.run_logs: the console keeps raykd's lines), writes
 `config.yaml`, starts or joins Ray once (`cfg.ray`), prints the placement, then runs each stage.
-A stage first forgets what it recorded before; a stage the config turns off (tune with
-`tune.enabled: false`, embed_items without item text) forgets its outputs without running, so
-nothing stale stays "current" in the run record.
+A stage first forgets what it recorded before; in the pipeline a stage the config turns off (tune
+with `tune.enabled: false`, embed_items without item text) forgets its outputs without running, so
+nothing stale stays "current" in the run record. A turned-off stage named explicitly
+(`stages.run(cfg, ["embed_items"])`, `raykd embed-items`) is an error naming the setting that turns
+it on (`Stage.turned_on_by`), before anything is touched.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 
 from raykd.config import Config, TrainConfig
 from raykd.core import rundir
+from raykd.core.errors import RaykdError
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,7 @@ class Stage:
     reads: Callable[[Config], list[str]]
     writes: Callable[[Config], list[str]]
     needs: Callable[[Config], list[Need]]
+    turned_on_by: str = ""  # the setting that turns the stage on, named when it is asked for while off
 
     def run(self, cfg: Config) -> object:
         return importlib.import_module(self.module).run(cfg)
@@ -130,10 +134,12 @@ STAGES: list[Stage] = [
                           f"{'1 GPU' if c.teacher.train.use_gpu else '1 CPU'}, one text encoder each", "embed_items",
                           c.teacher.text_workers, 0 if c.teacher.train.use_gpu else 1.0,
                           1 if c.teacher.train.use_gpu else 0, "teacher.text_workers",
-                          gpu_flag="teacher.train.use_gpu")]),
+                          gpu_flag="teacher.train.use_gpu")],
+          "teacher.item_text=true (with data.item_text set and no distill.teacher_scores)"),
     Stage("teacher", "raykd.stages.teacher", "train the teacher (Ray Train)", lambda c: not c.distill.teacher_scores,
           lambda c: [rundir.DATA] + ([rundir.ITEM_TEXT] if c.teacher.item_text else []), _members,
-          lambda c: [_train_need("teacher", c.teacher.train, _runs(c.teacher.ensemble))]),
+          lambda c: [_train_need("teacher", c.teacher.train, _runs(c.teacher.ensemble))],
+          "distill.teacher_scores unset (external teacher scores replace the raykd teacher)"),
     Stage("soft_labels", "raykd.stages.soft_labels", "teacher top-K scores for every training position", _always,
           lambda c: [rundir.DATA] + ([] if c.distill.teacher_scores else _members(c)),
           lambda c: [rundir.SOFT_LABELS], _soft_labels_need),
@@ -142,7 +148,7 @@ STAGES: list[Stage] = [
           lambda c: [_train_need("distill", c.distill.train, _runs(len(_students(c))))]),
     Stage("tune", "raykd.stages.tune", "Ray Tune + Optuna search over temperature, alpha and student size",
           lambda c: c.tune.enabled, lambda c: [rundir.DATA, rundir.SOFT_LABELS], lambda c: [rundir.TUNE_BEST],
-          _tune_need),
+          _tune_need, "tune.enabled=true"),
     Stage("evaluate", "raykd.stages.evaluate", "test metrics of every current model -> report.json, report.md", _always,
           lambda c: [rundir.DATA], lambda c: [rundir.REPORT_JSON], lambda c: []),
 ]
@@ -157,6 +163,15 @@ def needs(cfg: Config, names: list[str] | None = None) -> list[Need]:
     """The resources of the stages named (default: those the pipeline runs for this config)."""
     chosen = [get(n) for n in names] if names is not None else [s for s in STAGES if s.enabled(cfg)]
     return [need for s in chosen for need in s.needs(cfg)]
+
+
+def refuse_disabled(cfg: Config, chosen: list[Stage]) -> None:
+    """A stage named on the command line that the config turns off is an error naming the setting:
+    exiting 0 having done nothing reads as success. (The pipeline skips such stages silently.)"""
+    off = [s for s in chosen if not s.enabled(cfg)]
+    if off:
+        raise RaykdError("; ".join(f"`raykd {s.name.replace('_', '-')}` is turned off by this config: it runs with "
+                                   f"{s.turned_on_by or 'a config that enables it'}" for s in off))
 
 
 def preflight(cfg: Config, first: Stage) -> Path:
@@ -177,6 +192,8 @@ def run(cfg: Config, names: list[str] | None = None, on_done: Callable[[str, obj
     from raykd.core import console
 
     chosen = [get(n) for n in names] if names is not None else STAGES
+    if names is not None:
+        refuse_disabled(cfg, chosen)
     active = [s for s in chosen if s.enabled(cfg)]
     root = preflight(cfg, active[0] if active else chosen[0])
     results = {}
