@@ -168,9 +168,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _warn_if_the_report_is_stale(run_dir: Path) -> None:
     """A run whose models changed after its report: say so before serving one of them."""
-    from raykd.stages import report_md
+    from raykd.core import staleness
 
-    changed = report_md.changed_since(run_dir) if (run_dir / "report.json").exists() else []
+    changed = staleness.changed_since(run_dir) if (run_dir / "report.json").exists() else []
     if changed:
         console.warn(f"{run_dir / 'report.md'} is older than the models it describes ({'; '.join(changed)}): "
                      "`raykd evaluate CONFIG` refreshes it")

@@ -20,7 +20,7 @@ import time
 import traceback
 from pathlib import Path
 
-from raykd.cli import output_flags, set_output_level
+from raykd.cli import TOOLS, output_flags, set_output_level
 from raykd.core.errors import RaykdError
 
 OTHER_JOBS = ("pipeline", "serve")  # besides the stages of raykd.stages.STAGES (same names as the CLI)
@@ -48,7 +48,7 @@ def tool_parser(name: str) -> argparse.ArgumentParser:
     import importlib
 
     p = argparse.ArgumentParser(prog=f"jobs/{name}.py", description=f"raykd {name} as a Ray job")
-    importlib.import_module(f"raykd.{name}").add_arguments(p)
+    importlib.import_module(TOOLS[name][0]).add_arguments(p)
     output_flags(p)
     return p
 
@@ -82,7 +82,7 @@ def main(stage: str, argv: list[str] | None = None) -> int:
         check_shared_storage(run_dir)
         t0 = time.perf_counter()
         if stage == "serve":
-            describe_placement(cfg, ["serve"])
+            describe_placement(cfg, stages.serve_needs(cfg))
             _serve(cfg, args.path or str(run_dir), args.block)
         elif stage == "pipeline":
             from raykd.stages import pipeline
@@ -117,7 +117,7 @@ def main_tool(name: str, argv: list[str] | None = None) -> int:
         if relative and IN_RAY_JOB_ENV in os.environ:
             raise RaykdError(f"{', '.join(relative)}: relative paths resolve into the job's temporary copy of the "
                              "working directory; pass absolute paths on storage every node mounts")
-        return importlib.import_module(f"raykd.{name}").main(args) or 0  # recommend joins the cluster itself (the run's cfg.ray)
+        return importlib.import_module(TOOLS[name][0]).main(args) or 0  # recommend joins the cluster itself (the run's cfg.ray)
     except RaykdError as err:
         print(f"jobs/{name}.py: error: {err}", file=sys.stderr, flush=True)
         return 1

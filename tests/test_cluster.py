@@ -283,26 +283,28 @@ def test_find_cluster_order(monkeypatch):
 
 
 def test_placement_summary_and_warnings(ray_session, capsys):
+    from raykd import stages
     from raykd.cluster.runtime import check_shared_storage, describe_placement
 
     ok = load_config("configs/quickstart.yaml", ["tune.enabled=false"])
-    assert describe_placement(ok) == []
+    assert describe_placement(ok, stages.needs(ok)) == []
     out = capsys.readouterr().out
     assert "teacher: 1 run, each one Ray task on 1 CPU (no Ray Train start)" in out
     ddp = load_config("configs/quickstart.yaml", ["tune.enabled=false", "teacher.train.num_workers=2",
                                                   "teacher.train.cpus_per_worker=0.5"])
-    assert describe_placement(ddp, ["teacher"]) == []
+    assert describe_placement(ddp, stages.needs(ddp, ["teacher"])) == []
     assert "teacher: 1 run, each 2 Train worker(s) x 0.5 CPU (gloo DDP)" in capsys.readouterr().out
     assert "soft_labels: 1 Ray Data actor(s) x 1 CPU" in out and "tune" not in out
 
     too_many = load_config("configs/quickstart.yaml", ["teacher.train.num_workers=3", "distill.train.use_gpu=true",
                                                        "soft_labels.num_workers=4"])
-    warnings = describe_placement(too_many, quiet=True)
+    warnings = describe_placement(too_many, stages.needs(too_many), quiet=True)
     assert any("teacher training needs 3 CPU" in w and "teacher.train" in w for w in warnings)
     assert any("distill training needs a GPU" in w for w in warnings)
     assert any(w.startswith("soft_labels needs 4 CPU") for w in warnings)
     big_worker = load_config("configs/quickstart.yaml", ["teacher.train.cpus_per_worker=8"])
-    assert any("largest node has 2" in w for w in describe_placement(big_worker, ["teacher"], quiet=True))
+    big_needs = stages.needs(big_worker, ["teacher"])
+    assert any("largest node has 2" in w for w in describe_placement(big_worker, big_needs, quiet=True))
     check_shared_storage("/nonexistent-but-single-node")  # one node: nothing to check
 
 

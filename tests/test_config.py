@@ -145,7 +145,7 @@ def test_resolved_config_round_trips(tmp_path):
 
 
 def test_kd_curve_reuses_the_main_student_at_its_own_width(tmp_path):
-    from raykd.stages.distill import curve_pair, sized
+    from raykd.training.plan import curve_pair, sized
 
     cfg = load_config("configs/quickstart.yaml", [f"output_dir={tmp_path}", "distill.sizes=[4,16,32]"])
     assert curve_pair(cfg, 16) == ("student", "student_nokd")  # distill.model.dim is 16

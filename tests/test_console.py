@@ -18,8 +18,7 @@ import pytest
 from raykd import cli
 from raykd.cluster import runtime
 from raykd.config import load_config
-from raykd.core import console, rundir
-from raykd.stages import report_md
+from raykd.core import console, rundir, staleness
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -136,18 +135,18 @@ def test_a_report_older_than_its_models_says_so(tmp_path):
     for name in ("teacher", "student"):
         (root / name).mkdir()
         rundir.write_manifest(root / name, f"{name}-1")
-    (root / "report.json").write_text(json.dumps({"models": report_md.model_keys(root, ["teacher", "student"])}))
+    (root / "report.json").write_text(json.dumps({"models": staleness.model_keys(root, ["teacher", "student"])}))
     (root / "report.md").write_text("# raykd report\n")
-    assert report_md.mark_stale(root) == []
+    assert staleness.mark_stale(root) == []
     assert (root / "report.md").read_text() == "# raykd report\n"
 
     rundir.write_manifest(root / "student", "student-2")  # `raykd distill` trained it again
     (root / "tune" / "best").mkdir(parents=True)
     rundir.write_manifest(root / "tune" / "best", "winner")  # and `raykd tune` made a winner
-    reasons = report_md.mark_stale(root)
+    reasons = staleness.mark_stale(root)
     assert reasons == ["student/ was trained again after this report",
                        "tune/best/ was trained after this report and is not in it"]
-    report_md.mark_stale(root)  # a second time: still one banner
+    staleness.mark_stale(root)  # a second time: still one banner
     md = (root / "report.md").read_text()
     assert md.startswith("> **STALE**") and md.count("STALE") == 1 and md.endswith("# raykd report\n")
     assert json.loads((root / "report.json").read_text())["stale"] == reasons

@@ -239,7 +239,8 @@ def test_a_recommender_racing_a_publication_loads_one_model(run, publish_mid_rea
 
 def test_replicas_refuse_a_model_other_than_the_one_the_app_was_built_for(run, tmp_path):
     from raykd.config import ServeConfig
-    from raykd.serve import build_app, model_digest
+    from raykd.serve.app import build_app
+    from raykd.serve.recommender import model_digest
 
     digest = model_digest(run / "student")
     app = build_app(str(run / "student"), ServeConfig())

@@ -4,7 +4,7 @@
 `ray job submit` for the job's driver), or a cluster that `ray start` runs on this machine (what
 `ray.init(address="auto")` finds). Otherwise, or when `ray.num_cpus` asks for a local Ray of a
 given size, it starts a local Ray that declares the zero-CPU `DRIVER_RESOURCE`. It prints the
-nodes, CPUs and GPUs it found; `describe_placement(cfg)` prints how each stage will use them and
+nodes, CPUs and GPUs it found; `describe_placement(cfg, needs)` prints how each stage will use them and
 warns about settings that cannot fit (Ray would otherwise wait for resources without a word).
 """
 
@@ -21,6 +21,7 @@ from pathlib import Path
 import ray
 import ray.data
 
+from raykd.cluster.placement import Need
 from raykd.config import Config, RayConfig
 from raykd.core import console, rundir
 from raykd.core.errors import RaykdError
@@ -128,19 +129,15 @@ def cpu_count() -> int:
 
 # ---------------------------------------------------------------- placement
 
-def describe_placement(cfg: Config, stages: list[str] | None = None, quiet: bool = False) -> list[str]:
+def describe_placement(cfg: Config, needs: list[Need], quiet: bool = False) -> list[str]:
     """Print how each stage will use the cluster; return (and print) warnings for what cannot fit.
 
-    The resources come from the stage list (`raykd.stages`; default: the stages the pipeline
-    runs for this config; serving when asked for by name). Call it after `ensure_ray`. A warning
+    `needs` come from the stage list (`raykd.stages.needs(cfg, names)`, `stages.serve_needs(cfg)`).
+    Call it after `ensure_ray`. A warning
     names the setting to change: Ray itself waits silently for resources that never come on a
     fixed-size cluster (on an autoscaling one, until the autoscaler adds nodes).
     """
-    from raykd import stages as stage_list
-
     ensure_ray(cfg.ray, quiet=True)
-    names = None if stages is None else [s for s in stages if s != "serve"]
-    needs = stage_list.needs(cfg, names) + (stage_list.serve_needs(cfg) if stages and "serve" in stages else [])
     nodes = [n.get("Resources", {}) for n in alive_nodes()]
     total = {k: sum(n.get(k, 0) for n in nodes) for k in ("CPU", "GPU", DRIVER_RESOURCE)}
     largest = {k: max((n.get(k, 0) for n in nodes), default=0) for k in ("CPU", "GPU")}

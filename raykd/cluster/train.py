@@ -36,9 +36,8 @@ from raykd.cluster import task as train_task
 from raykd.cluster import tracking
 from raykd.cluster.runtime import DRIVER_RESOURCE, own_signal_handlers
 from raykd.config import TrainConfig
-from raykd.core import checkpoints, console, metrics, models, rundir, sequences
+from raykd.core import checkpoints, console, metrics, models, rundir, sequences, staleness
 from raykd.core.errors import RaykdError
-from raykd.stages import report_md
 from raykd.training import loop
 from raykd.training.spec import RunSpec
 
@@ -207,7 +206,7 @@ def export(ckpt: Path, out: Path, spec: RunSpec, data_dir: Path, extra: dict) ->
         (tmp / "metrics.json").write_text(json.dumps(summary, indent=2))
         rundir.write_manifest(tmp, spec.fingerprint, spec.upstream, role=spec.role,
                               vocab_digest=data.get("vocab_digest"), num_items=desc["num_items"])
-    report_md.mark_stale(Path(data_dir).parent)  # a report that scored the model replaced here says so
+    staleness.mark_stale(Path(data_dir).parent)  # a report that scored the model replaced here says so
     return summary
 
 

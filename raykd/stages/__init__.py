@@ -26,25 +26,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from raykd.cluster.placement import Need
 from raykd.config import Config, TrainConfig
 from raykd.core import rundir
 from raykd.core.errors import RaykdError
-
-
-@dataclass(frozen=True)
-class Need:
-    """What one stage asks of the cluster: a summary line and `count` units of (cpus, gpus) at once."""
-
-    line: str
-    what: str = ""
-    count: int = 0
-    cpus: float = 0.0
-    gpus: float = 0.0
-    setting: str = ""  # the setting to change when it cannot fit
-    drivers: int = 0  # units of the zero-CPU driver resource (runtime.DRIVER_RESOURCE)
-    keep_free: float = 0.0  # CPUs that must stay free beside it (Ray Data's tasks)
-    ddp: bool = False  # Train workers that may spread over nodes
-    gpu_flag: str = ""  # the setting that asks for the GPUs
 
 
 @dataclass(frozen=True)
@@ -67,7 +52,7 @@ def _members(cfg: Config) -> list[str]:
 
 
 def _students(cfg: Config) -> list[str]:
-    from raykd.stages.distill import curve_pair
+    from raykd.training.plan import curve_pair
 
     names = [rundir.STUDENT] + ([rundir.STUDENT_NOKD] if cfg.distill.train_nokd else [])
     return names + [n for w in cfg.distill.sizes for n in curve_pair(cfg, w) if n not in names]
@@ -205,7 +190,7 @@ def run(cfg: Config, names: list[str] | None = None, on_done: Callable[[str, obj
                 rundir.forget(root, stage.name)
         if active:
             ensure_ray(cfg.ray)
-            describe_placement(cfg, [s.name for s in active], quiet=quiet_placement)
+            describe_placement(cfg, needs(cfg, [s.name for s in active]), quiet=quiet_placement)
         for stage in active:
             if len(active) > 1:
                 console.say(f"== {stage.name} ==")

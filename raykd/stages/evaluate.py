@@ -24,9 +24,10 @@ from torch import nn
 
 from raykd.cluster import tracking
 from raykd.config import Config
-from raykd.core import console, metrics, models, rundir, sequences
+from raykd.core import console, metrics, models, rundir, sequences, staleness
 from raykd.core.errors import RaykdError
-from raykd.stages import distill, report_md
+from raykd.stages import report_md
+from raykd.training import plan
 
 MODELS = (rundir.TEACHER, rundir.STUDENT, rundir.STUDENT_NOKD, rundir.TUNE_BEST)
 RARE_MAX_COUNT = 5  # the rare-item bucket: test targets seen at most this often in training
@@ -91,7 +92,7 @@ def run(cfg: Config) -> dict:
                          "`raykd distill CONFIG` first (or `raykd pipeline CONFIG`)")
     _compare(report, ranks, loaded, hist, seen)
     rare = np.concatenate([[0], counts])[np.asarray(targets)] <= RARE_MAX_COUNT
-    pairs = [(w, distill.curve_pair(cfg, w)) for w in cfg.distill.sizes]
+    pairs = [(w, plan.curve_pair(cfg, w)) for w in cfg.distill.sizes]
     curve = kd_curve(root, pairs, protocol, hist, targets, rare)
     if curve:
         report["kd_curve"] = curve
@@ -102,7 +103,7 @@ def run(cfg: Config) -> dict:
     report["warnings"] = report_md.warnings(report)
     report["plots"] = report_md.plots(report, root)
     scored = [*loaded, *(n for _, pair in pairs for n in pair), *(members if "teacher_ensemble" in report else [])]
-    report["models"] = report_md.model_keys(root, scored)  # what later stages compare (report_md.mark_stale)
+    report["models"] = staleness.model_keys(root, scored)  # what later stages compare (staleness.mark_stale)
     (root / rundir.REPORT_JSON).write_text(json.dumps(report, indent=2))
     (root / rundir.REPORT_MD).write_text(report_md.markdown(report))
     if console.level() >= console.VERBOSE:

@@ -5,15 +5,13 @@ Reads only the report dict that evaluate computed (plus the config for the metad
 teacher, student and no-KD twin), `kd_gain.png` (paired student − twin NDCG@10 with its standard
 error, per student size) and, with `distill.sizes`, `kd_curve.png` (NDCG@10 against parameters).
 
-A report stores the keys of the models it scored (`models`). When a model is trained again after
-the report (`raykd distill` or `raykd tune` run alone), `mark_stale` puts a STALE banner on top of
-report.md and a `stale` list in report.json, until `raykd evaluate` writes a fresh report.
+A report stores the keys of the models it scored (`models`); `raykd.core.staleness` marks it
+STALE when a model is trained again after it.
 """
 
 from __future__ import annotations
 
 import datetime
-import json
 import platform
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -23,8 +21,6 @@ from raykd.core import rundir
 
 TRAINED = ("teacher", "student", "student_nokd", "tune_best")
 # the model artifacts a report shows (tune_best is tune/best/ on disk)
-ARTIFACTS = (rundir.TEACHER, rundir.STUDENT, rundir.STUDENT_NOKD, rundir.TUNE_BEST)
-STALE = "> **STALE**"
 
 
 def metadata(cfg: Config) -> dict:
@@ -200,58 +196,3 @@ def console_summary(report: dict, root: Path) -> str:
 
 
 # ---------------------------------------------------------------- staleness
-
-def model_keys(root: Path, names: list[str]) -> dict:
-    """The key of each model artifact a report scores (compared later by `changed_since`)."""
-    return {name: rundir.key_of(Path(root) / name) for name in names}
-
-
-def changed_since(root: Path) -> list[str]:
-    """What happened to the models since report.json was written, in words ([] when up to date).
-
-    Compares the keys the report stored with the artifacts on disk: a model trained again, a
-    model the report never saw (tune/best/ after a first `raykd tune`), a model deleted since.
-    """
-    report = _read(Path(root) / rundir.REPORT_JSON)
-    scored = report.get("models")
-    if not isinstance(scored, dict):
-        return []
-    out = []
-    for name in sorted(set(scored) | set(ARTIFACTS)):
-        now = rundir.key_of(Path(root) / name)
-        if name not in scored:
-            if now is not None:
-                out.append(f"{name}/ was trained after this report and is not in it")
-        elif now is None:
-            out.append(f"{name}/ was removed after this report")
-        elif now != scored[name]:
-            out.append(f"{name}/ was trained again after this report")
-    return out
-
-
-def mark_stale(root: Path) -> list[str]:
-    """Put a STALE banner on report.md (and `stale` in report.json) if the models changed since."""
-    root = Path(root)
-    reasons = changed_since(root)
-    md_path, json_path = root / rundir.REPORT_MD, root / rundir.REPORT_JSON
-    if not reasons or not md_path.exists():
-        return reasons
-    body = md_path.read_text()
-    while body.startswith(STALE):  # replace an earlier banner
-        body = body.split("\n\n", 1)[1] if "\n\n" in body else ""
-    banner = (f"{STALE}: this report is older than the models it describes: {'; '.join(reasons)}. "
-              "Run `raykd evaluate CONFIG` to refresh it.")
-    md_path.write_text(f"{banner}\n\n{body}")
-    report = _read(json_path)
-    if report:
-        report["stale"] = reasons
-        json_path.write_text(json.dumps(report, indent=2))
-    return reasons
-
-
-def _read(path: Path) -> dict:
-    try:
-        data = json.loads(Path(path).read_text())
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}

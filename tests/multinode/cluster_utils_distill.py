@@ -72,6 +72,7 @@ def start_cluster(head: dict, worker: dict, attempts: int = 3) -> Cluster:
 
 
 def main() -> int:
+    from raykd import stages
     from raykd.cluster.runtime import DRIVER_RESOURCE, describe_placement, ensure_ray
     from raykd.config import load_config
     from raykd.core import models, rundir, sequences
@@ -89,7 +90,7 @@ def main() -> int:
         ensure_ray(cfg.ray)  # already connected: a no-op
         nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
         log(f"{len(nodes)} nodes up in {time.time() - t0:.0f}s")
-        for w in describe_placement(cfg, ["distill"]):
+        for w in describe_placement(cfg, stages.needs(cfg, ["distill"])):
             failures.append(f"placement warning: {w}")
 
         prepare.run(cfg)

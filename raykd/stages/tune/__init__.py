@@ -58,11 +58,11 @@ from raykd.cluster.runtime import DRIVER_RESOURCE, own_signal_handlers
 from raykd.config import Config, TuneConfig, section_hash
 from raykd.core import console, rundir
 from raykd.core.errors import RaykdError
-from raykd.stages.distill import kd_settings
 from raykd.stages.tune import trial as tune_trial
 from raykd.stages.tune.report import METRIC, SIZE_METRICS, analyse, experiment_trials, fmt, read_json
 from raykd.stages.tune.space import configured_point, parse_space
 from raykd.stages.tune.trial import run_trial, shared_windows, trial_spec
+from raykd.training.plan import kd_settings
 
 # Fixed cost of one trial beyond its epochs, measured on 2 busy cores: the floor for the
 # time-budget check. On Ray Train: the trial actor, Train controller and worker start, dataset;

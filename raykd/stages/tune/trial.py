@@ -25,10 +25,10 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from raykd.cluster import train
 from raykd.config import Config
 from raykd.core import models, rundir, sequences
-from raykd.stages.distill import kd_settings
 from raykd.stages.tune.report import METRIC
 from raykd.stages.tune.space import apply_values
 from raykd.training import loop
+from raykd.training.plan import kd_settings
 from raykd.training.spec import RunSpec
 
 _WINDOWS: dict = {}  # this trial process's windows, by (data, max_len, soft labels): read once

@@ -1,0 +1,70 @@
+"""Which students a config trains: their RunSpecs, the KD curve's pairs, the KD settings.
+
+Shared by the distill stage (which trains them), tune (its trials reuse the KD settings),
+evaluate (which scores the curve's pairs) and the stage list (what distill writes). Pure
+planning: reads the config and the run folder's records, trains nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from raykd.config import INIT_STD, Config, ModelConfig
+from raykd.core import rundir
+from raykd.core.errors import RaykdError
+from raykd.training.spec import KD, RunSpec
+
+
+def specs(cfg: Config) -> list[RunSpec]:
+    """The student, its no-KD twin (unless off) and each width of `distill.sizes` as a pair."""
+    d = cfg.distill
+    jobs = pair(cfg, rundir.STUDENT, rundir.STUDENT_NOKD if d.train_nokd else None, d.model)
+    for width in d.sizes:
+        if not main_width(cfg, width):  # the main student's own width is not trained twice
+            jobs += pair(cfg, rundir.curve(width, True), rundir.curve(width, False), sized(d.model, width))
+    return jobs
+
+
+def main_width(cfg: Config, width: int) -> bool:
+    """Whether the KD curve's pair at `width` is the main student/student_nokd pair."""
+    return sized(cfg.distill.model, width) == cfg.distill.model and cfg.distill.train_nokd
+
+
+def curve_pair(cfg: Config, width: int) -> tuple[str, str]:
+    """The artifacts (KD student, no-KD twin) of the KD curve at `width`."""
+    if main_width(cfg, width):
+        return rundir.STUDENT, rundir.STUDENT_NOKD
+    return rundir.curve(width, True), rundir.curve(width, False)
+
+
+def sized(model: ModelConfig, width: int) -> ModelConfig:
+    """The student model at another width (heads cut to a divisor of the width)."""
+    return model.model_copy(update={"dim": width, "heads": math.gcd(model.heads, width)})
+
+
+def kd_settings(cfg: Config, needed_by: str = "distill") -> tuple[KD, dict]:
+    """The KD settings of this config's students and the upstream keys they depend on."""
+    root, d = Path(cfg.output_dir), cfg.distill
+    upstream = {rundir.DATA: rundir.require(root, rundir.DATA, needed_by),
+                rundir.SOFT_LABELS: rundir.require(root, rundir.SOFT_LABELS, needed_by)}
+    transfer: tuple[Path, ...] = ()
+    if d.transfer:
+        if d.teacher_scores:
+            raise RaykdError("distill.transfer needs a raykd teacher (its item table); external "
+                             "distill.teacher_scores have none: set distill.transfer=false")
+        members = [rundir.member(i) for i in range(cfg.teacher.ensemble)]
+        upstream |= {m: rundir.require(root, m, "distill.transfer") for m in members}
+        transfer = tuple(root / m for m in members)
+    kd = KD(root / rundir.SOFT_LABELS, d.alpha, d.temperature, d.loss, transfer, INIT_STD)
+    return kd, upstream
+
+
+def pair(cfg: Config, student: str, nokd: str | None, model: ModelConfig) -> list[RunSpec]:
+    """The specs of one KD student and (optionally) its no-KD twin: same model, budget and seed."""
+    kd, upstream = kd_settings(cfg)
+    d = cfg.distill
+    jobs = [RunSpec(student, model, d.train, cfg.seed, kd=kd, upstream=upstream)]
+    if nokd:
+        jobs.append(RunSpec(nokd, model, d.train, cfg.seed, upstream={rundir.DATA: upstream[rundir.DATA]}))
+    return jobs
