@@ -11,7 +11,7 @@ import time
 import traceback
 from pathlib import Path
 
-from raykd.core import console
+from raykd.core import console, rundir
 from raykd.core.errors import RaykdError
 
 # commands on a finished run: module with add_arguments(parser) and main(args), help
@@ -170,7 +170,7 @@ def _warn_if_the_report_is_stale(run_dir: Path) -> None:
     """A run whose models changed after its report: say so before serving one of them."""
     from raykd.core import staleness
 
-    changed = staleness.changed_since(run_dir) if (run_dir / "report.json").exists() else []
+    changed = staleness.changed_since(run_dir) if (run_dir / rundir.REPORT_JSON).exists() else []
     if changed:
         console.warn(f"{run_dir / 'report.md'} is older than the models it describes ({'; '.join(changed)}): "
                      "`raykd evaluate CONFIG` refreshes it")

@@ -34,7 +34,7 @@ import ray.train
 import yaml
 
 from raykd.config import Config, TrackingConfig
-from raykd.core import console
+from raykd.core import console, rundir
 from raykd.core.errors import RaykdError
 
 MODULES = {"mlflow": "mlflow", "wandb": "wandb", "tensorboard": "tensorboardX"}
@@ -72,7 +72,7 @@ def require(backend: str) -> None:
 def of_run(run_dir: Path) -> dict | None:
     """The tracking settings of the config a run directory was last run with (its config.yaml)."""
     try:
-        raw = yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {}
+        raw = yaml.safe_load((Path(run_dir) / rundir.CONFIG).read_text()) or {}
     except (OSError, yaml.YAMLError):
         return None
     tracking = TrackingConfig.model_validate(raw.get("tracking") or {})
@@ -204,7 +204,7 @@ def log_report(cfg: Config, run_dir: Path, report: dict) -> None:
         return
     require(found["backend"])
     root = Path(run_dir)
-    files = [root / "report.json", root / "report.md", *[root / f for f in (report.get("plots") or {}).values()]]
+    files = [root / rundir.REPORT_JSON, root / rundir.REPORT_MD, *[root / f for f in (report.get("plots") or {}).values()]]
     metrics = {f"test/{name}/{metric_name(k)}": v for name in REPORTED for k, v in (report.get(name) or {}).items()
                if k in ("ndcg@10", "hr@10", "mrr@10", "ndcg@20", "hr@20") and v is not None}
     paired = (report.get("student") or {}).get("paired_vs_nokd") or {}

@@ -203,7 +203,7 @@ def export(ckpt: Path, out: Path, spec: RunSpec, data_dir: Path, extra: dict) ->
     data = rundir.read_manifest(data_dir)  # the model is tied to the vocabulary it was trained on
     with rundir.staged(out) as tmp:
         models.save_model(tmp, model, desc, extra={"fingerprint": spec.fingerprint})
-        (tmp / "metrics.json").write_text(json.dumps(summary, indent=2))
+        (tmp / rundir.METRICS).write_text(json.dumps(summary, indent=2))
         rundir.write_manifest(tmp, spec.fingerprint, spec.upstream, role=spec.role,
                               vocab_digest=data.get("vocab_digest"), num_items=desc["num_items"])
     staleness.mark_stale(Path(data_dir).parent)  # a report that scored the model replaced here says so
@@ -215,7 +215,7 @@ def reusable(out: Path, fingerprint: str) -> dict | None:
     if rundir.key_of(out) != fingerprint:
         return None
     try:
-        return json.loads((out / "metrics.json").read_text())
+        return json.loads((out / rundir.METRICS).read_text())
     except (OSError, ValueError):
         return None
 

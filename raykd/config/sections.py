@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from raykd.config.auth import API_KEY_ENV, API_KEY_FILE_ENV, is_loopback
+
 INIT_STD = 0.02  # per-column std of an item table initialised from text or a teacher (distill.transfer)
 
 
@@ -279,13 +281,11 @@ class ServeConfig(Section):
 
     @model_validator(mode="after")
     def _exposed_needs_a_key(self) -> ServeConfig:
-        from raykd.config import auth
-
-        has_key = self.api_key is not None or self.api_key_file or os.environ.get(auth.API_KEY_ENV) or \
-            os.environ.get(auth.API_KEY_FILE_ENV)
-        if not has_key and not auth.is_loopback(self.host):
+        has_key = self.api_key is not None or self.api_key_file or os.environ.get(API_KEY_ENV) or \
+            os.environ.get(API_KEY_FILE_ENV)
+        if not has_key and not is_loopback(self.host):
             raise ValueError(f"host {self.host} is reachable from other machines but no API key is set: set the "
-                             f"{auth.API_KEY_ENV} (or {auth.API_KEY_FILE_ENV}) environment variable or "
+                             f"{API_KEY_ENV} (or {API_KEY_FILE_ENV}) environment variable or "
                              "serve.api_key_file, or bind 127.0.0.1")
         return self
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from raykd.core import models
+from raykd.core import models, rundir
 
 
 def save(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict,
@@ -26,8 +26,8 @@ def save(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
     path = Path(path)
     models.save_model(path / "last", model, desc)
     (path / "best").mkdir(parents=True, exist_ok=True)
-    save_file(best_weights, str(path / "best" / "model.safetensors"), metadata={"format": "pt"})
-    shutil.copy(path / "last" / "model.json", path / "best" / "model.json")
+    save_file(best_weights, str(path / "best" / rundir.WEIGHTS), metadata={"format": "pt"})
+    shutil.copy(path / "last" / rundir.MODEL_JSON, path / "best" / rundir.MODEL_JSON)
     save_file(_flatten_optimizer(optimizer), str(path / "optimizer.safetensors"))
     (path / "state.json").write_text(json.dumps(state, indent=1))
 
@@ -45,10 +45,10 @@ def load(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
          device) -> tuple[dict, dict[str, torch.Tensor]]:
     """Restore model weights and optimizer state in place; return the state and best weights."""
     path = Path(path)
-    weights = load_file(str(path / "last" / "model.safetensors"), device=str(device))
+    weights = load_file(str(path / "last" / rundir.WEIGHTS), device=str(device))
     models.unwrap(model).load_state_dict(weights)
     _restore_optimizer(optimizer, load_file(str(path / "optimizer.safetensors"), device=str(device)))
-    return read_state(path), load_file(str(path / "best" / "model.safetensors"))
+    return read_state(path), load_file(str(path / "best" / rundir.WEIGHTS))
 
 
 def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:

@@ -28,6 +28,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from raykd.core import rundir
+
 DESC_KEYS = ("num_items", "dim", "layers", "heads", "max_len", "dropout")
 
 
@@ -236,20 +238,20 @@ def save_model(path: str | Path, model: nn.Module, desc: dict, extra: dict | Non
     path.mkdir(parents=True, exist_ok=True)
     model = unwrap(model)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    save_file(tensors, str(path / rundir.WEIGHTS), metadata={"format": "pt"})
     meta = {"family": desc["family"], **{k: desc[k] for k in DESC_KEYS}, "params": count_params(model)}
     if desc.get("text_dim"):
         meta["text_dim"] = desc["text_dim"]
     meta.update(extra or {})
-    (path / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (path / rundir.MODEL_JSON).write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """Rebuild a saved model (in eval mode, on `device`); returns it and the whole model.json."""
     path = Path(path)
-    desc = json.loads((path / "model.json").read_text())
+    desc = json.loads((path / rundir.MODEL_JSON).read_text())
     model = build_model(desc)
-    model.load_state_dict(load_file(str(path / "model.safetensors")))
+    model.load_state_dict(load_file(str(path / rundir.WEIGHTS)))
     return model.to(device).eval(), desc
 
 

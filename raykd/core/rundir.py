@@ -49,6 +49,12 @@ STUDENT_NOKD = "student_nokd"
 TUNE = "tune"  # the search itself (trials, plots); its exported winner is TUNE_BEST
 TUNE_BEST = "tune/best"
 MANIFEST = "manifest.json"
+# the files of a model folder (teacher/, student/, tune/best/, a bundle) and of data/
+MODEL_JSON = "model.json"  # the typed model description, rebuilt with the weights
+WEIGHTS = "model.safetensors"
+METRICS = "metrics.json"  # the per-epoch report and the best validation scores
+ITEMS = "items.parquet"  # the item vocabulary (and a bundle's copy of it)
+USERS = "users.parquet"
 RECORD = "run.json"
 CONFIG = "config.yaml"
 REPORT_JSON = "report.json"

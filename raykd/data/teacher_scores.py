@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raykd.core import ids, sequences
+from raykd.core import ids, rundir, sequences
 from raykd.core.errors import RaykdError
 
 
@@ -63,7 +63,7 @@ def load(path: Path, data_dir: Path) -> tuple[dict[str, dict], int]:
     if bad_k or k == 0:
         raise RaykdError(f"{path}: {bad_k:,} of {table.num_rows:,} rows do not have K={k} items and K scores "
                          "(every row needs the same number of items and scores)")
-    vocab = _vocab(data_dir / "items.parquet")
+    vocab = _vocab(data_dir / rundir.ITEMS)
     raw_items = table["items"].combine_chunks().values.to_pylist()
     idx = np.array([vocab.get(ids.text_key(r), 0) for r in raw_items], dtype=np.int64).reshape(-1, k)
     if (idx == 0).any():
@@ -77,7 +77,7 @@ def load(path: Path, data_dir: Path) -> tuple[dict[str, dict], int]:
         raise RaykdError(f"{path}: {int((~np.isfinite(scores)).sum()):,} scores are NaN or infinite")
     order = np.argsort(-scores, axis=1, kind="stable")  # best first, like raykd's own soft labels
     idx, scores = np.take_along_axis(idx, order, 1), np.take_along_axis(scores, order, 1)
-    users = _vocab(data_dir / "users.parquet")
+    users = _vocab(data_dir / rundir.USERS)
     row_user = np.array([users.get(ids.text_key(u), -1) for u in table["user_id"].to_pylist()], dtype=np.int64)
     if (row_user < 0).any():
         raise RaykdError(f"{path}: {int((row_user < 0).sum()):,} rows have a user_id that is not in the prepared "

@@ -110,13 +110,13 @@ def require_onnx() -> None:
 def copy_sources(out: Path, model_dir: Path, data_dir: Path, with_histories: bool) -> dict:
     """Copy the weights and the vocabulary (and histories), each folder as one version; returns the
     model's own manifest (read with its weights: a model published meanwhile is never mixed in)."""
-    if with_histories and (not (data_dir / "users.parquet").exists() or not (data_dir / "sequences").is_dir()):
+    if with_histories and (not (data_dir / rundir.USERS).exists() or not (data_dir / "sequences").is_dir()):
         raise RaykdError(f"--with-histories: {data_dir} holds no user histories (users.parquet, sequences/)")
     rundir.copy_snapshot(model_dir, out, MODEL_FILES)
     source = rundir.read_manifest(out)
     (out / rundir.MANIFEST).unlink(missing_ok=True)  # the bundle writes its own, last
-    histories = ("users.parquet", "sequences") if with_histories else ()
-    rundir.copy_snapshot(data_dir, out, ("items.parquet", "stats.json", *histories))
+    histories = (rundir.USERS, "sequences") if with_histories else ()
+    rundir.copy_snapshot(data_dir, out, (rundir.ITEMS, "stats.json", *histories))
     return source
 
 
@@ -199,9 +199,9 @@ def sha256(path: Path) -> str:
 def write_manifest(out: Path, info: dict) -> dict:
     """manifest.json, last and durably: kind "bundle", every file with its size and SHA-256, and `info`."""
     files = {p.relative_to(out).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256(p)}
-             for p in sorted(out.rglob("*")) if p.is_file() and p.name != "manifest.json"}
+             for p in sorted(out.rglob("*")) if p.is_file() and p.name != rundir.MANIFEST}
     manifest = {"kind": "bundle", "bundle_version": 1, **info, "files": files}
-    rundir.write_json_durable(out / "manifest.json", manifest)
+    rundir.write_json_durable(out / rundir.MANIFEST, manifest)
     return manifest
 
 
@@ -225,7 +225,7 @@ def sync_files(folder: Path) -> None:
 
 def verify(folder: Path) -> list[str]:
     """Files of a bundle whose size or SHA-256 differ from its manifest (missing ones included)."""
-    manifest = json.loads((Path(folder) / "manifest.json").read_text())
+    manifest = json.loads((Path(folder) / rundir.MANIFEST).read_text())
     bad = []
     for name, meta in manifest["files"].items():
         path = Path(folder) / name

@@ -50,7 +50,7 @@ def main(args: argparse.Namespace) -> int:
 
     model_dir = resolve_student(args.model or args.run_dir).resolve()
     run_dir = Path(args.run_dir).resolve()
-    found = [c for c in (run_dir / "data", run_dir) if (c / "items.parquet").exists()]
+    found = [c for c in (run_dir / "data", run_dir) if (c / rundir.ITEMS).exists()]
     data_dir = found[0] if found else find_data_dir(model_dir)
     out = Path(args.out).resolve()
     _check_out(out, args.overwrite, (model_dir, data_dir, run_dir))
@@ -96,7 +96,7 @@ def check_vocab(trained_on: str | None, bundle_dir: Path, model_dir: Path, data_
         console.warn(f"export: {model_dir} records no vocabulary digest (made by an older raykd): it cannot be "
                      "checked against the run's vocabulary beyond the item count")
         return None
-    now = rundir.vocab_digest(pq.read_table(bundle_dir / "items.parquet", columns=["raw_id"])["raw_id"].to_pylist())
+    now = rundir.vocab_digest(pq.read_table(bundle_dir / rundir.ITEMS, columns=["raw_id"])["raw_id"].to_pylist())
     if now != trained_on:
         raise RaykdError(f"{model_dir} was trained on item vocabulary {trained_on}, but {data_dir} now holds "
                          f"vocabulary {now} (the data was prepared again): a bundle of it would recommend the wrong "
@@ -163,8 +163,8 @@ def _read_json(path: Path) -> dict:
 
 def card(model_dir: Path, run_root: Path | None, bundle_dir: Path, fmt: str, with_histories: bool) -> str:
     """README.md of the bundle: what the model is, how well it does, how it was made, how to use it."""
-    desc = _read_json(bundle_dir / "model.json")
-    report = _read_json(run_root / "report.json") if run_root else {}
+    desc = _read_json(bundle_dir / rundir.MODEL_JSON)
+    report = _read_json(run_root / rundir.REPORT_JSON) if run_root else {}
     name = _report_name(model_dir, run_root)
     lines = [(f"# raykd model bundle: {desc['family']} {desc['dim']}x{desc['layers']} ({desc.get('params', 0):,} "
              f"parameters)\n"),
@@ -173,7 +173,7 @@ def card(model_dir: Path, run_root: Path | None, bundle_dir: Path, fmt: str, wit
     lines += _usage(desc, fmt, with_histories)
     lines += _data(_read_json(bundle_dir / "stats.json"))
     lines += _metrics(report, name)
-    lines += _distillation(_read_json(bundle_dir / "metrics.json"), run_root)
+    lines += _distillation(_read_json(bundle_dir / rundir.METRICS), run_root)
     lines += _provenance(desc, report, run_root)
     return "\n".join(lines) + "\n"
 
@@ -261,7 +261,7 @@ def _config(run_root: Path | None) -> dict:
     if run_root is None:
         return {}
     try:
-        return yaml.safe_load((run_root / "config.yaml").read_text()) or {}
+        return yaml.safe_load((run_root / rundir.CONFIG).read_text()) or {}
     except (OSError, yaml.YAMLError):
         return {}
 
@@ -282,11 +282,11 @@ def _provenance(desc: dict, report: dict, run_root: Path | None) -> list[str]:
 
 
 def _config_hash(run_root: Path | None) -> str | None:
-    if run_root is None or not (run_root / "config.yaml").exists():
+    if run_root is None or not (run_root / rundir.CONFIG).exists():
         return None
     from raykd.config import load_config, section_hash
 
     try:
-        return section_hash(load_config(run_root / "config.yaml"))
+        return section_hash(load_config(run_root / rundir.CONFIG))
     except RaykdError:
         return None

@@ -26,7 +26,7 @@ import os
 import time
 from pathlib import Path
 
-from raykd.core import console
+from raykd.core import console, rundir
 from raykd.core.errors import RaykdError
 
 UNKNOWN_SUFFIX = ".unknown_users.csv"
@@ -62,7 +62,6 @@ def main(args: argparse.Namespace) -> int:
     console.say(f"recommend: top-{args.k} from {model_dir} for {total:,} users, {len(chunks):,} chunks of "
                 f"{args.batch_size} on {args.workers} worker(s){' with a GPU each' if args.use_gpu else ''}")
     from raykd.cluster import runtime
-    from raykd.core import rundir
 
     t0 = time.perf_counter()
     with runtime.run_logs(rundir.logs_of(Path(args.run_dir), "recommend")):  # Ray's lines to the logs
@@ -106,9 +105,9 @@ def users_data_dir(run_dir: Path, model_dir: Path) -> Path:
     """The prepared users and histories: RUN_DIR/data, RUN_DIR itself (a bundle), else the model's run's data/."""
     from raykd.serve.recommender import find_data_dir
 
-    found = [c for c in (run_dir / "data", run_dir) if (c / "items.parquet").exists()]
+    found = [c for c in (run_dir / "data", run_dir) if (c / rundir.ITEMS).exists()]
     data = found[0] if found else find_data_dir(model_dir)
-    if not (data / "users.parquet").exists() or not list((data / "sequences").glob("part-*.parquet")):
+    if not (data / rundir.USERS).exists() or not list((data / "sequences").glob("part-*.parquet")):
         raise RaykdError(f"{data} holds no user histories (users.parquet and sequences/), and recommend scores the "
                          "users it knows: give a run directory, or a bundle exported with "
                          "`raykd export RUN_DIR --out DIR --with-histories`")
@@ -179,7 +178,7 @@ def match_users(raw: list, data_dir: Path) -> tuple[list[int], list]:
 
     from raykd.core import ids
 
-    users = pq.read_table(data_dir / "users.parquet", columns=["raw_id"])
+    users = pq.read_table(data_dir / rundir.USERS, columns=["raw_id"])
     int_users = pa.types.is_integer(users.schema.field("raw_id").type)
     index = {u: i for i, u in enumerate(users["raw_id"].to_pylist())}
     wanted, unknown, seen = [], [], set()
@@ -213,8 +212,8 @@ def schema(data_dir: Path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    user_type = pq.read_schema(data_dir / "users.parquet").field("raw_id").type
-    item_type = pq.read_schema(data_dir / "items.parquet").field("raw_id").type
+    user_type = pq.read_schema(data_dir / rundir.USERS).field("raw_id").type
+    item_type = pq.read_schema(data_dir / rundir.ITEMS).field("raw_id").type
     return pa.schema([("user_id", user_type), ("items", pa.list_(item_type)), ("scores", pa.list_(pa.float64()))])
 
 
@@ -235,7 +234,7 @@ class UserScorer:
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.rec = Recommender(model_dir, max_k=k, data_dir=data_dir, with_histories=False, device=device,
                                model_digest=digest)  # every actor the version the driver saw
-        self.raw_users = pq.read_table(Path(data_dir) / "users.parquet", columns=["raw_id"])["raw_id"]
+        self.raw_users = pq.read_table(Path(data_dir) / rundir.USERS, columns=["raw_id"])["raw_id"]
         self.schema = schema(Path(data_dir))
         self.k, self.exclude = k, exclude_seen
         self.cached: tuple = (None, None)  # the last shard read: a shard's chunks arrive in order
@@ -298,7 +297,7 @@ def ray_config(run_dir: Path):
     """The run's `ray` section (config.yaml) when it has one, else the defaults."""
     from raykd.config import RayConfig, load_config
 
-    path = run_dir / "config.yaml"
+    path = run_dir / rundir.CONFIG
     if path.is_file():
         try:
             return load_config(path).ray

@@ -36,7 +36,7 @@ from raykd.core.errors import RaykdError
 MIN_ROWS = 8  # rows of the smallest forward pass (see Recommender._scores)
 TOPK_BLOCK = 128  # columns per block of top_k's first step
 DEFAULT_K = 10  # a request's k when it gives none (at most the deployment's max_k)
-MODEL_FILES = ("model.safetensors", "model.json", "metrics.json", rundir.MANIFEST)  # read as one version
+MODEL_FILES = (rundir.WEIGHTS, rundir.MODEL_JSON, rundir.METRICS, rundir.MANIFEST)  # read as one version
 
 
 def _valid_text(raw: str) -> str:
@@ -187,10 +187,10 @@ class Recommender:
                                  "to serve the new model, so that every replica serves the same one")
             self.model, self.desc = models.load_model(snap, self.device)
             manifest = rundir.read_manifest(Path(snap))
-            self.metrics = _read_metrics(Path(snap) / "metrics.json")
+            self.metrics = _read_metrics(Path(snap) / rundir.METRICS)
         self.max_k, self.max_history = max_k, max_history
         data_dir = Path(data_dir) if data_dir is not None else find_data_dir(self.model_dir)
-        items = pq.read_table(data_dir / "items.parquet")
+        items = pq.read_table(data_dir / rundir.ITEMS)
         if items.num_rows != self.desc["num_items"]:
             raise RaykdError(f"{self.model_dir} scores {self.desc['num_items']:,} items but the vocabulary "
                              f"{data_dir / 'items.parquet'} has {items.num_rows:,}: the model was trained on other "
@@ -204,7 +204,7 @@ class Recommender:
                              f"{data_dir / 'items.parquet'} holds (digest {now}; the data was prepared again, or "
                              f"items.parquet was replaced): its answers would name the wrong items. {fix}")
         self.int_items = pa.types.is_integer(items.schema.field("raw_id").type)
-        users = data_dir / "users.parquet"
+        users = data_dir / rundir.USERS
         self.int_users = users.exists() and pa.types.is_integer(pq.read_schema(users).field("raw_id").type)
         self.raw_items = [None, *items["raw_id"].to_pylist()]
         self.index = {raw: i for i, raw in enumerate(self.raw_items) if i}
@@ -386,7 +386,7 @@ def find_data_dir(model_dir: Path) -> Path:
     """Where the item vocabulary is: the model folder itself (a bundle) or its run's `data/`."""
     # a model folder: teacher/, tune/best/, or kd_curve/d<width>/student/ three levels down
     for candidate in (model_dir, *(model_dir.parents[i] / "data" for i in range(min(3, len(model_dir.parents))))):
-        if (candidate / "items.parquet").exists():
+        if (candidate / rundir.ITEMS).exists():
             return candidate
     raise RaykdError(f"no item vocabulary (items.parquet) next to {model_dir} or in its run's data/: give the "
                      "run directory the model was trained in, or a bundle from `raykd export RUN_DIR --out DIR`")
@@ -395,7 +395,7 @@ def find_data_dir(model_dir: Path) -> Path:
 def check_bundle(folder: Path) -> None:
     """A bundle (it has manifest.json) must hold every file its manifest lists."""
     try:
-        listed = json.loads((folder / "manifest.json").read_text()).get("files", {})
+        listed = json.loads((folder / rundir.MANIFEST).read_text()).get("files", {})
     except (OSError, ValueError):
         return  # not a bundle: a model folder of a run
     missing = sorted(name for name in listed if not (folder / name).exists())
@@ -411,10 +411,10 @@ def full_history(train: np.ndarray, valid: int, test: int) -> np.ndarray:
 
 def _user_histories(data_dir: Path) -> dict:
     """Raw user id -> full known history (train + valid + test) as item indices, if prepared."""
-    if not (data_dir / "users.parquet").exists() or not (data_dir / "sequences").exists():
+    if not (data_dir / rundir.USERS).exists() or not (data_dir / "sequences").exists():
         return {}
     split = sequences.read_split(data_dir)
-    raw_users = pq.read_table(data_dir / "users.parquet")["raw_id"].to_pylist()
+    raw_users = pq.read_table(data_dir / rundir.USERS)["raw_id"].to_pylist()
     return {raw_users[u]: full_history(t, v, s)
             for u, t, v, s in zip(split["user"], split["train"], split["valid"], split["test"])}
 

@@ -39,7 +39,7 @@ def run(cfg: Config) -> dict:
     root = Path(cfg.output_dir)
     out = root / rundir.ITEM_TEXT
     data_key = rundir.require(root, rundir.DATA, "embed-items")
-    items = pq.read_table(root / rundir.DATA / "items.parquet").to_pandas()
+    items = pq.read_table(root / rundir.DATA / rundir.ITEMS).to_pandas()
     texts = item_texts(cfg)
     # the prepared data's key too: items re-prepared with the same count are other items
     key = f"{cfg.teacher.text_encoder}-{data_key}-{hash_texts(texts)}"

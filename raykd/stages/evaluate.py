@@ -52,7 +52,7 @@ def run(cfg: Config) -> dict:
     data_dir = root / rundir.DATA
     split = sequences.read_split(data_dir)
     hist, targets, seen = sequences.eval_inputs(split, "test")
-    counts = pq.read_table(data_dir / "items.parquet", columns=["count"])["count"].to_numpy()
+    counts = pq.read_table(data_dir / rundir.ITEMS, columns=["count"])["count"].to_numpy()
     exclude = cfg.serve.exclude_seen
     protocol = Protocol(seen if exclude else None, exclude)
     repeats = np.fromiter((t in set(h.tolist()) for h, t in zip(hist, targets)), bool, len(targets))
@@ -73,7 +73,7 @@ def run(cfg: Config) -> dict:
             m["repeat_aware"] = metrics.evaluate_model(model, hist, targets, None)
         m["params"], m["dim"] = models.count_params(model), desc["dim"]
         m["latency_ms_256"] = metrics.scoring_latency_ms(model, desc["max_len"], desc["num_items"])
-        train_info = _read_json(root / name / "metrics.json")
+        train_info = _read_json(root / name / rundir.METRICS)
         m["valid_ndcg@10"] = train_info.get("valid", {}).get("ndcg@10")
         m["best_epoch"], m["epochs_run"] = train_info.get("best_epoch"), train_info.get("epochs_run")
         m["history"] = [{"epoch": h["epoch"], "ndcg@10": h["ndcg@10"]} for h in train_info.get("history", [])]

@@ -337,8 +337,8 @@ def write(result: dict, out: Path, num_shards: int | None) -> None:
     # popularity from training positions only, so the most-popular baseline never sees test items
     counts = np.bincount(items[is_train], minlength=len(result["item_raw"]) + 1)[1:]
     pq.write_table(pa.table({"index": pa.array(np.arange(users, dtype=np.int32)),
-                             "raw_id": result["user_raw"]}), out / "users.parquet")
+                             "raw_id": result["user_raw"]}), out / rundir.USERS)
     pq.write_table(pa.table({"index": pa.array(np.arange(1, len(counts) + 1, dtype=np.int32)),
                              "raw_id": result["item_raw"], "count": pa.array(counts)}),
-                   out / "items.parquet")
+                   out / rundir.ITEMS)
     (out / "stats.json").write_text(json.dumps(result["stats"], indent=2))

@@ -86,7 +86,7 @@ def import_external(path: Path, data_dir: Path, out: Path, upstream: dict) -> di
 
 def _teacher_meta(teacher_dir: Path) -> dict:
     try:
-        return json.loads((teacher_dir / "model.json").read_text())
+        return json.loads((teacher_dir / rundir.MODEL_JSON).read_text())
     except OSError:
         raise RaykdError(f"no teacher in {teacher_dir}: run `raykd teacher CONFIG` first") from None
 

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from raykd.core import checkpoints, losses, metrics, models, sampled_losses, sequences, text
+from raykd.core import checkpoints, losses, metrics, models, rundir, sampled_losses, sequences, text
 from raykd.training.spec import RunSpec
 
 VAL_KEYS = ("ndcg@10", "hr@10", "mrr@10", "ndcg@20", "hr@20")  # what every run records per epoch
@@ -76,7 +76,7 @@ def load_vectors(path: str | Path) -> np.ndarray:
 
 def item_log_q(data_dir: str | Path) -> list[float]:
     """log of each item's share of training interactions (add-one smoothed; entry 0 = padding)."""
-    counts = pq.read_table(Path(data_dir) / "items.parquet", columns=["count"])["count"].to_numpy()
+    counts = pq.read_table(Path(data_dir) / rundir.ITEMS, columns=["count"])["count"].to_numpy()
     q = np.concatenate([[1.0], counts + 1.0])
     return np.log(q / q.sum()).tolist()
 

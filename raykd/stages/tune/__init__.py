@@ -123,7 +123,7 @@ def search_key(cfg: Config, upstream: str) -> str:
 
 def trial_estimate_s(run_dir: Path, cfg: Config) -> float:
     """Seconds one trial takes at least: start-up plus the configured epochs at the student's pace."""
-    info = read_json(run_dir / "student" / "metrics.json")
+    info = read_json(run_dir / "student" / rundir.METRICS)
     seconds = [h["seconds"] for h in info.get("history", [])]
     floor = _startup_s(cfg)
     if not seconds:
@@ -140,7 +140,7 @@ def _startup_s(cfg: Config) -> float:
 
 
 def _estimate_basis(run_dir: Path, cfg: Config) -> str:
-    if (run_dir / "student" / "metrics.json").exists():
+    if (run_dir / "student" / rundir.METRICS).exists():
         return "start-up plus the configured epochs at the pace of the distilled student in student/metrics.json"
     return f"start-up alone, about {_startup_s(cfg):.0f} s; no student trained yet to time an epoch"
 

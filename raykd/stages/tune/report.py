@@ -13,6 +13,7 @@ import yaml
 
 from raykd.cluster import train
 from raykd.config import Config
+from raykd.core import rundir
 from raykd.core.errors import RaykdError
 from raykd.stages.tune.space import apply_values, config_value
 from raykd.training.spec import RunSpec
@@ -151,7 +152,7 @@ def analyse(cfg: Config, out: Path, key: str, spec: RunSpec) -> dict:
     table.loc[ok, "pareto"] = pareto_front(table.loc[ok, "val_ndcg@10"], table.loc[ok, size_col])
     win, why = pick_winner(table, tc.objective, size_col, tc.max_quality_drop)
     table["winner"] = table.index == win
-    teacher = read_json(out.parent / "teacher" / "model.json").get("params")
+    teacher = read_json(out.parent / "teacher" / rundir.MODEL_JSON).get("params")
     if teacher:
         table["params_vs_teacher"] = table["params"] / teacher
     table.to_parquet(out / "trials.parquet", index=False)
