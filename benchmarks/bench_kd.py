@@ -11,7 +11,7 @@ run directory; `--report-only` then summarises whatever has finished. Every mode
 own Ray-free loop (`raykd.training.loop.fit_local`: the same step, epoch, validation and early stopping as
 the Ray Train stages) and saved under `<run>/bench_kd/seed<N>/`, so an interrupted benchmark
 resumes where it stopped. Per seed: each teacher, its soft labels (top-K + rest log-mass), then per
-width a KD student and its no-KD twin (same size, budget and seed). Protocol of GUIDE.md:
+width a KD student and its no-KD twin (same size, budget and seed). Protocol (README, "Evaluation protocol"):
 leave-one-out, full ranking, history excluded, checkpoints chosen on validation, test read once
 per final model, paired differences over users; the rare bucket is test targets seen <= 5 times
 in training.

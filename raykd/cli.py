@@ -148,7 +148,8 @@ def _serve(args: argparse.Namespace) -> int:
     extra = [f"serve.host={args.host}"] if args.host else []
     extra += [f"serve.port={args.port}"] if args.port else []
     cfg = load_config(args.config, [*args.overrides, *extra])
-    from raykd.cluster.runtime import ensure_ray, run_logs
+    from raykd.cluster.output import run_logs
+    from raykd.cluster.runtime import ensure_ray
     from raykd.core.rundir import logs_of
 
     check_servable(args.path, cfg.serve)  # a missing, stale or broken model: said before Ray starts

@@ -76,7 +76,9 @@ def main(stage: str, argv: list[str] | None = None) -> int:
             from raykd.cli import check_servable
 
             check_servable(args.path or str(run_dir), cfg.serve)  # a stale or broken model: before Ray too
-        from raykd.cluster.runtime import check_shared_storage, describe_placement, ensure_ray
+        from raykd.cluster.placement import describe_placement
+        from raykd.cluster.runtime import ensure_ray
+        from raykd.cluster.storage import check_shared_storage
 
         ensure_ray(cfg.ray)
         check_shared_storage(run_dir)

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raykd.cluster.runtime import DRIVER_RESOURCE
+from raykd.cluster.needs import DRIVER_RESOURCE
 from raykd.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -284,7 +284,8 @@ def test_find_cluster_order(monkeypatch):
 
 def test_placement_summary_and_warnings(ray_session, capsys):
     from raykd import stages
-    from raykd.cluster.runtime import check_shared_storage, describe_placement
+    from raykd.cluster.placement import describe_placement
+    from raykd.cluster.storage import check_shared_storage
 
     ok = load_config("configs/quickstart.yaml", ["tune.enabled=false"])
     assert describe_placement(ok, stages.needs(ok)) == []

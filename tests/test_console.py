@@ -1,4 +1,4 @@
-"""The console (raykd.core.console, raykd.cluster.runtime.run_logs), `raykd init`, the bundled configs and stale reports.
+"""The console (raykd.core.console, raykd.cluster.output.run_logs), `raykd init`, the bundled configs and stale reports.
 
 No training here: worker output is fed to the log router as Ray would forward it, and stale
 reports are made from hand-written manifests.
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from raykd import cli
-from raykd.cluster import runtime
+from raykd.cluster import output
 from raykd.config import load_config
 from raykd.core import console, rundir, staleness
 
@@ -34,8 +34,8 @@ def test_worker_lines_reach_the_console_as_raykds_and_ray_output_goes_to_the_log
     batch = {"pid": 42, "ip": "10.0.0.1", "localhost": "10.0.0.1", "actor_name": "TrainController", "is_err": False,
              "lines": [f"{console.MARK}teacher: epoch 1/2 loss 4.0", "Requesting resources: {'CPU': 1.0} * 1",
                        f"{console.MARK_DETAIL}teacher: epoch 2/2 loss 3.9", "Traceback (most recent call last):"]}
-    with runtime.run_logs(tmp_path / "logs"):
-        runtime._route_worker_output(batch)
+    with output.run_logs(tmp_path / "logs"):
+        output._route_worker_output(batch)
     assert capsys.readouterr().out == "teacher: epoch 1/2 loss 4.0\n"
     workers = (tmp_path / "logs" / "ray-workers.log").read_text()
     assert "(TrainController pid=42) Requesting resources" in workers and "Traceback" in workers
@@ -48,8 +48,8 @@ def test_verbose_shows_ray_output_and_detail_lines(tmp_path, capsys, level):
     level(console.VERBOSE)
     batch = {"pid": 7, "ip": "a", "localhost": "a", "task_name": "fit", "is_err": False,
              "lines": [f"{console.MARK_DETAIL}student: epoch 2/9", "Setting up process group"]}
-    with runtime.run_logs(tmp_path / "logs"):
-        runtime._route_worker_output(batch)
+    with output.run_logs(tmp_path / "logs"):
+        output._route_worker_output(batch)
     out = capsys.readouterr().out
     assert "student: epoch 2/9" in out and "(fit pid=7) Setting up process group" in out
 
@@ -75,13 +75,13 @@ def test_no_colour_codes_off_a_terminal(tmp_path, monkeypatch):
 
 
 def test_ray_python_logs_warnings_and_native_stderr_go_to_files(tmp_path):
-    with runtime._python_logs(tmp_path / "driver.log", verbose=False):
+    with output._python_logs(tmp_path / "driver.log", verbose=False):
         logging.getLogger("ray.data").info("Dataset execution finished")
         logging.getLogger("ray").warning("Token authentication is enabled")
         warnings.warn("a deprecated option", DeprecationWarning, stacklevel=1)
     text = (tmp_path / "driver.log").read_text()
     assert "execution finished" in text and "Token authentication" in text and "deprecated option" in text
-    with runtime._native_stderr(tmp_path / "native.log"):
+    with output._native_stderr(tmp_path / "native.log"):
         os.write(2, b"[E core_worker.cc:2465] an actor warning\n")
     assert "core_worker.cc" in (tmp_path / "native.log").read_text()
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
 import shutil
 import tempfile
 import time
@@ -32,9 +31,10 @@ import torch.distributed as dist
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from raykd.cluster import ray_private, tracking
 from raykd.cluster import task as train_task
-from raykd.cluster import tracking
-from raykd.cluster.runtime import DRIVER_RESOURCE, own_signal_handlers
+from raykd.cluster.needs import DRIVER_RESOURCE
+from raykd.cluster.runtime import own_signal_handlers
 from raykd.config import TrainConfig
 from raykd.core import checkpoints, console, metrics, models, rundir, sequences, staleness
 from raykd.core.errors import RaykdError
@@ -87,8 +87,8 @@ def fit(spec: RunSpec, run_dir: Path, before_epoch: Callable[[int], None] | None
 
 
 def parallel_runs(train_cfg: TrainConfig) -> int:
-    """Training runs of this size that fit at once; TorchTrainer runs leave one CPU free for Ray Data
-    (GUIDE.md section 4)."""
+    """Training runs of this size that fit at once; TorchTrainer runs leave one CPU free for Ray Data,
+    whose read tasks would otherwise wait forever behind the Train workers."""
     res = ray.cluster_resources()
     if train_cfg.use_gpu:
         fits = int(res.get("GPU", 0) // train_cfg.num_workers)
@@ -253,7 +253,7 @@ def train_loop(config: dict) -> None:
     checkpoints. The loop is raykd.training.loop.EpochRunner's; this driver adds the worker's shard of the
     windows, validation summed over ranks, and Ray Train's reports and checkpoints."""
     spec, data_dir = config["spec"], config["data_dir"]
-    _quiet_ray_train_logs()
+    ray_private.quiet_ray_train_logs()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if rank != 0:
@@ -286,17 +286,6 @@ def train_loop(config: dict) -> None:
         return _report(entry, runner, rank, due)
 
     runner.run(report)
-
-
-def _quiet_ray_train_logs() -> None:
-    """Ray Train logs every report and checkpoint path at INFO on each worker; the loop prints
-    one line per epoch instead. Private loggers (one is named after its file): best effort."""
-    try:
-        from ray.train.v2._internal.execution import context, storage
-    except ImportError:
-        return
-    for module in (context, storage):
-        module.logger.setLevel(logging.WARNING)
 
 
 def _validate(core, split, users, device, world) -> dict:

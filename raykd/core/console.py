@@ -4,7 +4,7 @@ Three levels, set once by the entry point (`raykd -q/-v`): QUIET (warnings, erro
 result line), NORMAL (raykd's own progress lines) and VERBOSE (every epoch, plus Ray's worker and
 library logs on the console as Ray prints them). Whatever the level, a run's lines are kept in
 `<run>/logs/raykd.log` (`capture`), and Ray's output in the other files of `<run>/logs/`
-(raykd.cluster.runtime.run_logs).
+(raykd.cluster.output.run_logs).
 
 Lines printed inside Ray workers (the Train controller's epoch lines, a training run driven by a
 Ray task) reach the driver through Ray's log forwarding. `say` marks them (`MARK`) so that the

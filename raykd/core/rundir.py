@@ -60,7 +60,7 @@ CONFIG = "config.yaml"
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 LOCK = ".lock"
-LOGS = "logs"  # raykd.log and Ray's output (runtime.run_logs)
+LOGS = "logs"  # raykd.log and Ray's output (raykd.cluster.output.run_logs)
 
 
 # ---------------------------------------------------------------- names
@@ -94,13 +94,23 @@ def check_output_dir(root: str | Path) -> Path:
 # ---------------------------------------------------------------- manifests
 
 def versions() -> dict:
-    def of(package: str) -> str | None:
+    """The versions of raykd, torch, Ray and Python here (manifests, reports and model cards record them)."""
+    def of(package: str) -> str:
         try:
             return version(package)
         except PackageNotFoundError:
-            return None
+            return "not installed"
 
     return {"raykd": of("raykd"), "torch": of("torch"), "ray": of("ray"), "python": platform.python_version()}
+
+
+def read_json(path: str | Path) -> dict:
+    """A JSON object from `path`, or {} when it is missing, unreadable or not an object."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def write_manifest(folder: Path, key: str, upstream: dict | None = None, config_hash: str = "", **info) -> dict:
@@ -113,11 +123,7 @@ def write_manifest(folder: Path, key: str, upstream: dict | None = None, config_
 
 def read_manifest(folder: Path) -> dict:
     """An artifact's manifest, or {} when it is missing or unreadable (an incomplete artifact)."""
-    try:
-        data = json.loads((Path(folder) / MANIFEST).read_text())
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
+    return read_json(Path(folder) / MANIFEST)
 
 
 def key_of(folder: Path) -> str | None:

@@ -28,7 +28,7 @@ def changed_since(root: Path) -> list[str]:
     Compares the keys the report stored with the artifacts on disk: a model trained again, a
     model the report never saw (tune/best/ after a first `raykd tune`), a model deleted since.
     """
-    report = _read(Path(root) / rundir.REPORT_JSON)
+    report = rundir.read_json(Path(root) / rundir.REPORT_JSON)
     scored = report.get("models")
     if not isinstance(scored, dict):
         return []
@@ -58,16 +58,9 @@ def mark_stale(root: Path) -> list[str]:
     banner = (f"{STALE}: this report is older than the models it describes: {'; '.join(reasons)}. "
               "Run `raykd evaluate CONFIG` to refresh it.")
     md_path.write_text(f"{banner}\n\n{body}")
-    report = _read(json_path)
+    report = rundir.read_json(json_path)
     if report:
         report["stale"] = reasons
         json_path.write_text(json.dumps(report, indent=2))
     return reasons
 
-
-def _read(path: Path) -> dict:
-    try:
-        data = json.loads(Path(path).read_text())
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}

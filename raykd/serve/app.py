@@ -106,16 +106,9 @@ async def _read_body(request: Request, limit: int) -> bytes | None:
 
 def _proxy_host() -> str | None:
     """The address Serve's HTTP proxies bind (None: Serve not running or not reachable)."""
-    import ray
-    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+    from raykd.cluster import ray_private
 
-    if not ray.is_initialized():
-        return None
-    try:
-        controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
-        return ray.get(controller.get_http_config.remote(), timeout=30).host
-    except (ValueError, ray.exceptions.RayError):
-        return None
+    return ray_private.serve_proxy_host()
 
 
 @serve.deployment(name="recommender")

@@ -18,7 +18,6 @@ This module is imported to build the CLI: torch is imported inside `main` only.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import tempfile
@@ -67,7 +66,7 @@ def main(args: argparse.Namespace) -> int:
         bundle.write_manifest(tmp, {"format": args.format, "with_histories": args.with_histories,
                                     "source": {"model": str(model_dir), "data": str(data_dir)},
                                     **({"vocab_digest": vocab} if vocab else {}),
-                                    "parity": check, "versions": versions()})
+                                    "parity": check, "versions": rundir.versions()})
         tmp.chmod(0o755)  # mkdtemp makes it owner-only; a bundle is read by servers and jobs
         bundle.sync_files(tmp)
         _place(tmp, out)
@@ -138,42 +137,22 @@ def _place(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def versions() -> dict:
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
-
-    def ver(package: str) -> str:
-        try:
-            return version(package)
-        except PackageNotFoundError:
-            return "not installed"
-
-    return {"raykd": ver("raykd"), "ray": ver("ray"), "torch": ver("torch"), "python": platform.python_version()}
-
-
 # ---------------------------------------------------------------- the model card
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def card(model_dir: Path, run_root: Path | None, bundle_dir: Path, fmt: str, with_histories: bool) -> str:
     """README.md of the bundle: what the model is, how well it does, how it was made, how to use it."""
-    desc = _read_json(bundle_dir / rundir.MODEL_JSON)
-    report = _read_json(run_root / rundir.REPORT_JSON) if run_root else {}
+    desc = rundir.read_json(bundle_dir / rundir.MODEL_JSON)
+    report = rundir.read_json(run_root / rundir.REPORT_JSON) if run_root else {}
     name = _report_name(model_dir, run_root)
     lines = [(f"# raykd model bundle: {desc['family']} {desc['dim']}x{desc['layers']} ({desc.get('params', 0):,} "
              f"parameters)\n"),
              (f"Exported from `{model_dir}` ({name or 'a model folder'}); format `{fmt}`"
              f"{', with user histories' if with_histories else ''}.\n")]
     lines += _usage(desc, fmt, with_histories)
-    lines += _data(_read_json(bundle_dir / "stats.json"))
+    lines += _data(rundir.read_json(bundle_dir / "stats.json"))
     lines += _metrics(report, name)
-    lines += _distillation(_read_json(bundle_dir / rundir.METRICS), run_root)
+    lines += _distillation(rundir.read_json(bundle_dir / rundir.METRICS), run_root)
     lines += _provenance(desc, report, run_root)
     return "\n".join(lines) + "\n"
 
@@ -270,7 +249,7 @@ def _provenance(desc: dict, report: dict, run_root: Path | None) -> list[str]:
     meta = report.get("meta", {})
     config_hash = meta.get("config_hash") or _config_hash(run_root) or "unknown (no config.yaml)"
     trained = meta.get("versions", {})
-    now = versions()
+    now = rundir.versions()
     lines = ["## Provenance\n", (f"- config hash `{config_hash}`{', run ' + repr(meta['name']) if meta.get('name') else ''}"
              f"{', seed ' + str(meta['seed']) if 'seed' in meta else ''}"),
              f"- model fingerprint `{desc.get('fingerprint')}`",

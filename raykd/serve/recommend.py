@@ -61,10 +61,10 @@ def main(args: argparse.Namespace) -> int:
         report_unknown(unknown, total, args.out)
     console.say(f"recommend: top-{args.k} from {model_dir} for {total:,} users, {len(chunks):,} chunks of "
                 f"{args.batch_size} on {args.workers} worker(s){' with a GPU each' if args.use_gpu else ''}")
-    from raykd.cluster import runtime
+    from raykd.cluster import output
 
     t0 = time.perf_counter()
-    with runtime.run_logs(rundir.logs_of(Path(args.run_dir), "recommend")):  # Ray's lines to the logs
+    with output.run_logs(rundir.logs_of(Path(args.run_dir), "recommend")):  # Ray's lines to the logs
         tables = score(chunks, model_dir, data_dir, args) if chunks else iter(())  # no user: no Ray
         written = write(tables, schema(data_dir), Path(args.out), total, t0)
     seconds = time.perf_counter() - t0

@@ -9,7 +9,7 @@ names) and the cluster resources it asks for (the placement summary).
 stages.run(cfg)` runs the pipeline, `stages.run(cfg, ["distill"])` one stage). In order it: checks
 the run directory and the inputs of the first stage asked for (a missing upstream artifact is an
 error that names the command to run, before Ray starts), locks the run directory, sends Ray's own
-output to `<run>/logs/` (raykd.cluster.runtime.run_logs: the console keeps raykd's lines), writes
+output to `<run>/logs/` (raykd.cluster.output.run_logs: the console keeps raykd's lines), writes
 `config.yaml`, starts or joins Ray once (`cfg.ray`), prints the placement, then runs each stage.
 A stage first forgets what it recorded before; in the pipeline a stage the config turns off (tune
 with `tune.enabled: false`, embed_items without item text) forgets its outputs without running, so
@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from raykd.cluster.placement import Need
+from raykd.cluster.needs import Need
 from raykd.config import Config, TrainConfig
 from raykd.core import rundir
 from raykd.core.errors import RaykdError
@@ -173,7 +173,9 @@ def run(cfg: Config, names: list[str] | None = None, on_done: Callable[[str, obj
 
     `on_done(name, result, seconds)` is called after each stage (the pipeline's timing table).
     """
-    from raykd.cluster.runtime import LOG_DIR, describe_placement, ensure_ray, run_logs
+    from raykd.cluster.output import LOG_DIR, run_logs
+    from raykd.cluster.placement import describe_placement
+    from raykd.cluster.runtime import ensure_ray
     from raykd.core import console
 
     chosen = [get(n) for n in names] if names is not None else STAGES

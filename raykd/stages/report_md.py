@@ -12,8 +12,6 @@ STALE when a model is trained again after it.
 from __future__ import annotations
 
 import datetime
-import platform
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from raykd.config import Config, section_hash
@@ -24,16 +22,9 @@ TRAINED = ("teacher", "student", "student_nokd", "tune_best")
 
 
 def metadata(cfg: Config) -> dict:
-    def ver(package: str) -> str:
-        try:
-            return version(package)
-        except PackageNotFoundError:
-            return "not installed"
-
     return {"config_hash": section_hash(cfg), "name": cfg.name, "seed": cfg.seed,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "versions": {"raykd": ver("raykd"), "ray": ver("ray"), "torch": ver("torch"),
-                         "python": platform.python_version()}}
+            "versions": rundir.versions()}
 
 
 def warnings(report: dict) -> list[str]:

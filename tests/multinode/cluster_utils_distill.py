@@ -73,7 +73,9 @@ def start_cluster(head: dict, worker: dict, attempts: int = 3) -> Cluster:
 
 def main() -> int:
     from raykd import stages
-    from raykd.cluster.runtime import DRIVER_RESOURCE, describe_placement, ensure_ray
+    from raykd.cluster.needs import DRIVER_RESOURCE
+    from raykd.cluster.placement import describe_placement
+    from raykd.cluster.runtime import ensure_ray
     from raykd.config import load_config
     from raykd.core import models, rundir, sequences
     from raykd.stages import distill, prepare, soft_labels

@@ -23,7 +23,8 @@ How a search runs (Ray 2.60, Train V2):
   `TuneReportCallback` forwards every epoch's Train report (val NDCG@10 and the checkpoint path)
   to Tune. That trial driver claims only the zero-CPU custom resource `DRIVER_RESOURCE`, so CPUs
   go to Train workers (`tune.cpus_per_trial` each) and at least one whole CPU stays free for Ray
-  Data (GUIDE.md section 4).
+  Data's read tasks: a trial driver or Train worker holding every CPU leaves Ray Data waiting
+  forever (the deadlock a 2-core machine hits first).
 - `OptunaSearch` (TPE, seeded) proposes values; in `objective: pareto` it is multi-objective
   (maximise val NDCG@10, minimise params or latency). `ASHAScheduler` stops trials that are behind
   at `grace_period`, 2x, 4x ... epochs in `objective: ndcg`; pareto mode runs every trial to the
@@ -53,13 +54,14 @@ import numpy as np
 from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
-from raykd.cluster import tracking
-from raykd.cluster.runtime import DRIVER_RESOURCE, own_signal_handlers
+from raykd.cluster import ray_private, tracking
+from raykd.cluster.needs import DRIVER_RESOURCE
+from raykd.cluster.runtime import own_signal_handlers
 from raykd.config import Config, TuneConfig, section_hash
 from raykd.core import console, rundir
 from raykd.core.errors import RaykdError
 from raykd.stages.tune import trial as tune_trial
-from raykd.stages.tune.report import METRIC, SIZE_METRICS, analyse, experiment_trials, fmt, read_json
+from raykd.stages.tune.report import METRIC, SIZE_METRICS, analyse, experiment_trials, fmt
 from raykd.stages.tune.space import configured_point, parse_space
 from raykd.stages.tune.trial import run_trial, shared_windows, trial_spec
 from raykd.training.plan import kd_settings
@@ -88,14 +90,14 @@ def run(cfg: Config) -> dict:
     _, upstream = kd_settings(cfg, "tune")
     out = run_dir / rundir.TUNE
     key = search_key(cfg, "-".join(f"{k}:{v}" for k, v in sorted(upstream.items())))
-    summary = read_json(out / "summary.json")
+    summary = rundir.read_json(out / "summary.json")
     if (summary.get("key") == key and summary.get("max_quality_drop") == tc.max_quality_drop
             and rundir.key_of(run_dir / rundir.TUNE_BEST) is not None):
         print(f"tune: reusing {out} (same search settings and inputs): winner {summary['winner']['trial_id']}, "
               f"val NDCG@10 {summary['winner']['val_ndcg@10']:.4f}", flush=True)
         summary = {**summary, "reused": True}
     else:
-        if not (read_json(out / "search.json").get("key") == key and _complete(out / "search", tc)):
+        if not (rundir.read_json(out / "search.json").get("key") == key and _complete(out / "search", tc)):
             _search(cfg, space, run_dir, out, key)
         summary = analyse(cfg, out, key, trial_spec(cfg, rundir.TUNE_BEST, upstream))
     rundir.record(run_dir, rundir.TUNE_BEST, "tune", list(upstream))
@@ -123,7 +125,7 @@ def search_key(cfg: Config, upstream: str) -> str:
 
 def trial_estimate_s(run_dir: Path, cfg: Config) -> float:
     """Seconds one trial takes at least: start-up plus the configured epochs at the student's pace."""
-    info = read_json(run_dir / "student" / rundir.METRICS)
+    info = rundir.read_json(run_dir / "student" / rundir.METRICS)
     seconds = [h["seconds"] for h in info.get("history", [])]
     floor = _startup_s(cfg)
     if not seconds:
@@ -155,7 +157,7 @@ def _search(cfg: Config, space: dict, run_dir: Path, out: Path, key: str) -> Non
     cpus = _trial_cpus(cfg, here)
     exp_dir = out / "search"
     trainable = _trainable(cfg, space, run_dir, out, cpus, here)
-    restoring = read_json(out / "search.json").get("key") == key and tune.Tuner.can_restore(str(exp_dir))
+    restoring = rundir.read_json(out / "search.json").get("key") == key and tune.Tuner.can_restore(str(exp_dir))
     n = tc.num_samples
     if restoring:
         done = sum(1 for t in experiment_trials(exp_dir) if t.status in ("TERMINATED", "ERROR"))
@@ -208,7 +210,7 @@ def _search(cfg: Config, space: dict, run_dir: Path, out: Path, key: str) -> Non
     with own_signal_handlers():  # Tune's Ctrl-C handler (save and stop this search) ends with it
         tuner.fit()
     seconds = time.perf_counter() - t0
-    info = read_json(out / "search.json")
+    info = rundir.read_json(out / "search.json")
     info["seconds"] = info.get("seconds", 0.0) + seconds
     (out / "search.json").write_text(json.dumps(info, indent=2))
     if not _complete(exp_dir, tc):
@@ -224,43 +226,10 @@ def _trainable(cfg: Config, space: dict, run_dir: Path, out: Path, cpus: float, 
 
     setup = {"base": cfg.model_dump(mode="json"), "run_dir": str(run_dir), "storage": str(out / "train"),
              "cpus_per_worker": cpus, "seed": cfg.seed, "in_process": here}
-    if not here:  # the trial driver takes no CPU, only the zero-CPU custom resource (GUIDE.md section 4)
+    if not here:  # the trial driver takes no CPU, only the zero-CPU custom resource (a CPU-holding driver would starve its own workers)
         return tune.with_resources(tune.with_parameters(run_trial, setup=setup), {DRIVER_RESOURCE: 1})
     setup["windows"] = shared_windows(cfg, space)
     return tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"CPU": cpus})
-
-
-def release_orphaned_placement_groups() -> int:
-    """Remove placement groups of this job whose creator (a Train controller) has died.
-
-    When ASHA stops a trial, Tune ends the trial actor and the Train controller it owns dies
-    with it; Train's detached PlacementGroupCleaner then removes the worker group's placement
-    group through the State API. Where that API cannot be reached (dashboard off, or several
-    local Ray instances on one machine, so that it cannot tell which one is meant) the group
-    keeps its CPUs until the driver exits and later trials wait forever. This does the same
-    cleanup from the Tune driver. Reads the GCS table directly (no public API exposes the
-    creator's liveness); on any error it does nothing.
-    """
-    import ray
-
-    try:
-        from ray._private.state import state
-        from ray.core.generated import gcs_pb2
-        from ray.util.placement_group import PlacementGroup, remove_placement_group
-
-        job = ray.get_runtime_context().get_job_id()
-        removed = 0
-        for raw in state._connect_and_get_accessor().get_placement_group_table():
-            pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
-            # a driver-created group (Tune's trial groups) has no creator actor and counts as "dead"
-            by_actor = not ray.ActorID(pg.creator_actor_id).is_nil()
-            if (by_actor and pg.creator_actor_dead and pg.state != gcs_pb2.PlacementGroupTableData.REMOVED
-                    and not pg.is_detached and pg.creator_job_id.hex() == job):
-                remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
-                removed += 1
-        return removed
-    except Exception:  # noqa: BLE001 - a safety net only: Train's own cleaner is the first line
-        return 0
 
 
 def _trial_cpus(cfg: Config, in_process: bool) -> float:
@@ -323,7 +292,7 @@ class Progress(Callback):
     def on_step_end(self, iteration, trials, **info):
         if time.monotonic() - self.last_sweep > 3.0:
             self.last_sweep = time.monotonic()
-            released = release_orphaned_placement_groups()
+            released = ray_private.release_orphaned_placement_groups()
             if released:
                 print(f"tune: released {released} placement group(s) left by stopped trials", flush=True)
 

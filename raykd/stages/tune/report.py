@@ -95,7 +95,7 @@ def trials_table(exp_dir: Path, cfg: Config) -> pd.DataFrame:
         # the configured student (the search's first point when the space contains it)
         row["configured"] = all(config_value(values, k) == config_value(cfg, k) for k in cfg.tune.space)
         ckpt = _checkpoint(r.get("checkpoint_path"), t, exp_dir)
-        state = read_json(Path(ckpt) / "state.json") if ckpt else {}
+        state = rundir.read_json(Path(ckpt) / "state.json") if ckpt else {}
         best = state.get("best", {})
         if t.status == "ERROR" or not state:
             status = "error"
@@ -152,7 +152,7 @@ def analyse(cfg: Config, out: Path, key: str, spec: RunSpec) -> dict:
     table.loc[ok, "pareto"] = pareto_front(table.loc[ok, "val_ndcg@10"], table.loc[ok, size_col])
     win, why = pick_winner(table, tc.objective, size_col, tc.max_quality_drop)
     table["winner"] = table.index == win
-    teacher = read_json(out.parent / "teacher" / rundir.MODEL_JSON).get("params")
+    teacher = rundir.read_json(out.parent / "teacher" / rundir.MODEL_JSON).get("params")
     if teacher:
         table["params_vs_teacher"] = table["params"] / teacher
     table.to_parquet(out / "trials.parquet", index=False)
@@ -174,7 +174,7 @@ def analyse(cfg: Config, out: Path, key: str, spec: RunSpec) -> dict:
     _write_best_yaml(out / "best.yaml", values, winner)
     plots = _plots(table, out, size_col, tc.objective)
     counts = table["state"].value_counts().to_dict()
-    search = read_json(out / "search.json")
+    search = rundir.read_json(out / "search.json")
     summary = {"key": key, "max_quality_drop": tc.max_quality_drop, "objective": tc.objective,
                "size_metric": tc.size_metric, "trials": len(table), "states": counts,
                "search_seconds": search.get("seconds"), "loop_s": float(table["loop_s"].fillna(0).sum()),
@@ -259,13 +259,6 @@ def _plots(table: pd.DataFrame, out: Path, size_col: str, objective: str) -> lis
         plt.close(fig)
         written.append(name)
     return written
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def fmt(v: Any) -> str:
