@@ -23,7 +23,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-import numpy as np
 import ray
 import ray.train
 import torch
@@ -263,7 +262,7 @@ def train_loop(config: dict) -> None:
     model = ray.train.torch.prepare_model(model)  # DDP + device placement (Ray)
     device = next(model.parameters()).device
     split = sequences.read_split(data_dir)
-    val_users = np.arange(rank, len(split["user"]), world)
+    val_users = loop.validation_users(len(split["user"]), spec.train.val_users, spec.seed)[rank::world]
     shard = ray.train.get_dataset_shard("train")  # this worker's share of the windows (Ray)
     tc = spec.train
 
@@ -275,6 +274,8 @@ def train_loop(config: dict) -> None:
     log_q = torch.tensor(loop.item_log_q(data_dir), device=device) if tc.loss == "sampled" else None
     runner = loop.EpochRunner(spec, model, desc, device, batches,
                               lambda core: _validate(core, split, val_users, device, world), log_q)
+    if rank == 0:  # one progress line for the run, from rank 0 (its share of the windows: no ETA)
+        runner.say = console.say
     ckpt = ray.train.get_checkpoint()
     if ckpt:  # resume after a restart or a rerun (Ray)
         with ckpt.as_directory() as d:

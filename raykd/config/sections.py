@@ -137,6 +137,11 @@ class TrainConfig(Section):
     num_negatives: int = Field(1000, ge=1, description="sampled softmax negatives")
     kd_negatives: int = Field(64, ge=1, description="loss: sampled with a KD term: negatives drawn per training "
                               "position; the teacher's top-K and the target are always scored exactly")
+    val_users: int = Field(50_000, ge=0, description="validation during training (checkpoint selection, early "
+                           "stopping, Tune's metric) scores a fixed, seeded sample of at most this many users; "
+                           "0 = every user. `evaluate`'s test metrics always cover every user")
+    progress_s: float = Field(30.0, gt=0, description="inside an epoch, a progress line (steps, windows/s, ETA) "
+                              "at most this often, once the epoch has run this long")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP)")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each Train worker reserves (fractions allowed)")
     use_gpu: bool = Field(False, description="one GPU per worker, bf16 autocast")

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from raykd.core import checkpoints, losses, metrics, models, rundir, sampled_losses, sequences, text
+from raykd.core import checkpoints, console, losses, metrics, models, rundir, sampled_losses, sequences, text
 from raykd.training.spec import RunSpec
 
 VAL_KEYS = ("ndcg@10", "hr@10", "mrr@10", "ndcg@20", "hr@20")  # what every run records per epoch
@@ -184,8 +184,47 @@ def take(cols: dict, rows: np.ndarray) -> dict:
 
 # ---------------------------------------------------------------- the step and the epoch
 
+def validation_users(num_users: int, sample: int, seed: int) -> np.ndarray:
+    """The users validation scores during training: all of them, or a fixed seeded sample of `sample`.
+
+    Sorted, and the same on every rank and every epoch (so epochs compare like with like); a DDP
+    run then splits them over ranks. `sample` 0 (or at least `num_users`) means every user.
+    """
+    if sample == 0 or sample >= num_users:
+        return np.arange(num_users)
+    return np.sort(np.random.default_rng(seed).choice(num_users, sample, replace=False))
+
+
+class Progress:
+    """A line every `every_s` seconds inside a long epoch: steps, windows/s and, when the epoch's
+    size is known, the ETA. Short epochs print nothing (the epoch line follows soon)."""
+
+    def __init__(self, name: str, epoch: int, every_s: float, windows: int | None, say=print):
+        self.name, self.epoch, self.every_s, self.windows, self.say = name, epoch, every_s, windows, say
+        self.start = self.last = time.perf_counter()
+        self.done = 0
+
+    def step(self, steps: int, windows: int) -> None:
+        self.done += windows
+        now = time.perf_counter()
+        if now - self.last < self.every_s:
+            return
+        self.last = now
+        rate = self.done / max(now - self.start, 1e-9)
+        eta = ""
+        if self.windows:
+            eta = f", {100 * self.done / self.windows:.0f}% of the epoch, ETA {_clock(max(self.windows - self.done, 0) / rate)}"
+        self.say(f"{self.name}: epoch {self.epoch + 1} step {steps}, {rate:,.0f} windows/s{eta}")
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60}:{seconds % 60:02d}"
+
+
 def train_epoch(model, core, optimizer, batches: Iterable[dict], loss: Loss, distill: bool, device,
-                amp) -> tuple[float, int]:
+                amp, progress: Progress | None = None) -> tuple[float, int]:
     """One pass over `batches`; returns (summed loss, number of batches)."""
     model.train()
     loss_sum, count = 0.0, 0
@@ -201,6 +240,8 @@ def train_epoch(model, core, optimizer, batches: Iterable[dict], loss: Loss, dis
         optimizer.step()
         loss_sum += float(value.detach())
         count += 1
+        if progress is not None:
+            progress.step(count, len(inp))
     return loss_sum, count
 
 
@@ -242,6 +283,8 @@ class EpochRunner:
     """
 
     cols: dict | None = None  # the windows in memory, for a runner built by `local_runner`
+    say: Callable[[str], None] | None = None  # where in-epoch progress lines go (None: none)
+    windows: int | None = None  # this process's windows per epoch, when known (for the ETA)
 
     def __init__(self, spec: RunSpec, model: torch.nn.Module, desc: dict, device,
                  batches: Callable[[int], Iterable[dict]], validate: Callable[[torch.nn.Module], dict],
@@ -261,8 +304,11 @@ class EpochRunner:
     def epoch(self, epoch: int) -> dict:
         """Train epoch `epoch` (from 0), validate, update the state; return its history entry."""
         t0 = time.perf_counter()
+        progress = None
+        if self.say is not None:
+            progress = Progress(self.spec.name, epoch, self.spec.train.progress_s, self.windows, self.say)
         loss_sum, n = train_epoch(self.model, self.core, self.optimizer, self.batches(epoch), self.loss,
-                                  self.distill, self.device, self.amp)
+                                  self.distill, self.device, self.amp, progress)
         val = self.validate(self.core)
         val = {k: val[k] for k in VAL_KEYS}
         state = self.state
@@ -314,17 +360,19 @@ class EpochRunner:
 
 def local_runner(spec: RunSpec, data_dir: str | Path, cols: dict | None = None, device: str = "cpu") -> EpochRunner:
     """An EpochRunner in this process: windows in memory (`cols`, else read here), seeded shuffles,
-    validation over every user."""
+    validation over `validation_users`; progress lines through `console.say`."""
     desc = model_desc(spec, data_dir)
     model = build(spec, desc).to(device)
     soft_dir = spec.kd.soft_labels if spec.kd is not None and spec.kd.alpha > 0 else None
     cols = cols if cols is not None else windows_in_memory(data_dir, desc["max_len"], soft_dir)
-    valid = sequences.eval_inputs(sequences.read_split(data_dir), "valid")
+    split = sequences.read_split(data_dir)
+    users = validation_users(len(split["user"]), spec.train.val_users, spec.seed)
+    valid = sequences.eval_inputs(split, "valid", users)
     log_q = torch.tensor(item_log_q(data_dir), device=device) if spec.train.loss == "sampled" else None
     runner = EpochRunner(spec, model, desc, device,
                          batches=lambda epoch: shuffled_batches(cols, spec.train.batch_size, spec.seed * 1000 + epoch),
                          validate=lambda core: metrics.evaluate_model(core, *valid, device=device), log_q=log_q)
-    runner.cols = cols
+    runner.cols, runner.say, runner.windows = cols, console.say, len(cols["input"])
     return runner
 
 

@@ -1,0 +1,78 @@
+"""Training that scales with the log: validation on a seeded user sample, progress inside epochs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from raykd.config import ModelConfig, TrainConfig
+from raykd.core import metrics, models, sequences
+from raykd.training import loop
+from raykd.training.spec import RunSpec
+
+
+def test_validation_users_is_every_user_or_a_fixed_sorted_sample():
+    assert loop.validation_users(5, 0, seed=1).tolist() == [0, 1, 2, 3, 4]
+    assert loop.validation_users(5, 5, seed=1).tolist() == [0, 1, 2, 3, 4]
+    assert loop.validation_users(5, 9, seed=1).tolist() == [0, 1, 2, 3, 4]
+    sample = loop.validation_users(1000, 10, seed=3)
+    assert len(sample) == 10 and len(set(sample.tolist())) == 10
+    assert (np.diff(sample) > 0).all() and sample.min() >= 0 and sample.max() < 1000
+    assert np.array_equal(sample, loop.validation_users(1000, 10, seed=3))  # every epoch, every rank
+    assert not np.array_equal(sample, loop.validation_users(1000, 10, seed=4))
+    ranks = [sample[r::2] for r in range(2)]  # how a 2-worker run splits them
+    assert sorted(np.concatenate(ranks).tolist()) == sample.tolist()
+
+
+def test_progress_says_steps_rate_and_eta_only_after_its_interval(monkeypatch):
+    clock = iter([0.0, 10.0, 40.0, 50.0, 80.0])
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: next(clock))
+    lines = []
+    p = loop.Progress("teacher", epoch=0, every_s=30.0, windows=4000, say=lines.append)  # starts at t=0
+    p.step(1, 256)  # t=10: too soon
+    assert lines == []
+    p.step(2, 256)  # t=40: 512 windows in 40 s = 12.8/s; 3488 left -> 272.5 s = 4:32
+    assert lines == ["teacher: epoch 1 step 2, 13 windows/s, 13% of the epoch, ETA 4:32"]
+    p.step(3, 256)  # t=50: 10 s after the last line
+    assert len(lines) == 1
+    p.step(4, 256)  # t=80: 1024 windows / 80 s = 12.8/s, 2976 left -> 232.5 s
+    assert lines[-1] == "teacher: epoch 1 step 4, 13 windows/s, 26% of the epoch, ETA 3:52"
+    assert loop._clock(3725) == "1:02:05"
+
+
+def test_progress_without_a_known_epoch_size_has_no_eta(monkeypatch):
+    clock = iter([0.0, 31.0])
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: next(clock))
+    lines = []
+    loop.Progress("student", epoch=2, every_s=30.0, windows=None, say=lines.append).step(7, 62)
+    assert lines == ["student: epoch 3 step 7, 2 windows/s"]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """A prepared data folder of 60 users over 30 items (the format `raykd prepare` writes)."""
+    from raykd.stages import prepare
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 12, 60)
+    items = rng.integers(1, 31, int(lengths.sum())).astype(np.int32)
+    out = tmp_path_factory.mktemp("prepared")
+    result = {"lengths": lengths, "items": items, "user_raw": np.arange(60).astype(str),
+              "item_raw": np.arange(1, 31).astype(str), "stats": {"users": 60, "items": 30}}
+    prepare.write(result, out, num_shards=2)
+    return out
+
+
+def test_a_run_validates_on_the_sample_and_reports_its_metrics(prepared):
+    spec = RunSpec("student", ModelConfig(dim=8, layers=1, heads=1, max_len=10),
+                   TrainConfig(epochs=1, batch_size=16, val_users=12), seed=5)
+    model, summary = loop.fit_local(spec, prepared, log=lambda *_: None)
+    split = sequences.read_split(prepared)
+    users = loop.validation_users(60, 12, seed=5)
+    expected = metrics.evaluate_model(model, *sequences.eval_inputs(split, "valid", users))
+    every = metrics.evaluate_model(model, *sequences.eval_inputs(split, "valid"))
+    assert summary["valid"]["ndcg@10"] == pytest.approx(expected["ndcg@10"], abs=1e-12)
+    assert expected["users"] == 12 and every["users"] == 60
+    assert summary["valid"]["ndcg@10"] != pytest.approx(every["ndcg@10"], abs=1e-9)  # the sample, not everyone
+    assert isinstance(models.unwrap(model), torch.nn.Module)
