@@ -76,3 +76,22 @@ def test_a_run_validates_on_the_sample_and_reports_its_metrics(prepared):
     assert expected["users"] == 12 and every["users"] == 60
     assert summary["valid"]["ndcg@10"] != pytest.approx(every["ndcg@10"], abs=1e-9)  # the sample, not everyone
     assert isinstance(models.unwrap(model), torch.nn.Module)
+
+
+def test_loss_auto_samples_the_softmax_only_on_a_large_catalogue():
+    from raykd.config import SAMPLED_ABOVE_ITEMS
+
+    auto, full, sampled = TrainConfig(), TrainConfig(loss="full"), TrainConfig(loss="sampled")
+    assert auto.loss == "auto"
+    assert not loop.sampled_softmax(auto, SAMPLED_ABOVE_ITEMS) and loop.sampled_softmax(auto, SAMPLED_ABOVE_ITEMS + 1)
+    assert not loop.sampled_softmax(full, 10 * SAMPLED_ABOVE_ITEMS)
+    assert loop.sampled_softmax(sampled, 10)
+
+
+def test_loss_auto_on_a_small_catalogue_is_the_full_softmax(prepared):
+    spec = RunSpec("teacher", ModelConfig(dim=8, layers=1, heads=1, max_len=10), TrainConfig(epochs=1), seed=0)
+    desc = loop.model_desc(spec, prepared)
+    assert loop.sampling_log_q(spec, desc, prepared, "cpu") is None
+    forced = RunSpec("teacher", spec.model, TrainConfig(epochs=1, loss="sampled"), seed=0)
+    log_q = loop.sampling_log_q(forced, desc, prepared, "cpu")
+    assert log_q is not None and len(log_q) == desc["num_items"] + 1  # row 0: padding

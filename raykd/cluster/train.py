@@ -271,7 +271,7 @@ def train_loop(config: dict) -> None:
                                   local_shuffle_buffer_size=4 * tc.batch_size,
                                   local_shuffle_seed=spec.seed * 1000 + epoch)
 
-    log_q = torch.tensor(loop.item_log_q(data_dir), device=device) if tc.loss == "sampled" else None
+    log_q = loop.sampling_log_q(spec, desc, data_dir, device)
     runner = loop.EpochRunner(spec, model, desc, device, batches,
                               lambda core: _validate(core, split, val_users, device, world), log_q)
     if rank == 0:  # one progress line for the run, from rank 0 (its share of the windows: no ETA)

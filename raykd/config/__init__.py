@@ -10,6 +10,7 @@ from raykd.config.explain import explain, section_type
 from raykd.config.loading import load_config, section_hash
 from raykd.config.sections import (
     INIT_STD,
+    SAMPLED_ABOVE_ITEMS,
     Config,
     DataConfig,
     DistillConfig,
@@ -27,6 +28,6 @@ from raykd.config.sections import (
     TuneConfig,
 )
 
-__all__ = ["INIT_STD", "Config", "DataConfig", "DistillConfig", "ItemTextConfig", "ModelConfig", "RayConfig",
+__all__ = ["INIT_STD", "SAMPLED_ABOVE_ITEMS", "Config", "DataConfig", "DistillConfig", "ItemTextConfig", "ModelConfig", "RayConfig",
            "SearchDim", "Section", "ServeConfig", "SoftLabelsConfig", "SyntheticConfig", "TeacherConfig",
            "TrackingConfig", "TrainConfig", "TuneConfig", "explain", "load_config", "section_hash", "section_type"]

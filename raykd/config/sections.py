@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 
 from raykd.config.auth import API_KEY_ENV, API_KEY_FILE_ENV, is_loopback
 
+SAMPLED_ABOVE_ITEMS = 100_000  # `train.loss: auto` uses the sampled softmax above this many items
 INIT_STD = 0.02  # per-column std of an item table initialised from text or a teacher (distill.transfer)
 
 
@@ -133,7 +134,10 @@ class TrainConfig(Section):
     patience: int = Field(5, ge=1, description="early stop after this many epochs without gain")
     min_epochs: int = Field(0, ge=0, description="never stop early before this many epochs (students may "
                             "plateau before they climb)")
-    loss: Literal["full", "sampled"] = Field("full", description="sampled: log-Q sampled softmax")
+    loss: Literal["auto", "full", "sampled"] = Field(
+        "auto", description="full: softmax over the whole catalogue ([positions, items] logits a step); sampled: "
+        f"log-Q sampled softmax (no step cost grows with the catalogue); auto: sampled above {SAMPLED_ABOVE_ITEMS:,} "
+        "items, else full")
     num_negatives: int = Field(1000, ge=1, description="sampled softmax negatives")
     kd_negatives: int = Field(64, ge=1, description="loss: sampled with a KD term: negatives drawn per training "
                               "position; the teacher's top-K and the target are always scored exactly")

@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from raykd.config import SAMPLED_ABOVE_ITEMS, TrainConfig
 from raykd.core import checkpoints, console, losses, metrics, models, rundir, sampled_losses, sequences, text
 from raykd.training.spec import RunSpec
 
@@ -91,6 +92,18 @@ class Loss(Protocol):
         """The loss of the real positions: hidden [N, D], their targets [N], their soft labels."""
 
 
+def sampled_softmax(train: TrainConfig, num_items: int) -> bool:
+    """Whether a run trains with the sampled softmax: `loss: sampled`, or `auto` on a large catalogue."""
+    return train.loss == "sampled" or (train.loss == "auto" and num_items > SAMPLED_ABOVE_ITEMS)
+
+
+def sampling_log_q(spec: RunSpec, desc: dict, data_dir: str | Path, device) -> torch.Tensor | None:
+    """log Q(item) of the sampler when this run samples its softmax (else None: a full softmax)."""
+    if not sampled_softmax(spec.train, desc["num_items"]):
+        return None
+    return torch.tensor(item_log_q(data_dir), device=device)
+
+
 def make_loss(spec: RunSpec, log_q: torch.Tensor | None) -> Loss:
     """The training loss of this run, built once from its spec.
 
@@ -104,7 +117,7 @@ def make_loss(spec: RunSpec, log_q: torch.Tensor | None) -> Loss:
     tc, kd = spec.train, spec.kd
     if kd is not None and kd.loss not in losses.KINDS:
         raise ValueError(f"unknown distillation loss {kd.loss!r}; valid kinds: {', '.join(losses.KINDS)}")
-    sampled = tc.loss == "sampled"
+    sampled = log_q is not None  # sampling_log_q: the sampled softmax, as `sampled_softmax` decided
     if kd is None or kd.alpha == 0:
         if sampled and spec.role != "teacher":
             return lambda h, core, y, soft: sampled_losses.row_sampled_softmax_loss(
@@ -368,7 +381,7 @@ def local_runner(spec: RunSpec, data_dir: str | Path, cols: dict | None = None, 
     split = sequences.read_split(data_dir)
     users = validation_users(len(split["user"]), spec.train.val_users, spec.seed)
     valid = sequences.eval_inputs(split, "valid", users)
-    log_q = torch.tensor(item_log_q(data_dir), device=device) if spec.train.loss == "sampled" else None
+    log_q = sampling_log_q(spec, desc, data_dir, device)
     runner = EpochRunner(spec, model, desc, device,
                          batches=lambda epoch: shuffled_batches(cols, spec.train.batch_size, spec.seed * 1000 + epoch),
                          validate=lambda core: metrics.evaluate_model(core, *valid, device=device), log_q=log_q)
