@@ -25,7 +25,7 @@ import ray
 import torch
 
 from raykd.config import Config, section_hash
-from raykd.core import models, rundir, sequences
+from raykd.core import models, rundir, sequences, soft_targets
 from raykd.core.errors import RaykdError
 from raykd.data import teacher_scores
 
@@ -129,12 +129,11 @@ class TeacherScorer:
         # The item-table product runs in fp32: under bf16 autocast the logits keep only ~3
         # significant digits (coarser than the float16 they are stored as), so GPU soft labels
         # would differ from CPU ones and near-tied top-K items reorder.
-        scores = [m.score(h.float()) for m, h in zip(self.members, hidden)]
-        logits = scores[0] if len(scores) == 1 else models.Ensemble(self.members).combine(scores)
-        top = torch.topk(logits, self.top_k, dim=1)  # sorted, best first
-        rest = logits.scatter(1, top.indices, float("-inf")).logsumexp(1)  # the padding column adds exp(min) = 0
-        return {"pos": pos[pos >= 0], "idx": top.indices.int().cpu().numpy(),
-                "logits": top.values.cpu().numpy().astype(np.float16), "rest": rest.cpu().numpy().astype(np.float32)}
+        # Scored in tiles of positions x items (soft_targets): memory does not grow with the catalogue.
+        values, indices, rest = soft_targets.top_k_and_rest(
+            [h.float() for h in hidden], [m.item_table() for m in self.members], self.top_k)
+        return {"pos": pos[pos >= 0], "idx": indices.int().cpu().numpy(),
+                "logits": values.cpu().numpy().astype(np.float16), "rest": rest.cpu().numpy().astype(np.float32)}
 
 
 def score_all(shards: list[Path], teacher_dir: Path | list[Path], max_len: int, top_k: int, workers: int,
