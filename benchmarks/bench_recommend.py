@@ -46,36 +46,20 @@ SHARD_USERS = 50_000
 
 
 def write_synthetic(data_dir: Path, users: int, items: int, mean_length: float = 15.0, seed: int = 0) -> None:
-    """A prepared data folder (sequences/, users.parquet, items.parquet, stats.json) of random histories."""
+    """A prepared data folder of random popularity-skewed histories, written by prepare's own writer."""
+    from raykd.stages import prepare
+
     if (data_dir / "stats.json").exists() and json.loads((data_dir / "stats.json").read_text())["users"] == users:
         return
     rng = np.random.default_rng(seed)
     lengths = 4 + rng.geometric(1 / (mean_length - 4), users)
     popularity = 1 / np.arange(1, items + 1)
     seq = (rng.choice(items, int(lengths.sum()), p=popularity / popularity.sum()) + 1).astype(np.int32)
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    (data_dir / "sequences").mkdir(parents=True, exist_ok=True)
-    for s, lo in enumerate(range(0, users, SHARD_USERS)):
-        hi = min(lo + SHARD_USERS, users)
-        ends = offsets[lo + 1:hi + 1]
-        train_len = lengths[lo:hi] - 2
-        keep = np.repeat(np.arange(hi - lo), lengths[lo:hi])
-        rank = np.arange(offsets[lo], offsets[hi]) - offsets[lo:hi][keep]
-        train_values = seq[offsets[lo]:offsets[hi]][rank < train_len[keep]]
-        pq.write_table(pa.table({
-            "user": pa.array(np.arange(lo, hi, dtype=np.int32)),
-            "train": pa.ListArray.from_arrays(pa.array(np.concatenate([[0], np.cumsum(train_len)]).astype(np.int32)),
-                                              pa.array(train_values, pa.int32())),
-            "valid": pa.array(seq[ends - 2]), "test": pa.array(seq[ends - 1])}), data_dir / "sequences" /
-            f"part-{s:05d}.parquet")
-    counts = np.bincount(seq, minlength=items + 1)[1:]
-    pq.write_table(pa.table({"index": pa.array(np.arange(users, dtype=np.int32)),
-                             "raw_id": pa.array(np.arange(users, dtype=np.int64) + 5_000_000)}), data_dir / "users.parquet")
-    pq.write_table(pa.table({"index": pa.array(np.arange(1, items + 1, dtype=np.int32)),
-                             "raw_id": pa.array(np.arange(1, items + 1, dtype=np.int64) + 90_000_000),
-                             "count": pa.array(counts.astype(np.int64))}), data_dir / "items.parquet")
-    (data_dir / "stats.json").write_text(json.dumps({"users": users, "items": items,
-                                                     "interactions": int(lengths.sum())}))
+    result = {"lengths": lengths, "items": seq,
+              "user_raw": pa.array(np.arange(users, dtype=np.int64) + 5_000_000),
+              "item_raw": pa.array(np.arange(1, items + 1, dtype=np.int64) + 90_000_000),
+              "stats": {"users": users, "items": items, "interactions": int(lengths.sum())}}
+    prepare.write(result, data_dir, num_shards=-(-users // SHARD_USERS))
 
 
 def random_model(model_dir: Path, num_items: int, dim: int, layers: int, heads: int = 1, max_len: int = 50) -> Path:
