@@ -57,8 +57,11 @@ def refuse_secrets(overrides: list[str]) -> None:
             _apply_override(raw, item)
         except RaykdError:
             continue  # not an override at all: load_config says so (without its value)
+        path, _, value = item.partition("=")
         for section, key in SECRETS:
-            if isinstance(raw.get(section), dict) and key in raw[section]:
+            # also `serve={<tab>api_key: x}`, which YAML cannot read: an error would repeat it as given
+            unread = path.strip() == section and key in value.lower()
+            if unread or isinstance(raw.get(section), dict) and key in raw[section]:
                 raise RaykdError(f"{section}.{key} on the command line is visible to every user of this machine "
                                  "(ps, shell history) and stored with a Ray job's entrypoint: export RAYKD_API_KEY, "
                                  "or put the key in a file and pass serve.api_key_file=PATH (or RAYKD_API_KEY_FILE)")
