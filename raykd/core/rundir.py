@@ -97,6 +97,22 @@ def check_output_dir(root: str | Path) -> Path:
     return root.resolve()
 
 
+def check_private(root: Path, folder: Path, what: str) -> None:
+    """Refuse `folder` (below the run directory `root`) if anyone but its owner could have written
+    it or the folders above it: `what` loads pickles from it, which can run any code.
+
+    check_output_dir creates run directories owner-only, but never tightens an existing one.
+    """
+    root, folder = Path(root).resolve(), Path(folder).resolve()
+    above = [root / p for p in reversed(folder.relative_to(root).parents) if p != Path(".")]
+    below = [Path(base) / n for base, dirs, files in os.walk(folder) for n in (*dirs, *files)]
+    shared = [p for p in (root, *above, folder, *below) if not p.is_symlink() and p.stat().st_mode & 0o022]
+    if shared:
+        raise RaykdError(f"{what} from {folder} refused: {shared[0]} is writable by its group or others, so someone "
+                         "else could have planted code there (it loads pickles). Make the run directory private: "
+                         f"chmod -R g-w,o-w {root} (a run directory must be writable only by its owner)")
+
+
 # ---------------------------------------------------------------- manifests
 
 def versions() -> dict:
