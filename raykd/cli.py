@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "init":
             return _init(args)
         from raykd.config import load_config
+        from raykd.config.loading import refuse_secrets
+
+        refuse_secrets(getattr(args, "overrides", None) or [])  # serve.api_key in any spelling
 
         if args.command == "serve":
             return _serve(args)
@@ -141,10 +144,6 @@ def _serve(args: argparse.Namespace) -> int:
     from raykd.config import load_config
     from raykd.serve import app as serve
 
-    if any(o.strip().startswith("serve.api_key=") for o in args.overrides):
-        raise RaykdError("serve.api_key on the command line is visible to every user of this machine (ps, shell "
-                         "history): export RAYKD_API_KEY, or put the key in a file and pass "
-                         "serve.api_key_file=PATH (or RAYKD_API_KEY_FILE)")
     extra = [f"serve.host={args.host}"] if args.host else []
     extra += [f"serve.port={args.port}"] if args.port else []
     cfg = load_config(args.config, [*args.overrides, *extra])

@@ -62,6 +62,13 @@ def main(stage: str, argv: list[str] | None = None) -> int:
     args = parser(stage).parse_args(argv)  # bad arguments: usage on stderr, exit status 2
     set_output_level(args)
     prog = f"jobs/{stage}.py"
+    from raykd.config.loading import refuse_secrets
+
+    try:
+        refuse_secrets(args.overrides)  # Ray stores the entrypoint and shows it to anyone who lists jobs
+    except RaykdError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
+        return 2
     try:
         check_working_directory()
         from raykd import stages

@@ -40,20 +40,50 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         raise RaykdError(f"invalid config {path or '(defaults)'}:\n" + explain(err, Config)) from None
 
 
+# settings that are secrets: never accepted on a command line, which every user of the machine
+# sees (ps, shell history) and Ray stores with a job's entrypoint
+SECRETS = (("serve", "api_key"),)
+
+
+def refuse_secrets(overrides: list[str]) -> None:
+    """Refuse command-line overrides that set a secret, however spelled (`serve.api_key =x`,
+    `serve={api_key: x}`, a YAML merge key ...): each is parsed as `load_config` parses it.
+
+    The error never repeats the override, whose value is the secret.
+    """
+    for item in overrides:
+        raw: dict = {}
+        try:
+            _apply_override(raw, item)
+        except RaykdError:
+            continue  # not an override at all: load_config says so (without its value)
+        path, _, value = item.partition("=")
+        for section, key in SECRETS:
+            # also `serve={<tab>api_key: x}`, which YAML cannot read: an error would repeat it as given
+            unread = path.strip() == section and key in value.lower()
+            if unread or isinstance(raw.get(section), dict) and key in raw[section]:
+                raise RaykdError(f"{section}.{key} on the command line is visible to every user of this machine "
+                                 "(ps, shell history) and stored with a Ray job's entrypoint: export RAYKD_API_KEY, "
+                                 "or put the key in a file and pass serve.api_key_file=PATH (or RAYKD_API_KEY_FILE)")
+
+
 def _apply_override(raw: dict, item: str) -> None:
     key, sep, value = item.partition("=")
-    if not sep or not key:
+    if not sep:
         raise RaykdError(f"override {item!r} is not of the form key=value (e.g. teacher.train.lr=3e-4)")
+    if not key.strip():  # the value is left out of the error: it may be a secret
+        raise RaykdError("an override has no key before its '=': it is not of the form key=value "
+                         "(e.g. teacher.train.lr=3e-4)")
     node = raw
     parts = key.strip().split(".")
     if not all(parts):
-        raise RaykdError(f"override {item!r}: {key!r} is not a dotted key like teacher.train.lr")
+        raise RaykdError(f"override key {key!r} is not a dotted key like teacher.train.lr")
     for part in parts[:-1]:
         if node.get(part) is None:  # a missing section, or `data:` left empty in the YAML
             node[part] = {}
         node = node[part]
         if not isinstance(node, dict):
-            raise RaykdError(f"override {item!r}: {part!r} is not a section")
+            raise RaykdError(f"override key {key!r}: {part!r} is not a section")
     node[parts[-1]] = _yaml_value(value)
 
 

@@ -10,12 +10,17 @@ Plain Python (no Ray, no torch), the one contract between the stages:
   the whole config, and the raykd/torch/Ray/Python versions. It is written last.
 - **Atomic publication.** An artifact is written into a hidden staging folder beside its place and
   renamed into place when complete (`staged`). A run killed mid-write leaves either the previous
-  artifact or none, never a mix.
+  artifact or none, never a mix; one killed between the two renames of a swap leaves the previous
+  version set aside, and the next lock's `sweep` puts it back. JSON (manifests, the run record) is
+  written durably: fsynced, renamed, the folder fsynced.
 - **The run record** (`run.json`) lists what the current config produced: artifact -> its key,
-  the stage that wrote it and the upstream keys it was made from. Running a stage first forgets
-  that stage's entries, so outputs a config no longer asks for (tune off, no no-KD twin) stop
-  counting. `current(...)` also checks the chain: an artifact whose upstream was remade since is
-  stale. `evaluate`, `serve`, `recommend` and `tune` read the record, never "which folders exist".
+  the stage that wrote it and the upstream keys it was made from. An entry changes only when the
+  stage's new output is in place (`record`); once a stage succeeded, the entries it no longer
+  writes are dropped (`forget(..., keep=...)`), as are those of a stage the config turns off, so
+  outputs a config no longer asks for (tune off, no no-KD twin) stop counting, while an interrupted
+  or failed stage leaves the run as it was. `current(...)` also checks the chain: an artifact whose
+  upstream was remade since is stale. `evaluate`, `serve`, `recommend` and `tune` read the record,
+  never "which folders exist".
 - **The lock.** One process at a time writes a run directory (`lock`).
 """
 
@@ -29,6 +34,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import tempfile
 import uuid
@@ -91,6 +97,22 @@ def check_output_dir(root: str | Path) -> Path:
     return root.resolve()
 
 
+def check_private(root: Path, folder: Path, what: str) -> None:
+    """Refuse `folder` (below the run directory `root`) if anyone but its owner could have written
+    it or the folders above it: `what` loads pickles from it, which can run any code.
+
+    check_output_dir creates run directories owner-only, but never tightens an existing one.
+    """
+    root, folder = Path(root).resolve(), Path(folder).resolve()
+    above = [root / p for p in reversed(folder.relative_to(root).parents) if p != Path(".")]
+    below = [Path(base) / n for base, dirs, files in os.walk(folder) for n in (*dirs, *files)]
+    shared = [p for p in (root, *above, folder, *below) if not p.is_symlink() and p.stat().st_mode & 0o022]
+    if shared:
+        raise RaykdError(f"{what} from {folder} refused: {shared[0]} is writable by its group or others, so someone "
+                         "else could have planted code there (it loads pickles). Make the run directory private: "
+                         f"chmod -R g-w,o-w {root} (a run directory must be writable only by its owner)")
+
+
 # ---------------------------------------------------------------- manifests
 
 def versions() -> dict:
@@ -117,7 +139,7 @@ def write_manifest(folder: Path, key: str, upstream: dict | None = None, config_
     """Write `folder/manifest.json` (do it last: its presence says the artifact is complete)."""
     manifest = {"key": key, "upstream": upstream or {}, "config_hash": config_hash, "versions": versions(),
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **info}
-    _write_json(Path(folder) / MANIFEST, manifest)
+    write_json_durable(Path(folder) / MANIFEST, manifest)
     return manifest
 
 
@@ -156,21 +178,52 @@ def staged(target: Path) -> Iterator[Path]:
 
 
 def publish(tmp: Path, target: Path) -> None:
-    """Move a complete folder into place; the previous one goes aside first, then is deleted."""
+    """Move a complete folder into place; the previous one goes aside first, then is deleted.
+
+    Between the two renames only the set-aside copy and the new one exist: a run killed there
+    is repaired by the next `sweep`, which puts the set-aside copy back. The folder is fsynced
+    after the rename, so the new name itself is on disk.
+    """
     old = None
     if target.exists():
         old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
         os.replace(target, old)
     os.replace(tmp, target)
+    fsync_dir(target.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+# what a killed `publish` or `write_json_durable` leaves beside its target: `.<name>.staging-<hex>`,
+# `.<name>.old-<hex>` (folders) and `.<name>.<hex>` (a JSON file's temporary)
+_LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?:(?P<kind>staging|old)-\w+|[0-9a-f]{8})")
+_DEPTHS = ("", "*/", "*/*/")  # data, tune/best, kd_curve/d8/student
+
+
 def sweep(root: Path) -> None:
-    """Remove staging and set-aside folders that a killed run left (call with the lock held)."""
-    for pattern in (".*.staging-*", ".*.old-*", "*/.*.staging-*", "*/.*.old-*", "*/*/.*.staging-*", "*/*/.*.old-*"):
-        for path in Path(root).glob(pattern):
-            shutil.rmtree(path, ignore_errors=True)
+    """Repair what a killed run left, then remove its leftovers (call with the lock held).
+
+    A target that is missing while a set-aside copy of it exists was killed between the two
+    renames of `publish`: the set-aside copy (the version the run record lists) is put back. With
+    no such copy a complete staging folder (it has its manifest, written last) is renamed in. Then
+    staging folders, set-aside copies and temporary JSON files go: never the only copy of an artifact.
+    """
+    found: dict[Path, dict[str, list[Path]]] = {}
+    for depth in _DEPTHS:
+        for path in Path(root).glob(f"{depth}.*"):
+            m = _LEFTOVER.fullmatch(path.name)
+            inside = any(_LEFTOVER.fullmatch(part) for part in path.relative_to(root).parts[:-1])
+            if m and not inside and (m["kind"] is not None) == path.is_dir():
+                found.setdefault(path.parent / m["name"], {}).setdefault(m["kind"] or "tmp", []).append(path)
+    for target, left in found.items():
+        if not target.exists():
+            newest_old = sorted(left.get("old", []), key=lambda p: p.stat().st_mtime)[-1:]
+            complete = [p for p in left.get("staging", []) if (p / MANIFEST).is_file()]
+            for candidate in newest_old or complete[:1]:
+                os.replace(candidate, target)
+                fsync_dir(target.parent)
+        for path in (p for paths in left.values() for p in paths if p.exists()):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------- the run record
@@ -192,18 +245,20 @@ def record(root: Path, artifact: str, stage: str, upstream: list[str] = ()) -> d
     arts = data["artifacts"]
     entry = {"key": key, "stage": stage, "upstream": {u: arts.get(u, {}).get("key") for u in upstream}}
     arts[artifact] = entry
-    _write_json(Path(root) / RECORD, data)
+    write_json_durable(Path(root) / RECORD, data)
     return entry
 
 
-def forget(root: Path, stage: str) -> list[str]:
-    """Drop every entry `stage` wrote (it is about to run again, or is off in this config)."""
+def forget(root: Path, stage: str, keep: list[str] = ()) -> list[str]:
+    """Drop the entries `stage` wrote, except `keep`: all of them when the config turns the stage off,
+    the outputs it no longer writes once it succeeded (never before it runs: an interrupted run
+    must leave the previous results current)."""
     data = read_record(root)
-    gone = [a for a, e in data["artifacts"].items() if e.get("stage") == stage]
+    gone = [a for a, e in data["artifacts"].items() if e.get("stage") == stage and a not in keep]
     if gone:
         for a in gone:
             del data["artifacts"][a]
-        _write_json(Path(root) / RECORD, data)
+        write_json_durable(Path(root) / RECORD, data)
     return gone
 
 
@@ -313,13 +368,6 @@ def lock(root: Path, what: str = "raykd") -> Iterator[None]:
         os.ftruncate(fd, 0)
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    """Write a small JSON file atomically (a reader never sees half of it)."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 def logs_of(path: Path, command: str) -> Path:

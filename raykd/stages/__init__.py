@@ -11,9 +11,11 @@ the run directory and the inputs of the first stage asked for (a missing upstrea
 error that names the command to run, before Ray starts), locks the run directory, sends Ray's own
 output to `<run>/logs/` (raykd.cluster.output.run_logs: the console keeps raykd's lines), writes
 `config.yaml`, starts or joins Ray once (`cfg.ray`), prints the placement, then runs each stage.
-A stage first forgets what it recorded before; in the pipeline a stage the config turns off (tune
-with `tune.enabled: false`, embed_items without item text) forgets its outputs without running, so
-nothing stale stays "current" in the run record. A turned-off stage named explicitly
+A stage's run record entries change only when its new outputs are in place: once it succeeded,
+the entries of outputs it no longer writes are dropped (no no-KD twin any more), while a stage
+that fails or is interrupted leaves the previous results current. In the pipeline a stage the
+config turns off (tune with `tune.enabled: false`, embed_items without item text) forgets its
+outputs without running, so nothing stale stays "current" in the run record. A turned-off stage named explicitly
 (`stages.run(cfg, ["embed_items"])`, `raykd embed-items`) is an error naming the setting that turns
 it on (`Stage.turned_on_by`), before anything is touched.
 """
@@ -167,6 +169,21 @@ def preflight(cfg: Config, first: Stage) -> Path:
     return root
 
 
+def record_published(root: Path, stage: str, before: dict[str, str | None]) -> list[str]:
+    """Record the outputs a failed or interrupted stage published before it stopped (a student
+    while its no-KD twin still trained): each replaced a recorded one, which would else read as
+    "replaced after it was recorded". Only those made from the upstream versions now recorded."""
+    arts, done = rundir.read_record(root)["artifacts"], []
+    for artifact, key in before.items():
+        manifest = rundir.read_manifest(root / artifact)
+        upstream = manifest.get("upstream") or {}
+        if manifest.get("key") not in (None, key) and arts.get(artifact, {}).get("key") != manifest["key"] and \
+                all(arts.get(u, {}).get("key") == k for u, k in upstream.items()):
+            rundir.record(root, artifact, stage, list(upstream))
+            done.append(artifact)
+    return done
+
+
 def run(cfg: Config, names: list[str] | None = None, on_done: Callable[[str, object, float], None] | None = None,
         quiet_placement: bool = False) -> dict:
     """Run the named stages (default: the pipeline) in order; returns {stage: result}.
@@ -197,8 +214,13 @@ def run(cfg: Config, names: list[str] | None = None, on_done: Callable[[str, obj
             if len(active) > 1:
                 console.say(f"== {stage.name} ==")
             start = time.perf_counter()
-            rundir.forget(root, stage.name)
-            results[stage.name] = stage.run(cfg)
+            before = {a: rundir.key_of(root / a) for a in stage.writes(cfg)}
+            try:
+                results[stage.name] = stage.run(cfg)  # records its new outputs once they are in place
+            except BaseException:
+                record_published(root, stage.name, before)
+                raise
+            rundir.forget(root, stage.name, keep=stage.writes(cfg))  # what this config no longer asks for
             if on_done:
                 on_done(stage.name, results[stage.name], time.perf_counter() - start)
     return results

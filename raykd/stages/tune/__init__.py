@@ -80,15 +80,18 @@ def run(cfg: Config) -> dict:
     """Search, or resume or reuse a search; write the trials table, best.yaml, best/ and plots."""
     tc = cfg.tune
     run_dir = Path(cfg.output_dir).resolve()
-    rundir.forget(run_dir, "tune")  # a search that is off, or about to run, describes no current model
     if not tc.enabled:
+        rundir.forget(run_dir, "tune")  # a search that is off describes no current model
         print("tune: skipped (tune.enabled is false)", flush=True)
         return {}
+    # the previous winner stays recorded until a new one is in place: an interrupted search keeps it
     # every config mistake is reported before any work
     space = parse_space(cfg)
     check_budget(cfg, run_dir)
     _, upstream = kd_settings(cfg, "tune")
     out = run_dir / rundir.TUNE
+    if (out / "search").exists():  # Tune's resume state and trial records are pickles: trust only our own
+        rundir.check_private(run_dir, out / "search", "resuming the tune search")
     key = search_key(cfg, "-".join(f"{k}:{v}" for k, v in sorted(upstream.items())))
     summary = rundir.read_json(out / "summary.json")
     if (summary.get("key") == key and summary.get("max_quality_drop") == tc.max_quality_drop
