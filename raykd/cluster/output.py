@@ -13,6 +13,11 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+# Imported before `run_logs` routes their loggers: Ray and Ray Data configure their own logging
+# handlers when first imported, and a handler added after the routing would print to the console.
+import ray
+import ray.data  # noqa: F401
+
 from raykd.cluster import ray_private
 from raykd.core import console, rundir
 

@@ -24,6 +24,7 @@ import argparse
 import math
 import os
 import time
+import uuid
 from pathlib import Path
 
 from raykd.core import console, rundir
@@ -57,8 +58,9 @@ def main(args: argparse.Namespace) -> int:
     model_dir = resolve_student(args.model or args.run_dir).resolve()
     data_dir = users_data_dir(Path(args.run_dir), model_dir)
     chunks, total, unknown = plan(data_dir, args.batch_size, args.users)
-    if args.users:
-        report_unknown(unknown, total, args.out)
+    if unknown:
+        console.warn(f"recommend: {len(unknown):,} listed user id(s) are not prepared users (no history to score); "
+                     f"{total:,} known")
     console.say(f"recommend: top-{args.k} from {model_dir} for {total:,} users, {len(chunks):,} chunks of "
                 f"{args.batch_size} on {args.workers} worker(s){' with a GPU each' if args.use_gpu else ''}")
     from raykd.cluster import output
@@ -67,6 +69,8 @@ def main(args: argparse.Namespace) -> int:
     with output.run_logs(rundir.logs_of(Path(args.run_dir), "recommend")):  # Ray's lines to the logs
         tables = score(chunks, model_dir, data_dir, args) if chunks else iter(())  # no user: no Ray
         written = write(tables, schema(data_dir), Path(args.out), total, t0)
+    if args.users:  # only now: an interrupted or failed run leaves no list beside an old file
+        report_unknown(unknown, total, args.out)
     seconds = time.perf_counter() - t0
     console.emit(f"recommend: wrote {written:,} users to {os.path.abspath(args.out)} in {seconds:.1f}s "
                  f"({written / max(seconds, 1e-9):,.0f} users/s)", console.QUIET)
@@ -143,25 +147,32 @@ def plan(data_dir: Path, batch: int, users_file: str | None) -> tuple[list[dict]
 
 
 def read_user_list(path: str) -> list:
-    """Raw user ids of a text file (one a line), or of a CSV/TSV or Parquet file's user_id (or only) column."""
+    """Raw user ids of a text file (one a line), or of a CSV/TSV or Parquet file's user_id (or only) column.
+
+    Read as prepare reads ids (raykd.core.ids rule 1): only ASCII whitespace is stripped, a byte-order
+    mark is not part of the first id, and integer ids keep every digit (never through float64)."""
     import pandas as pd
+    import pyarrow as pa
     import pyarrow.parquet as pq
+
+    from raykd.core import ids
 
     suffix = Path(path).suffix.lower()
     if suffix in (".csv", ".tsv", ".parquet"):
-        try:
-            frame = pq.read_table(path).to_pandas() if suffix == ".parquet" else \
-                pd.read_csv(path, dtype=str, keep_default_na=False, sep="\t" if suffix == ".tsv" else ",")
-        except (OSError, ValueError) as err:
+        try:  # Parquet through Arrow: int64 ids with a null stay integers (pandas would make them float64)
+            table = pq.read_table(path) if suffix == ".parquet" else pa.Table.from_pandas(pd.read_csv(
+                path, dtype=str, keep_default_na=False, encoding="utf-8-sig", sep="\t" if suffix == ".tsv" else ","))
+        except (OSError, ValueError, pa.ArrowException) as err:
             raise RaykdError(f"--users {path} cannot be read as {suffix[1:]}: {str(err)[:200]}") from None
-        cols = list(frame.columns)
+        cols = [c for c in table.column_names if c != "__index_level_0__"]
         if "user_id" not in cols and len(cols) != 1:
             raise RaykdError(f"--users {path} has columns {cols[:10]}: name the column of user ids user_id, or "
                              "give a file with that column alone")
-        values = frame["user_id" if "user_id" in cols else cols[0]].tolist()
-    else:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            values = [line.strip() for line in f]
+        values = table["user_id" if "user_id" in cols else cols[0]].to_pylist()
+    else:  # utf-8-sig: a byte-order mark is not part of the first id
+        with open(path, encoding="utf-8-sig", errors="replace") as f:
+            values = [line.strip(ids.WHITESPACE) for line in f]  # rule 1 of raykd.core.ids, as prepare
+    values = [v.strip(ids.WHITESPACE) if isinstance(v, str) else v for v in values]
     return [_as_id(v) for v in values if v is not None and v != "" and not (isinstance(v, float) and math.isnan(v))]
 
 
@@ -202,9 +213,13 @@ def report_unknown(unknown: list, known: int, out: str) -> None:
     import pandas as pd
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame({"user_id": [str(u) for u in unknown]}).to_csv(path, index=False)
-    console.warn(f"recommend: {len(unknown):,} listed user id(s) are not prepared users (no history to score), "
-                 f"listed in {path}; {known:,} known")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
+    try:
+        pd.DataFrame({"user_id": [str(u) for u in unknown]}).to_csv(tmp, index=False)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    console.say(f"recommend: the {len(unknown):,} unknown user id(s) are listed in {path}")
 
 
 def schema(data_dir: Path):
@@ -324,7 +339,7 @@ def write(tables, out_schema, out: Path, total: int, t0: float, rows_per_group: 
     import pyarrow.parquet as pq
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")  # one per run
     written, pending, next_print = 0, [], time.perf_counter() + 10
     try:
         with pq.ParquetWriter(tmp, out_schema, compression="zstd") as writer:
