@@ -16,12 +16,13 @@ vocabularies as text, with surrounding whitespace stripped (raykd.core.ids). Vio
 with the counts.
 
 Writes `<run>/soft_labels/` exactly as the soft_labels stage does, so distill does not care where
-the scores came from.
+the scores came from: float16 logits, best first, each row shifted so that its best score is 0
+(`as_logits`: any score range keeps its softmax; only the loss `kl_full` needs absolute logits, and
+it needs a rest log-mass that external scores lack anyway).
 """
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -30,15 +31,16 @@ import pyarrow.parquet as pq
 
 from raykd.core import ids, rundir, sequences
 from raykd.core.errors import RaykdError
+from raykd.data import readers
 
 
 def fingerprint(path: Path) -> str:
+    """The scores file (or every Parquet file of the folder) by resolved path and content: replaced
+    scores, or another file of the same name elsewhere, are imported again (readers.fingerprint_files)."""
+    if not path.exists():
+        raise RaykdError(f"distill.teacher_scores {path} does not exist")
     files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
-    h = hashlib.sha256()
-    for f in files:
-        st = f.stat()
-        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return "external-" + h.hexdigest()[:16]
+    return "external-" + readers.fingerprint_files(files)[:16]
 
 
 def load(path: Path, data_dir: Path) -> tuple[dict[str, dict], int]:
@@ -72,11 +74,11 @@ def load(path: Path, data_dir: Path) -> tuple[dict[str, dict], int]:
                          f"{unknown[:5]}) are not in the prepared catalogue (unknown or removed by the k-core "
                          "filter); drop them from the teacher's lists")
     scores = np.asarray(table["scores"].combine_chunks().values.to_numpy(zero_copy_only=False),
-                        dtype=np.float32).reshape(-1, k)
+                        dtype=np.float64).reshape(-1, k)
     if not np.isfinite(scores).all():
         raise RaykdError(f"{path}: {int((~np.isfinite(scores)).sum()):,} scores are NaN or infinite")
     order = np.argsort(-scores, axis=1, kind="stable")  # best first, like raykd's own soft labels
-    idx, scores = np.take_along_axis(idx, order, 1), np.take_along_axis(scores, order, 1)
+    idx, scores = np.take_along_axis(idx, order, 1), as_logits(np.take_along_axis(scores, order, 1))
     users = _vocab(data_dir / rundir.USERS)
     row_user = np.array([users.get(ids.text_key(u), -1) for u in table["user_id"].to_pylist()], dtype=np.int64)
     if (row_user < 0).any():
@@ -85,6 +87,20 @@ def load(path: Path, data_dir: Path) -> tuple[dict[str, dict], int]:
     positions = table["position"].to_numpy(zero_copy_only=False) if "position" in cols else None
     _raise_on_duplicates(row_user, positions, table["user_id"].to_pylist(), path)
     return _align(row_user, positions, idx, scores, data_dir, path), k
+
+
+def as_logits(scores: np.ndarray) -> np.ndarray:
+    """Best-first float64 scores [N, K] as the float16 logits soft labels store, keeping each row's softmax.
+
+    float16 ends at 65,504 and steps by 0.5 near 1,000: cast as given, 70000 became inf (dropped from
+    the KD target) and 1000.3, 1000.4 both 1000.5. Each row is shifted by its max first, so the
+    values that weigh in a softmax sit near 0, where float16 is finest; scores more than 65,504 below
+    the max (weight exp(-65504) = 0) are clamped there, finite. A per-row shift changes neither
+    softmax(t / T) (kd `kl`) nor the order (kd `rank`); `kl_full`, whose rest bin lives on the logits'
+    own scale, is not offered with external scores (config), which carry no rest.
+    """
+    low = float(np.finfo(np.float16).min)
+    return np.maximum(scores - scores[:, :1], low).astype(np.float16)
 
 
 def _raise_on_duplicates(row_user: np.ndarray, positions: np.ndarray | None, raw_users: list, path: Path) -> None:
@@ -125,7 +141,7 @@ def _align(row_user, positions, idx, scores, data_dir: Path, path: Path) -> dict
                              "have no teacher scores (every training position needs them; positions count the "
                              "user's training targets from 1)")
         out[str(shard)] = {"pos": np.arange(len(rows)), "idx": idx[rows].astype(np.int32),
-                           "logits": scores[rows].astype(np.float16)}
+                           "logits": scores[rows]}
     return out
 
 

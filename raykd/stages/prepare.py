@@ -17,7 +17,6 @@ the output is byte-identical whatever the number of workers or blocks.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -65,13 +64,17 @@ def run(cfg: Config) -> Path:
 
 
 def _fingerprint(sources: list[logs.Source]) -> str:
-    """Input files by path, size and modification time: a changed log is prepared again."""
-    files = []
-    for s in sources:
-        if s.path:
-            st = Path(s.path).stat()
-            files.append((str(Path(s.path).resolve()), st.st_size, st.st_mtime_ns))
-    return hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
+    """Input files by resolved path and content (readers.fingerprint_files): a changed log is prepared
+    again, even one that kept its size and modification time. Synthetic sources have no file: the
+    data config (the other half of the key) describes them."""
+    paths = [Path(s.path) for s in sources if s.path]
+    size = sum(p.stat().st_size for p in paths)
+    t0 = time.perf_counter()
+    digest = logs.fingerprint_files(paths)
+    if size >= 1 << 30:  # seconds worth saying: a few per GiB
+        print(f"prepare: fingerprinted {size / (1 << 30):.1f} GiB of input in {time.perf_counter() - t0:.1f}s",
+              flush=True)
+    return digest[:16]
 
 
 def read_all(sources: list[logs.Source]) -> pa.Table:
@@ -166,6 +169,7 @@ def clean(table: pa.Table, data: DataConfig, sources: list[logs.Source] | None =
     has_time = "time" in table.column_names
     if has_time:
         _raise_on_mixed_times(table, flag, data, sources or [])
+        _raise_on_mixed_epoch_units(table, data, sources or [])
     dropped: dict[str, int] = {}
     low = int((flag == logs.FLAG_LOW_RATING).sum())
     if low:
@@ -264,6 +268,29 @@ def _raise_on_mixed_times(table: pa.Table, flag: np.ndarray, data: DataConfig, s
         f"{_where(order[~dates], sources, 2)}) and dates ({int(dates.sum()):,} rows, first at "
         f"{_where(order[dates], sources, 2)}), which cannot be ordered together. Write every timestamp the "
         "same way (all epoch numbers or all dates).")
+
+
+def _raise_on_mixed_epoch_units(table: pa.Table, data: DataConfig, sources: list[logs.Source]) -> None:
+    """Epoch numbers of one column in two units (seconds and milliseconds, say) are an error naming rows:
+    read as numbers, every millisecond row would sort after every second row (readers.epoch_units)."""
+    numbers = table["time_kind"].to_numpy() == logs.TIME_NUMBER
+    unit = logs.epoch_units(table["time"].to_numpy()[numbers])
+    present = np.unique(unit[unit >= 0])
+    if len(present) < 2:
+        return
+    order, values = table["order"].to_numpy()[numbers], table["time"].to_numpy()[numbers]
+    parts = []
+    for u in present:
+        rows = np.flatnonzero(unit == u)
+        first = rows[np.argmin(order[rows])]
+        parts.append(f"epoch {logs.EPOCH_UNITS[u]} ({len(rows):,} row{'s' * (len(rows) > 1)}, first at "
+                     f"{_where(order[rows], sources, 2)}; e.g. {values[first]:.15g})")
+    column = sources[0].time_col if sources else data.time_col
+    raise RaykdError(
+        f"{_describe(data)}: the time column {column!r} mixes {' and '.join(parts)}, judged by magnitude (a number "
+        "from 1e8 up is read in the unit that dates it between 1973 and 5138). As numbers they would sort "
+        "every larger unit after every smaller one and reorder users' histories. Write every timestamp in one "
+        "unit (e.g. divide the milliseconds by 1000), or as dates.")
 
 
 def _encode(col: pa.ChunkedArray) -> tuple[pa.Array, np.ndarray]:
