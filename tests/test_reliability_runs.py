@@ -295,7 +295,9 @@ def test_an_interrupted_stage_records_the_outputs_it_already_published(ray_sessi
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:] if proc.poll() else ""
             time.sleep(0.05)
         os.kill(proc.pid, signal.SIGINT)  # Ctrl-C: the runs still training are stopped
-        assert proc.wait(timeout=40) == 130
+        code, err = proc.wait(timeout=40), proc.stderr.read()
+        # 130, or 1 when the Ctrl-C reached a training run first and it reported itself stopped
+        assert code in (1, 130) and "internal error" not in err, err[-3000:]
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
