@@ -95,3 +95,14 @@ def test_loss_auto_on_a_small_catalogue_is_the_full_softmax(prepared):
     forced = RunSpec("teacher", spec.model, TrainConfig(epochs=1, loss="sampled"), seed=0)
     log_q = loop.sampling_log_q(forced, desc, prepared, "cpu")
     assert log_q is not None and len(log_q) == desc["num_items"] + 1  # row 0: padding
+
+
+def test_reading_only_the_sampled_users_gives_their_rows_of_the_whole_split(prepared):
+    whole = sequences.read_split(prepared)
+    assert sequences.num_users(prepared) == len(whole["user"]) == 60
+    users = np.array([0, 5, 29, 30, 31, 59])  # across both shards (30 users each)
+    part = sequences.read_split(prepared, users)
+    assert part["user"].tolist() == whole["user"][users].tolist()
+    assert all(np.array_equal(part["train"][i], whole["train"][u]) for i, u in enumerate(users))
+    assert np.array_equal(part["valid"], whole["valid"][users]) and np.array_equal(part["test"], whole["test"][users])
+    assert len(sequences.read_split(prepared, np.array([], dtype=np.int64))["user"]) == 0

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
+import numpy as np
 import ray
 import ray.train
 import torch
@@ -261,8 +262,9 @@ def train_loop(config: dict) -> None:
     model = loop.build(spec, desc)  # seeded: same init on every rank (DDP also broadcasts rank 0's)
     model = ray.train.torch.prepare_model(model)  # DDP + device placement (Ray)
     device = next(model.parameters()).device
-    split = sequences.read_split(data_dir)
-    val_users = loop.validation_users(len(split["user"]), spec.train.val_users, spec.seed)[rank::world]
+    users = loop.validation_users(sequences.num_users(data_dir), spec.train.val_users, spec.seed)[rank::world]
+    split = sequences.read_split(data_dir, users)  # this rank's validation users only
+    val_users = np.arange(len(users))
     shard = ray.train.get_dataset_shard("train")  # this worker's share of the windows (Ray)
     tc = spec.train
 

@@ -31,9 +31,25 @@ def num_items(data_dir: str | Path) -> int:
     return json.loads((Path(data_dir) / "stats.json").read_text())["items"]
 
 
-def read_split(data_dir: str | Path) -> dict[str, list | np.ndarray]:
-    """All users' train lists, valid and test items (one row per user, in user order)."""
-    table = pa.concat_tables(pq.read_table(p) for p in shard_paths(data_dir))
+def num_users(data_dir: str | Path) -> int:
+    """Prepared users, from the shards' Parquet metadata (nothing read)."""
+    return sum(pq.ParquetFile(p).metadata.num_rows for p in shard_paths(data_dir))
+
+
+def read_split(data_dir: str | Path, users: np.ndarray | None = None) -> dict[str, list | np.ndarray]:
+    """Train lists, valid and test items, one row per user in user order: every user, or only the
+    rows `users` (sorted user indices), read a shard at a time so only those rows are kept."""
+    if users is None:
+        table = pa.concat_tables(pq.read_table(p) for p in shard_paths(data_dir))
+    else:
+        parts, start = [], 0
+        for path in shard_paths(data_dir):
+            n = pq.ParquetFile(path).metadata.num_rows
+            rows = users[(users >= start) & (users < start + n)] - start
+            if len(rows):
+                parts.append(pq.read_table(path).take(pa.array(rows)))
+            start += n
+        table = pa.concat_tables(parts) if parts else pq.read_table(shard_paths(data_dir)[0]).slice(0, 0)
     train = table["train"].combine_chunks()
     offsets = train.offsets.to_numpy()
     values = train.values.to_numpy()
