@@ -134,3 +134,32 @@ def test_dot_scores_of_a_model_are_its_last_scores(family):
         got = torch.cat([dot.block(s, e)[:, k:] for s, e, k in scoring.windows(dot.width, 512)], 1)
     assert torch.equal(got[:, 1:], want[:, 1:])  # column 0 is padding: never a candidate
     assert scoring.dot_scores(models.Ensemble([net, net]), seq) is None
+
+
+@pytest.mark.parametrize("exclude_target", [False, True])
+def test_evaluate_model_ranks_the_same_in_windows(exclude_target):
+    torch.manual_seed(1)
+    net = models.build_model({"family": "sasrec", "num_items": 2000, "dim": 8, "layers": 1, "heads": 2,
+                              "max_len": 10, "dropout": 0.0})
+    rng = np.random.default_rng(0)
+    histories = [rng.integers(1, 2001, rng.integers(1, 12)) for _ in range(70)]
+    targets = [int(h[0]) if i % 5 == 0 else int(rng.integers(1, 2001)) for i, h in enumerate(histories)]
+    run = {"histories": histories, "targets": targets, "seen": histories, "batch_size": 32,
+           "return_ranks": True, "exclude_target": exclude_target}
+    whole = metrics.evaluate_model(net, **run, block=10_000)  # one window: the whole score matrix
+    blocked = metrics.evaluate_model(net, **run, block=256)  # the last batch (6 users) stays whole
+    assert np.array_equal(whole[1], blocked[1]) and whole[0] == blocked[0]
+
+
+def test_the_recommender_answers_the_same_in_windows(tiny_run):
+    """Small windows (many, the last one overlapping) give the single-matrix answers, k > a window too."""
+    from raykd.serve.recommender import Recommender
+
+    whole, blocked = Recommender(tiny_run, max_k=300), Recommender(tiny_run, max_k=300)
+    blocked.block = 32
+    assert blocked.desc["num_items"] + 1 > 3 * blocked.block  # several windows
+    bodies = [{"user_id": u, "k": k, "exclude_seen": bool(n % 3)}
+              for n, (u, k) in enumerate(zip(list(whole.histories)[:40], [1, 10, 50, 300] * 10))]
+    bodies.append({"history": [whole.raw_items[1], whole.raw_items[2]], "k": 5})
+    assert blocked.recommend_batch(bodies) == whole.recommend_batch(bodies)
+    assert [blocked.recommend_batch([b])[0] for b in bodies[:5]] == whole.recommend_batch(bodies[:5])
