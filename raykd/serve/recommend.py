@@ -13,7 +13,9 @@ answering through `Recommender.recommend_many`, so a row is exactly what
 `POST /recommend {"user_id": ..., "k": ..., "exclude_seen": ...}` answers. Chunks come back in
 order and are appended to the file as they arrive (the driver holds one chunk at a time), so
 the file does not depend on the number of workers. Listed ids that are not prepared users go to
-`<out>.unknown_users.csv`, with a count.
+`<out>.unknown_users.csv`, with a count, once the output is whole. Both files are written to names
+of this run's own and renamed at the end: concurrent runs into one --out, or a run that fails or
+is killed, never leave a mixed or truncated file.
 
 This module is imported to build the CLI: Ray and torch are imported inside `main` only.
 """
@@ -24,6 +26,7 @@ import argparse
 import math
 import os
 import time
+import uuid
 from pathlib import Path
 
 from raykd.core import console, rundir
@@ -57,8 +60,6 @@ def main(args: argparse.Namespace) -> int:
     model_dir = resolve_student(args.model or args.run_dir).resolve()
     data_dir = users_data_dir(Path(args.run_dir), model_dir)
     chunks, total, unknown = plan(data_dir, args.batch_size, args.users)
-    if args.users:
-        report_unknown(unknown, total, args.out)
     console.say(f"recommend: top-{args.k} from {model_dir} for {total:,} users, {len(chunks):,} chunks of "
                 f"{args.batch_size} on {args.workers} worker(s){' with a GPU each' if args.use_gpu else ''}")
     from raykd.cluster import runtime
@@ -67,6 +68,8 @@ def main(args: argparse.Namespace) -> int:
     with runtime.run_logs(rundir.logs_of(Path(args.run_dir), "recommend")):  # Ray's lines to the logs
         tables = score(chunks, model_dir, data_dir, args) if chunks else iter(())  # no user: no Ray
         written = write(tables, schema(data_dir), Path(args.out), total, t0)
+    if args.users:  # only once the output is whole: a failed run leaves no side file of its own
+        report_unknown(unknown, total, args.out)
     seconds = time.perf_counter() - t0
     console.emit(f"recommend: wrote {written:,} users to {os.path.abspath(args.out)} in {seconds:.1f}s "
                  f"({written / max(seconds, 1e-9):,.0f} users/s)", console.QUIET)
@@ -91,6 +94,11 @@ def unknown_users_path(out: str | Path) -> Path:
     out = Path(out)
     stem = out.name.removesuffix(".parquet")
     return out.with_name(stem + UNKNOWN_SUFFIX)
+
+
+def temporary_name(path: Path) -> Path:
+    """A name in `path`'s folder that no other run uses (process id + random), for an atomic rename."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.partial")
 
 
 def progress(done: int, total: int, t0: float) -> str:
@@ -143,25 +151,33 @@ def plan(data_dir: Path, batch: int, users_file: str | None) -> tuple[list[dict]
 
 
 def read_user_list(path: str) -> list:
-    """Raw user ids of a text file (one a line), or of a CSV/TSV or Parquet file's user_id (or only) column."""
+    """Raw user ids of a text file (one a line), or of a CSV/TSV or Parquet file's user_id (or only) column.
+
+    Read as prepare reads ids (raykd.core.ids rule 1): a UTF-8 byte-order mark is not part of the
+    first id, only ASCII whitespace is stripped (a non-breaking space stays), and Parquet integers
+    are read as Arrow integers, never through float64, which rounds ids above 2**53.
+    """
     import pandas as pd
     import pyarrow.parquet as pq
+
+    from raykd.core import ids
 
     suffix = Path(path).suffix.lower()
     if suffix in (".csv", ".tsv", ".parquet"):
         try:
-            frame = pq.read_table(path).to_pandas() if suffix == ".parquet" else \
-                pd.read_csv(path, dtype=str, keep_default_na=False, sep="\t" if suffix == ".tsv" else ",")
+            table = pq.read_table(path) if suffix == ".parquet" else pd.read_csv(
+                path, dtype=str, keep_default_na=False, encoding="utf-8-sig", sep="\t" if suffix == ".tsv" else ",")
         except (OSError, ValueError) as err:
             raise RaykdError(f"--users {path} cannot be read as {suffix[1:]}: {str(err)[:200]}") from None
-        cols = list(frame.columns)
+        cols = list(table.columns) if suffix != ".parquet" else table.column_names
         if "user_id" not in cols and len(cols) != 1:
             raise RaykdError(f"--users {path} has columns {cols[:10]}: name the column of user ids user_id, or "
                              "give a file with that column alone")
-        values = frame["user_id" if "user_id" in cols else cols[0]].tolist()
+        column = table["user_id" if "user_id" in cols else cols[0]]
+        values = column.to_pylist() if suffix == ".parquet" else column.tolist()
     else:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            values = [line.strip() for line in f]
+        with open(path, encoding="utf-8-sig", errors="replace") as f:
+            values = [line.strip(ids.WHITESPACE) for line in f]
     return [_as_id(v) for v in values if v is not None and v != "" and not (isinstance(v, float) and math.isnan(v))]
 
 
@@ -193,7 +209,9 @@ def match_users(raw: list, data_dir: Path) -> tuple[list[int], list]:
 
 
 def report_unknown(unknown: list, known: int, out: str) -> None:
-    """List the ids that are not prepared users in the side file (or remove a stale one), with a count."""
+    """List the ids that are not prepared users in the side file (or remove a stale one), with a count.
+
+    Called once the output is written; the file is written to a temporary name and renamed."""
     path = unknown_users_path(out)
     if not unknown:
         path.unlink(missing_ok=True)
@@ -202,7 +220,12 @@ def report_unknown(unknown: list, known: int, out: str) -> None:
     import pandas as pd
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame({"user_id": [str(u) for u in unknown]}).to_csv(path, index=False)
+    tmp = temporary_name(path)
+    try:
+        pd.DataFrame({"user_id": [str(u) for u in unknown]}).to_csv(tmp, index=False)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     console.warn(f"recommend: {len(unknown):,} listed user id(s) are not prepared users (no history to score), "
                  f"listed in {path}; {known:,} known")
 
@@ -319,12 +342,16 @@ def check_resources(args: argparse.Namespace) -> None:
 
 
 def write(tables, out_schema, out: Path, total: int, t0: float, rows_per_group: int = 65536) -> int:
-    """Append the tables to one Parquet file (written to a temporary name, renamed when whole)."""
+    """Append the tables to one Parquet file (written to a temporary name, renamed when whole).
+
+    The temporary name is this run's own, so runs into the same --out never write one file: the
+    last to finish leaves its whole output, and a run that fails or is killed leaves the old one.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial")
+    tmp = temporary_name(out)
     written, pending, next_print = 0, [], time.perf_counter() + 10
     try:
         with pq.ParquetWriter(tmp, out_schema, compression="zstd") as writer:
