@@ -29,7 +29,7 @@ from torch import nn
 
 from raykd.core import models
 
-BLOCK = 32768  # columns per window: B x BLOCK floats per batch (32 MiB at B = 256)
+BLOCK = 16384  # columns per window: B x BLOCK floats per batch (16 MiB at B = 256); measured best (bench_scoring.py)
 TOPK_BLOCK = 128  # columns per block of top_k's first step
 MIN_ROWS = 8  # fewest query rows whose windows match the whole product (one row takes a gemv kernel)
 MISS_RANK = 2**31 - 1  # rank given to a NaN or padding target: beyond any cut-off k (= metrics.MISS_RANK)
