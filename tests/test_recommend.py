@@ -10,8 +10,9 @@ import torch
 
 from raykd import cli
 from raykd.core.errors import RaykdError
+from raykd.core.scoring import top_k
 from raykd.serve import recommend
-from raykd.serve.recommender import Recommender, top_k
+from raykd.serve.recommender import Recommender
 
 
 def run_recommend(run_dir, out, *flags) -> pa.Table:

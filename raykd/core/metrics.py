@@ -17,9 +17,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from raykd.core import scoring
 from raykd.core.models import left_pad, unwrap
 
-MISS_RANK = 2**31 - 1  # rank given to a NaN or padding target: beyond any cut-off k
+MISS_RANK = scoring.MISS_RANK  # rank given to a NaN or padding target: beyond any cut-off k
 
 
 def target_ranks(scores: torch.Tensor, targets: torch.Tensor, exclude: torch.Tensor | None = None,
@@ -92,6 +93,7 @@ def evaluate_model(
     ks: Sequence[int] = (10, 20),
     return_ranks: bool = False,
     exclude_target: bool = False,
+    block: int = scoring.BLOCK,
 ) -> dict[str, float] | tuple[dict[str, float], np.ndarray]:
     """Full-catalogue metrics of `model.last_scores` on (history, next item) pairs.
 
@@ -100,7 +102,9 @@ def evaluate_model(
     (typically the history); the target itself stays a candidate unless `exclude_target`, which
     makes a target found in seen[u] a miss, as for a server that never recommends a seen item. device: where to score;
     None uses the model's own device, otherwise the model is moved there. The model is put in
-    eval mode for the call and its training flag restored afterwards.
+    eval mode for the call and its training flag restored afterwards. A catalogue wider than
+    `block` is ranked in windows of `block` items (raykd.core.scoring: memory per batch does not
+    grow with it) by the models that score by a dot product; the ranks are the same either way.
 
     Returns {metric: mean, ..., "users": U}, plus the per-user ranks (np.int64 [U], for paired
     tests) as a second value when return_ranks is True.
@@ -121,14 +125,27 @@ def evaluate_model(
         with torch.no_grad():
             for start in range(0, len(targets), batch_size):
                 stop = start + batch_size
-                scores = net.last_scores(histories[start:stop].to(device))
-                exclude = None if seen is None else exclusion_mask(seen[start:stop], scores.shape[1], device)
-                ranks.append(target_ranks(scores, targets[start:stop].to(device), exclude, exclude_target).cpu())
+                batch = (histories[start:stop].to(device), targets[start:stop].to(device))
+                ranks.append(_batch_ranks(net, *batch, None if seen is None else seen[start:stop],
+                                          exclude_target, block).cpu())
     finally:
         net.train(was_training)
     all_ranks = torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)
     metrics = {**ranking_metrics(all_ranks, ks), "users": len(all_ranks)}
     return (metrics, all_ranks.numpy()) if return_ranks else metrics
+
+
+def _batch_ranks(net: nn.Module, seq: torch.Tensor, targets: torch.Tensor, seen: Sequence[np.ndarray] | None,
+                 exclude_target: bool, block: int) -> torch.Tensor:
+    """target_ranks of one batch: in windows (scoring.blocked_target_ranks) when the catalogue is
+    wider than a window and the model scores by a dot product, else on the whole score matrix."""
+    wide = getattr(net, "num_items", 0) + 1 > block and len(seq) >= scoring.MIN_ROWS
+    dot = scoring.dot_scores(net, seq) if wide else None
+    if dot is not None:
+        return scoring.blocked_target_ranks(dot, targets, seen, exclude_target, block)
+    scores = net.last_scores(seq)
+    exclude = None if seen is None else exclusion_mask(seen, scores.shape[1], seq.device)
+    return target_ranks(scores, targets, exclude, exclude_target)
 
 
 def topk_overlap(

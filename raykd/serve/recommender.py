@@ -30,11 +30,10 @@ from pydantic import (
     model_validator,
 )
 
-from raykd.core import ids, models, rundir, sequences
+from raykd.core import ids, models, rundir, scoring, sequences
 from raykd.core.errors import RaykdError
 
-MIN_ROWS = 8  # rows of the smallest forward pass (see Recommender._scores)
-TOPK_BLOCK = 128  # columns per block of top_k's first step
+MIN_ROWS = scoring.MIN_ROWS  # rows of the smallest forward pass (see Recommender._scores)
 DEFAULT_K = 10  # a request's k when it gives none (at most the deployment's max_k)
 MODEL_FILES = (rundir.WEIGHTS, rundir.MODEL_JSON, rundir.METRICS, rundir.MANIFEST)  # read as one version
 
@@ -189,6 +188,7 @@ class Recommender:
             manifest = rundir.read_manifest(Path(snap))
             self.metrics = _read_metrics(Path(snap) / rundir.METRICS)
         self.max_k, self.max_history = max_k, max_history
+        self.block = scoring.BLOCK  # items per scoring window (raykd.core.scoring)
         data_dir = Path(data_dir) if data_dir is not None else find_data_dir(self.model_dir)
         items = pq.read_table(data_dir / rundir.ITEMS)
         if items.num_rows != self.desc["num_items"]:
@@ -265,21 +265,15 @@ class Recommender:
     def recommend_many(self, requests: list[tuple[np.ndarray, list, int, bool]]) -> list[dict]:
         """Score a batch of parsed requests in one forward pass; popularity for empty histories.
 
-        Seen items are masked and the top k taken for the whole batch at once (one `top_k` of the
-        largest k, cut per request to its k and to the items left unmasked).
+        One top-k of the largest k for the whole batch, seen items excluded inside it, cut per
+        request to its k and to the items left unmasked. Ties go to the lower item index.
         """
         out: list[dict | None] = [None] * len(requests)
         rows = [i for i, (hist, *_rest) in enumerate(requests) if len(hist)]
         if rows:
             hists = [np.asarray(requests[i][0], dtype=np.int64) for i in rows]
-            scores = self._usable(self._scores(hists))
-            scores[:, 0] = -torch.inf
-            masked = [r for r, i in enumerate(rows) if requests[i][3]]
-            if masked:
-                r_idx = np.repeat(masked, [len(hists[r]) for r in masked])
-                c_idx = np.concatenate([hists[r] for r in masked])
-                scores[torch.as_tensor(r_idx, device=self.device), torch.as_tensor(c_idx, device=self.device)] = -torch.inf
-            values, indices = top_k(scores, min(max(requests[i][2] for i in rows), scores.shape[1]))
+            seen = [h if requests[i][3] else h[:0] for h, i in zip(hists, rows)]
+            values, indices = self._top_k(hists, seen, max(requests[i][2] for i in rows))
             values, indices = values.cpu().numpy(), indices.cpu().numpy()
             finite = np.isfinite(values).sum(1)
             for r, i in enumerate(rows):
@@ -290,8 +284,35 @@ class Recommender:
                 out[i] = self._answer(self.popular[:k], self.popular_scores[:k], unknown, "popularity")
         return out
 
-    def _scores(self, hists: list[np.ndarray]) -> torch.Tensor:
-        """Next-item scores [len(hists), num_items + 1], the same whatever batch a history is scored in.
+    def _top_k(self, hists: list[np.ndarray], seen: list[np.ndarray], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per history, the k best items (scores with NaN and infinities at -inf) and their scores.
+
+        Scored in windows of `self.block` items (raykd.core.scoring.blocked_top_k), so a batch's
+        memory does not grow with the catalogue; the answer is the whole score matrix's top_k.
+        A history whose every score is NaN or infinite (a corrupt model, or a corrupt item in it)
+        raises: there is nothing to rank, and an empty answer would hide the corruption.
+        """
+        scores = self._scores(hists)
+        all_bad = torch.ones(scores.rows, dtype=torch.bool, device=self.device)
+
+        def usable(start: int, window: torch.Tensor) -> None:
+            bad = ~torch.isfinite(window)
+            if not bad.any():
+                all_bad.zero_()
+                return
+            all_bad.logical_and_((bad[:, 1:] if start == 0 else bad).all(1))
+            window.masked_fill_(bad, -torch.inf)
+
+        seen = seen + [np.zeros(0, np.int64)] * (scores.rows - len(seen))  # the padding rows exclude nothing
+        values, indices = scoring.blocked_top_k(scores, k, seen, self.block, on_block=usable)
+        if all_bad[: len(hists)].any():
+            raise RaykdError(f"model {self.model_id} ({self.model_dir}) scores NaN or infinity for every item of a "
+                             "history: the model is corrupt; retrain it, or serve another model or bundle")
+        return values[: len(hists)], indices[: len(hists)]
+
+    def _scores(self, hists: list[np.ndarray]) -> scoring.Scores:
+        """Next-item scores of the histories (at least MIN_ROWS rows), the same whatever batch a
+        history is scored in, to be read a window at a time.
 
         BLAS takes another path for products of a few rows (a matrix-vector kernel for one row),
         whose last bits differ from the batched one's: a forward pass of fewer than MIN_ROWS
@@ -301,21 +322,9 @@ class Recommender:
         padded = models.left_pad(hists, self.desc["max_len"])
         if len(hists) < MIN_ROWS:
             padded = torch.cat([padded, padded[:1].expand(MIN_ROWS - len(hists), -1)])
-        return self.model.last_scores(padded.to(self.device)).float()[: len(hists)]
-
-    def _usable(self, scores: torch.Tensor) -> torch.Tensor:
-        """Scores with NaN and infinities at -inf, so they rank last and are never answered.
-
-        A history whose every score is NaN or infinite (a corrupt model, or a corrupt item in it)
-        raises: there is nothing to rank, and an empty answer would hide the corruption.
-        """
-        bad = ~torch.isfinite(scores)
-        if not bad.any():
-            return scores
-        if bad[:, 1:].all(1).any():
-            raise RaykdError(f"model {self.model_id} ({self.model_dir}) scores NaN or infinity for every item of a "
-                             "history: the model is corrupt; retrain it, or serve another model or bundle")
-        return scores.masked_fill(bad, -torch.inf)
+        padded = padded.to(self.device)
+        dot = scoring.dot_scores(self.model, padded)
+        return dot if dot is not None else scoring.FullScores(self.model.last_scores(padded).float())
 
     def _answer(self, idx: np.ndarray, scores: np.ndarray, unknown: list, fallback: str | None) -> dict:
         answer = {"items": [self.raw_items[i] for i in idx.tolist()], "scores": [round(float(s), 5) for s in scores],
@@ -356,30 +365,6 @@ def model_digest(path: str | Path) -> str:
     """The digest of the model a path serves, as `Recommender` computes it: one version of the folder."""
     with tempfile.TemporaryDirectory(prefix="raykd-model-") as snap:
         return rundir.copy_snapshot(resolve_student(path), Path(snap), MODEL_FILES)
-
-
-def top_k(scores: torch.Tensor, k: int, block: int = TOPK_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row, the k largest scores and their columns, best first: torch.topk's answer, 3-8x faster.
-
-    Two steps: the k blocks of `block` columns with the largest maxima, then the k best of their
-    k x block columns. Exact: an item outside those blocks has k block maxima at least as large
-    above it. Reading each row once for a vectorised max costs far less than torch.topk's
-    selection over a 100k-item catalogue, where it dominated a small student's time.
-    """
-    scores = scores.contiguous()  # the block view below reads the rows' memory directly
-    rows, n = scores.shape
-    full = n // block
-    if full <= k:
-        top = torch.topk(scores, k)
-        return top.values, top.indices
-    maxima = torch.as_strided(scores, (rows, full, block), (scores.stride(0), block, 1)).amax(-1)
-    if full * block < n:  # the last, partial block
-        maxima = torch.cat([maxima, scores[:, full * block:].amax(-1, keepdim=True)], 1)
-    blocks = torch.topk(maxima, k).indices
-    columns = (blocks.unsqueeze(-1) * block + torch.arange(block, device=scores.device)).reshape(rows, -1)
-    values = scores.gather(1, columns.clamp(max=n - 1)).masked_fill(columns >= n, -torch.inf)
-    top = torch.topk(values, k)
-    return top.values, columns.gather(1, top.indices)
 
 
 def find_data_dir(model_dir: Path) -> Path:
