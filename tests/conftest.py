@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import ray
 
@@ -49,6 +51,19 @@ def tiny_run(ray_session, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("tiny_run")
     pipeline.run(tiny_config(run_dir))
     return run_dir
+
+
+@pytest.fixture
+def fsynced(monkeypatch) -> list[str]:
+    """Paths of the files and folders this process fsyncs (the real os.fsync still runs)."""
+    seen, real = [], os.fsync
+
+    def fsync(fd):
+        seen.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return seen
 
 
 def copy_parts(src, dst, *parts):

@@ -179,19 +179,6 @@ def test_the_sweep_recovers_a_swap_killed_at_any_point(tmp_path, point, survivor
     assert (rundir.current(tmp_path, "student") is not None) == (survivor == "A")  # the record lists A
 
 
-@pytest.fixture
-def fsynced(monkeypatch) -> list[str]:
-    """Paths of the files and folders this process fsyncs (the real os.fsync still runs)."""
-    seen, real = [], os.fsync
-
-    def fsync(fd):
-        seen.append(os.readlink(f"/proc/self/fd/{fd}"))
-        return real(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    return seen
-
-
 def test_the_run_record_and_manifests_are_written_durably(tmp_path, fsynced):
     with rundir.staged(tmp_path / "student") as tmp:
         rundir.write_manifest(tmp, "A")

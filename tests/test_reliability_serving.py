@@ -121,19 +121,6 @@ def test_default_k_is_at_most_max_k(tiny_run):
 # ---------------------------------------------------------------- 9. durable JSON
 
 
-@pytest.fixture
-def fsynced(monkeypatch) -> list[str]:
-    """Paths of the files this process fsyncs (the real os.fsync still runs)."""
-    seen, real = [], os.fsync
-
-    def fsync(fd):
-        seen.append(os.readlink(f"/proc/self/fd/{fd}"))
-        return real(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    return seen
-
-
 def test_write_json_durable_fsyncs_and_leaves_no_temporary(tmp_path, fsynced):
     rundir.write_json_durable(tmp_path / "x.json", {"a": 1})
     assert json.loads((tmp_path / "x.json").read_text()) == {"a": 1}
