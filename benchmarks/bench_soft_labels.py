@@ -5,9 +5,9 @@
 Needs a run directory with `data/` and `teacher/` (any `raykd pipeline` run). In one process, for
 each worker count W, side by side:
 
-    ray    raykd.stages.soft_labels.score_all + write: W TeacherScorer actors (1 CPU each, so Ray gives
-           each one torch thread), fixed chunks of --batch-size windows, rows sorted back into
-           position order, zstd Parquet
+    ray    raykd.stages.soft_labels.score_all: W ShardScorer actors (1 CPU each, so Ray gives each
+           one torch thread), fixed chunks of --batch-size windows in position order, each actor
+           writing its shards' zstd Parquet files itself
     plain  a loop in this process with W torch threads: the same teacher, the same windows and
            chunks, forward pass, fp32 item scores, top-K, float16 logits; then the same writer
 
@@ -56,15 +56,14 @@ def main() -> int:
         (out / "ray").mkdir(parents=True)
         (out / "plain").mkdir(parents=True)
         t0 = time.perf_counter()
-        rows = soft_labels.score_all(shards, teacher_dir, desc["max_len"], k, w, False, args.batch_size)
-        n, ray_bytes = soft_labels.write(rows, shards, out / "ray", k)
+        n, ray_bytes = soft_labels.score_all(shards, teacher_dir, desc["max_len"], k, w, False, args.batch_size,
+                                             out / "ray")
         ray_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         plain = plain_scores(shards, teacher_dir, desc["max_len"], k, w, args.batch_size)
         soft_labels.write(plain, shards, out / "plain", k)
         plain_s = time.perf_counter() - t0
-        same = all(np.array_equal(rows[s]["idx"], plain[s]["idx"]) and np.array_equal(rows[s]["logits"], plain[s]["logits"])
-                   for s in rows)
+        same = all(_same(out / "ray" / s.name, out / "plain" / s.name) for s in shards)
         mem = sum(pq.read_table(p).nbytes for p in (out / "ray").glob("*.parquet")) / n
         rows_out.append((w, n, ray_s, plain_s, ray_bytes / n, mem, same))
     print(f"\nteacher {desc['family']} {desc['dim']}x{desc['layers']}, {desc['num_items']:,} items, top-{k}, "
@@ -92,6 +91,8 @@ def plain_scores(shards: list[Path], teacher_dir: Path, max_len: int, k: int, th
     out = {}
     for shard in shards:
         w = sequences.windows(pq.read_table(shard, columns=["train"])["train"].combine_chunks(), max_len)
+        order = soft_labels.position_order(w["pos"])  # the actors' order of windows
+        w = {name: w[name][order] for name in ("input", "pos")}
         parts = []
         for start in range(0, len(w["input"]), chunk):
             pos = w["pos"][start:start + chunk]
@@ -104,6 +105,11 @@ def plain_scores(shards: list[Path], teacher_dir: Path, max_len: int, k: int, th
         out[str(shard)] = {"pos": pos[order], "idx": np.concatenate([p[1] for p in parts])[order],
                            "logits": np.concatenate([p[2] for p in parts])[order]}
     return out
+
+
+def _same(a: Path, b: Path) -> bool:
+    ta, tb = pq.read_table(a), pq.read_table(b)
+    return all(ta[c].equals(tb[c]) for c in ("user", "t", "idx", "logits"))
 
 
 if __name__ == "__main__":

@@ -7,14 +7,17 @@ float32 = log Σ exp(logit) over every item outside the top K, for the whole-cat
 `manifest.json` (rows, rows/s, bytes per row, K, the teacher it came from).
 
 Scoring runs on a Ray Data actor pool (`soft_labels.num_workers` actors, a GPU each when
-`use_gpu`), each actor loading the teacher once. Work is cut into fixed chunks of
-`soft_labels.batch_size` windows (one forward pass each) that do not depend on the number of workers, and rows are sorted back into position order before
-writing, so the files are identical whatever the number of workers.
+`use_gpu`), each actor loading the teacher once and taking whole sequence shards: it scores a
+shard in fixed chunks of `soft_labels.batch_size` windows (one forward pass each), in position
+order, and writes that shard's file itself, row group by row group. The driver receives one small
+progress row per chunk and holds no scores, and the files are identical whatever the number of
+workers. Up to one actor per shard is busy at a time (`data.num_shards`; ~50k users a shard).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -25,7 +28,7 @@ import ray
 import torch
 
 from raykd.config import Config, section_hash
-from raykd.core import models, rundir, sequences, soft_targets
+from raykd.core import console, models, rundir, sequences, soft_targets
 from raykd.core.errors import RaykdError
 from raykd.data import teacher_scores
 
@@ -54,11 +57,10 @@ def score_teachers(cfg: Config, members: list[Path], data_dir: Path, out: Path, 
         return {**rundir.read_manifest(out), "reused": True}
     shards = sequences.shard_paths(data_dir)
     t0 = time.perf_counter()
-    rows = score_all(shards, members, teacher["max_len"], top_k, cfg.soft_labels.num_workers,
-                     cfg.soft_labels.use_gpu, cfg.soft_labels.batch_size)
-    seconds = time.perf_counter() - t0
     with rundir.staged(out) as tmp:
-        n, size = write(rows, shards, tmp, top_k)
+        n, size = score_all(shards, members, teacher["max_len"], top_k, cfg.soft_labels.num_workers,
+                            cfg.soft_labels.use_gpu, cfg.soft_labels.batch_size, tmp)
+        seconds = time.perf_counter() - t0
         info = {"rows": n, "top_k": top_k, "seconds": seconds, "rows_per_s": n / seconds,
                 "bytes_per_row": size / max(n, 1), "workers": cfg.soft_labels.num_workers}
         info = rundir.write_manifest(tmp, key, upstream, section_hash(cfg.soft_labels), **info)
@@ -91,37 +93,60 @@ def _teacher_meta(teacher_dir: Path) -> dict:
         raise RaykdError(f"no teacher in {teacher_dir}: run `raykd teacher CONFIG` first") from None
 
 
-class TeacherScorer:
-    """Ray Data actor: loads the teacher once, scores chunks of windows, keeps the top K.
+class ShardScorer:
+    """Ray Data actor: loads the teacher once; for each sequence shard it is handed, scores every
+    training position chunk by chunk and writes that shard's soft-label file itself.
 
-    Several teacher folders (an ensemble) are scored as one: the mean of their log-probabilities
+    Windows are scored in order of their first position (each window covers a contiguous run of one
+    user's positions), so every chunk's rows follow the previous chunk's and the file is written row
+    group by row group: an actor holds one shard's windows, one chunk's scores (tiled: independent
+    of the catalogue's size) and one buffered row group, and nothing goes back to the driver but one
+    small progress row per chunk. Several teacher folders (an ensemble) are scored as one: the mean of their log-probabilities
     (models.Ensemble); a single teacher's raw logits are kept as they are.
     """
 
-    def __init__(self, teacher_dir: str | list[str], max_len: int, top_k: int, use_gpu: bool, chunk: int):
+    ROW_GROUP = 65_536  # rows buffered before a row group is written (about 40 MB at K = 100)
+
+    def __init__(self, teacher_dir: str | list[str], max_len: int, top_k: int, use_gpu: bool, chunk: int, out: str):
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         dirs = [teacher_dir] if isinstance(teacher_dir, str | Path) else list(teacher_dir)
         self.members = [models.load_model(d, self.device)[0] for d in dirs]
-        self.model = self.members[0]
-        self.max_len, self.top_k, self.chunk = max_len, top_k, chunk
-        self.cached: tuple[str, dict] | None = None  # windows of the last shard (chunks come in order)
+        self.max_len, self.top_k, self.chunk, self.out = max_len, top_k, chunk, Path(out)
 
-    def __call__(self, batch: dict) -> dict:
-        out = []
-        for shard, start in zip(batch["shard"], batch["start"]):
-            if self.cached is None or self.cached[0] != shard:
-                table = pq.read_table(shard, columns=["train"])["train"].combine_chunks()
-                self.cached = (shard, sequences.windows(table, self.max_len))
-            w = self.cached[1]
-            out.append(self._score(w, int(start)))
-        return {k: np.concatenate([o[k] for o in out]) for k in out[0]} | {
-            "shard": np.concatenate([[s] * len(o["pos"]) for s, o in zip(batch["shard"], out)])}
+    def __call__(self, batch: dict):
+        for shard in batch["shard"]:
+            yield from self.write_shard(Path(shard))
+
+    def write_shard(self, shard: Path):
+        """Score `shard` into `out/<shard name>` (written aside, then renamed); yields progress rows."""
+        seqs = pq.read_table(shard, columns=["user", "train"])
+        w = sequences.windows(seqs["train"].combine_chunks(), self.max_len)
+        users = seqs["user"].to_numpy().astype(np.int32)
+        order = position_order(w["pos"])
+        path = self.out / shard.name
+        tmp = path.with_name(f".{path.name}.tmp")  # a retried shard overwrites its own leftovers
+        done = 0
+        with pq.ParquetWriter(tmp, _schema(self.top_k), compression="zstd") as writer:
+            pending = []
+            for start in range(0, len(order), self.chunk):
+                rows = order[start:start + self.chunk]
+                r = self._score(w["input"][rows], w["pos"][rows])
+                if not np.array_equal(r["pos"], np.arange(done, done + len(r["pos"]))):
+                    raise RaykdError(f"soft labels for {shard}: positions out of order at {done}")
+                pending.append(_table(users[w["user"][r["pos"]]], w["t"][r["pos"]], r, self.top_k))
+                done += len(r["pos"])
+                if sum(t.num_rows for t in pending) >= self.ROW_GROUP or start + self.chunk >= len(order):
+                    writer.write_table(pa.concat_tables(pending))
+                    pending = []
+                yield {"shard": [str(shard)], "positions": [len(r["pos"])], "bytes": [0]}
+        if done != len(w["t"]):
+            raise RaykdError(f"soft labels for {shard}: scored {done} positions, expected {len(w['t'])}")
+        os.replace(tmp, path)
+        yield {"shard": [str(shard)], "positions": [0], "bytes": [path.stat().st_size]}
 
     @torch.no_grad()
-    def _score(self, w: dict, start: int) -> dict:
-        end = start + self.chunk
-        inp = torch.as_tensor(w["input"][start:end], dtype=torch.long, device=self.device)
-        pos = w["pos"][start:end]
+    def _score(self, windows: np.ndarray, pos: np.ndarray) -> dict:
+        inp = torch.as_tensor(windows, dtype=torch.long, device=self.device)
         real = torch.as_tensor(pos >= 0, device=self.device)
         amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
         with amp:
@@ -136,73 +161,65 @@ class TeacherScorer:
                 "logits": values.cpu().numpy().astype(np.float16), "rest": rest.cpu().numpy().astype(np.float32)}
 
 
+def position_order(pos: np.ndarray) -> np.ndarray:
+    """Windows (rows of `pos`, -1 = padding) sorted by their first position: as each window holds a
+    contiguous run of one user's positions, their real slots then come out in position order."""
+    return np.argsort(np.where(pos >= 0, pos, np.iinfo(np.int64).max).min(1), kind="stable")
+
+
 def score_all(shards: list[Path], teacher_dir: Path | list[Path], max_len: int, top_k: int, workers: int,
-              use_gpu: bool, chunk: int = 256) -> dict[str, dict]:
-    """Score every training position; returns per-shard arrays sorted by position."""
-    chunks = []
-    for shard in shards:
-        n_windows = _count_windows(shard, max_len)
-        chunks += [{"shard": str(shard), "start": s} for s in range(0, n_windows, chunk)]
-    if not chunks:
+              use_gpu: bool, chunk: int, out: Path) -> tuple[int, int]:
+    """Score every training position into `out` (one file per sequence shard, written by the actors);
+    returns (rows, bytes). Up to one actor per shard works at a time (`data.num_shards` sets how many)."""
+    total = sum(_count_positions(s) for s in shards)
+    if not total:
         raise RaykdError("no training positions to score: every user's training sequence is a single item")
-    ds = ray.data.from_items(chunks, override_num_blocks=min(len(chunks), 64))
+    ds = ray.data.from_items([{"shard": str(s)} for s in shards], override_num_blocks=len(shards))
     ds = ds.map_batches(
-        TeacherScorer,
+        ShardScorer,
         fn_constructor_kwargs={"teacher_dir": [str(Path(d).resolve()) for d in _as_list(teacher_dir)],
-                               "max_len": max_len,
-                               "top_k": top_k, "use_gpu": use_gpu, "chunk": chunk},
-        compute=ray.data.ActorPoolStrategy(min_size=workers, max_size=workers),
+                               "max_len": max_len, "top_k": top_k, "use_gpu": use_gpu, "chunk": chunk,
+                               "out": str(Path(out).resolve())},
+        compute=ray.data.ActorPoolStrategy(min_size=min(workers, len(shards)), max_size=min(workers, len(shards))),
         batch_size=1,
         num_gpus=1 if use_gpu else 0,
         num_cpus=0.5 if use_gpu else 1,
         batch_format="numpy",
     )
-    parts: dict[str, list] = {str(s): [] for s in shards}
-    done, next_print = 0, time.perf_counter() + 10
+    done, size, t0 = 0, 0, time.perf_counter()
+    throttle = console.Throttle(10.0)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for shard in np.unique(batch["shard"]):
-            sel = batch["shard"] == shard
-            parts[str(shard)].append({k: batch[k][sel] for k in ("pos", "idx", "logits", "rest")})
-        done += len(batch["pos"])
-        if time.perf_counter() > next_print:
-            print(f"soft_labels: {done:,} positions scored", flush=True)
-            next_print = time.perf_counter() + 10
-    return _in_position_order(parts)
+        done += int(batch["positions"].sum())
+        size += int(batch["bytes"].sum())
+        if throttle.due():
+            rate = done / max(time.perf_counter() - t0, 1e-9)
+            print(console.progress("soft_labels", done, total, t0, "positions") + f", {rate:,.0f}/s", flush=True)
+    if done != total:
+        raise RaykdError(f"soft labels: scored {done:,} positions, expected {total:,}")
+    return done, size
 
 
 def score_here(teacher_dirs: list[Path], data_dir: Path, out: Path, top_k: int, chunk: int = 256) -> tuple[int, int]:
     """The soft labels of every training position, scored in this process without Ray (benchmarks,
     notebooks): the same scorer, chunks and files as the stage. Returns (rows, bytes) written to `out`."""
     max_len = _teacher_meta(Path(teacher_dirs[0]))["max_len"]
-    shards = sequences.shard_paths(data_dir)
-    scorer = TeacherScorer([str(d) for d in teacher_dirs], max_len, top_k, False, chunk)
-    parts = {str(shard): [scorer({"shard": np.array([str(shard)]), "start": np.array([start])})
-                          for start in range(0, _count_windows(shard, max_len), chunk)] for shard in shards}
     Path(out).mkdir(parents=True, exist_ok=True)
-    return write(_in_position_order(parts), shards, Path(out), top_k)
-
-
-def _in_position_order(parts: dict[str, list[dict]]) -> dict[str, dict]:
-    """Each shard's scored chunks joined and sorted back into position order."""
-    merged = {}
-    for shard, items in parts.items():
-        cat = {k: np.concatenate([p[k] for p in items]) for k in ("pos", "idx", "logits", "rest")}
-        order = np.argsort(cat["pos"], kind="stable")
-        merged[shard] = {k: v[order] for k, v in cat.items()}
-    return merged
+    scorer = ShardScorer([str(d) for d in teacher_dirs], max_len, top_k, False, chunk, str(out))
+    progress = [row for shard in sequences.shard_paths(data_dir) for row in scorer.write_shard(shard)]
+    return sum(r["positions"][0] for r in progress), sum(r["bytes"][0] for r in progress)
 
 
 def _as_list(dirs: Path | list[Path]) -> list[Path]:
     return [dirs] if isinstance(dirs, str | Path) else list(dirs)
 
 
-def _count_windows(shard: Path, max_len: int) -> int:
+def _count_positions(shard: Path) -> int:
     lengths = pq.read_table(shard, columns=["train"])["train"].combine_chunks().value_lengths().to_numpy()
-    return int((-(-np.maximum(lengths - 1, 0) // max_len)).sum())
+    return int(np.maximum(lengths - 1, 0).sum())
 
 
 def write(rows: dict[str, dict], shards: list[Path], out: Path, top_k: int) -> tuple[int, int]:
-    """One Parquet file per sequence shard; returns (rows, bytes)."""
+    """Rows already in memory (external scores), one Parquet file per sequence shard; returns (rows, bytes)."""
     total, size = 0, 0
     for shard in shards:
         r = rows[str(shard)]
@@ -213,17 +230,25 @@ def write(rows: dict[str, dict], shards: list[Path], out: Path, top_k: int) -> t
         if n != len(w_users) or not np.array_equal(r["pos"], np.arange(n)):
             raise RaykdError(f"soft labels for {shard}: scored {n} positions, expected {len(w_users)}")
         t = np.arange(n) - np.searchsorted(w_users, w_users) + 1
-        cols = {
-            "user": pa.array(w_users.astype(np.int32)),
-            "t": pa.array(t.astype(np.int32)),
-            "idx": pa.FixedSizeListArray.from_arrays(pa.array(r["idx"].ravel(), pa.int32()), top_k),
-            "logits": pa.FixedSizeListArray.from_arrays(pa.array(r["logits"].ravel(), pa.float16()), top_k),
-        }
-        if "rest" in r:  # external scores cover only their own top-K: no rest column
-            cols["rest"] = pa.array(r["rest"].astype(np.float32))
-        table = pa.table(cols)
         path = out / shard.name
-        pq.write_table(table, path, compression="zstd")
+        pq.write_table(_table(w_users, t, r, top_k), path, compression="zstd")
         total += n
         size += path.stat().st_size
     return total, size
+
+
+def _schema(top_k: int, rest: bool = True) -> pa.Schema:
+    """The soft-label file's columns (the module docstring describes them)."""
+    fields = [("user", pa.int32()), ("t", pa.int32()), ("idx", pa.list_(pa.int32(), top_k)),
+              ("logits", pa.list_(pa.float16(), top_k))]
+    return pa.schema(fields + ([("rest", pa.float32())] if rest else []))
+
+
+def _table(users: np.ndarray, t: np.ndarray, r: dict, top_k: int) -> pa.Table:
+    """Rows of one shard: `r` holds idx [n, K], logits [n, K] and, from a raykd teacher, rest [n]."""
+    cols = [pa.array(users.astype(np.int32)), pa.array(t.astype(np.int32)),
+            pa.FixedSizeListArray.from_arrays(pa.array(r["idx"].ravel(), pa.int32()), top_k),
+            pa.FixedSizeListArray.from_arrays(pa.array(r["logits"].ravel(), pa.float16()), top_k)]
+    if "rest" in r:  # external scores cover only their own top-K: no rest column
+        cols.append(pa.array(r["rest"].astype(np.float32)))
+    return pa.Table.from_arrays(cols, schema=_schema(top_k, "rest" in r))
