@@ -216,6 +216,11 @@ class DistillConfig(Section):
         return self
 
 
+class EvaluateConfig(Section):
+    num_workers: int = Field(1, ge=1, description="Ray Data actors that score the test users (every user, every "
+                             "model; each actor loads the models once and reads only its users' histories)")
+
+
 class SearchDim(Section):
     """One searched config key: `loguniform`/`uniform` over [low, high], `int`, or `choice`."""
 
@@ -325,6 +330,7 @@ class Config(Section):
     soft_labels: SoftLabelsConfig = Field(default_factory=SoftLabelsConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)

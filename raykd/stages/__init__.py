@@ -137,7 +137,9 @@ STAGES: list[Stage] = [
           lambda c: c.tune.enabled, lambda c: [rundir.DATA, rundir.SOFT_LABELS], lambda c: [rundir.TUNE_BEST],
           _tune_need, "tune.enabled=true"),
     Stage("evaluate", "raykd.stages.evaluate", "test metrics of every current model -> report.json, report.md", _always,
-          lambda c: [rundir.DATA], lambda c: [rundir.REPORT_JSON], lambda c: []),
+          lambda c: [rundir.DATA], lambda c: [rundir.REPORT_JSON],
+          lambda c: [Need(f"evaluate: {c.evaluate.num_workers} Ray Data actor(s) x 1 CPU, every model once each",
+                          "evaluate", c.evaluate.num_workers, 1.0, 0, "evaluate.num_workers")]),
 ]
 BY_NAME = {s.name: s for s in STAGES}
 

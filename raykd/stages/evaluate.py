@@ -15,22 +15,29 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+import ray
 import torch
 from torch import nn
 
 from raykd.cluster import tracking
 from raykd.config import Config
-from raykd.core import console, metrics, models, rundir, sequences, staleness
+from raykd.core import console, metrics, models, rundir, scoring, sequences, staleness
 from raykd.core.errors import RaykdError
 from raykd.stages import report_md
 from raykd.training import plan
 
 MODELS = (rundir.TEACHER, rundir.STUDENT, rundir.STUDENT_NOKD, rundir.TUNE_BEST)
+AGREES = (rundir.STUDENT, rundir.STUDENT_NOKD, rundir.TUNE_BEST)  # top-10 agreement with the teacher
 RARE_MAX_COUNT = 5  # the rare-item bucket: test targets seen at most this often in training
+BLOCK_USERS = 4096  # users per Ray Data task of the test scoring
+AGREE_USERS = 2048  # the first users, whose top-10 lists are compared with the teacher's
+POPULARITY, ENSEMBLE = "popularity", "teacher_ensemble"
+AWARE, AGREE = "|repeat_aware", "agree|"  # keys of test_ranks' columns
 
 
 class Popularity(nn.Module):
@@ -50,50 +57,38 @@ def run(cfg: Config) -> dict:
     root = Path(cfg.output_dir)
     rundir.require(root, rundir.DATA, "evaluate")
     data_dir = root / rundir.DATA
-    split = sequences.read_split(data_dir)
-    hist, targets, seen = sequences.eval_inputs(split, "test")
     counts = pq.read_table(data_dir / rundir.ITEMS, columns=["count"])["count"].to_numpy()
     exclude = cfg.serve.exclude_seen
-    protocol = Protocol(seen if exclude else None, exclude)
-    repeats = np.fromiter((t in set(h.tolist()) for h, t in zip(hist, targets)), bool, len(targets))
+    current, skipped = _current(root)
+    if not current:
+        raise RaykdError(f"no trained models of this config in {root}: run `raykd teacher CONFIG` and "
+                         "`raykd distill CONFIG` first (or `raykd pipeline CONFIG`)")
+    pairs = [(w, plan.curve_pair(cfg, w)) for w in cfg.distill.sizes]
+    _check_pairs(root, pairs)
+    members = [rundir.member(i) for i in range(cfg.teacher.ensemble)]
+    ensemble = len(members) > 1 and all(rundir.current(root, m) for m in members)
+    dirs = {name: [str(root / name)] for name in [*current, *(n for _, pair in pairs for n in pair)]}
+    if ensemble:
+        dirs[ENSEMBLE] = [str(root / m) for m in members]
+    aware = exclude and any_repeats(data_dir)
+    ranks = test_ranks(data_dir, dirs, exclude, current if aware else [], cfg.evaluate.num_workers)
+    repeats = ranks["repeat"]
     report = {"dataset": json.loads((data_dir / "stats.json").read_text()),
               "protocol": {"exclude_seen": exclude, "repeat_targets": int(repeats.sum()),
-                           "repeat_share": float(repeats.mean()) if len(repeats) else 0.0}}
-    report["popularity"] = protocol.score(Popularity(counts), hist, targets)[0]
-    ranks, loaded, skipped = {}, {}, {}
-    for name in MODELS:
-        if rundir.current(root, name) is None:
-            if (root / name).exists():  # on disk but not from this config, or made from older inputs
-                skipped[name] = rundir.stale_reason(root, name)
-            continue
-        model, desc = models.load_model(root / name)
-        loaded[name] = model
-        m, ranks[name] = protocol.score(model, hist, targets)
-        if exclude and repeats.any():  # what the endpoint answers with exclude_seen=false
-            m["repeat_aware"] = metrics.evaluate_model(model, hist, targets, None)
-        m["params"], m["dim"] = models.count_params(model), desc["dim"]
-        m["latency_ms_256"] = metrics.scoring_latency_ms(model, desc["max_len"], desc["num_items"])
-        train_info = _read_json(root / name / rundir.METRICS)
-        m["valid_ndcg@10"] = train_info.get("valid", {}).get("ndcg@10")
-        m["best_epoch"], m["epochs_run"] = train_info.get("best_epoch"), train_info.get("epochs_run")
-        m["history"] = [{"epoch": h["epoch"], "ndcg@10": h["ndcg@10"]} for h in train_info.get("history", [])]
-        report[name.replace("/", "_")] = m
+                           "repeat_share": float(repeats.mean()) if len(repeats) else 0.0},
+              "popularity": summary(ranks[POPULARITY])}
+    for name in current:
+        report[name.replace("/", "_")] = _model_entry(root, name, ranks, aware)
     for name, why in skipped.items():
         console.say(f"evaluate: not reporting {name}/: {why}")
     if skipped:
         report["skipped"] = skipped
-    members = [rundir.member(i) for i in range(cfg.teacher.ensemble)]
-    if len(members) > 1 and all(rundir.current(root, m) for m in members):
+    if ensemble:
         ens = models.Ensemble([models.load_model(root / m)[0] for m in members])
-        m = protocol.score(ens, hist, targets)[0]
-        report["teacher_ensemble"] = {**m, "params": models.count_params(ens), "members": len(members)}
-    if not loaded:
-        raise RaykdError(f"no trained models of this config in {root}: run `raykd teacher CONFIG` and "
-                         "`raykd distill CONFIG` first (or `raykd pipeline CONFIG`)")
-    _compare(report, ranks, loaded, hist, seen)
-    rare = np.concatenate([[0], counts])[np.asarray(targets)] <= RARE_MAX_COUNT
-    pairs = [(w, plan.curve_pair(cfg, w)) for w in cfg.distill.sizes]
-    curve = kd_curve(root, pairs, protocol, hist, targets, rare)
+        report[ENSEMBLE] = {**summary(ranks[ENSEMBLE]), "params": models.count_params(ens), "members": len(members)}
+    _compare(report, ranks)
+    rare = np.concatenate([[0], counts])[ranks["target"]] <= RARE_MAX_COUNT
+    curve = kd_curve(root, pairs, ranks, rare)
     if curve:
         report["kd_curve"] = curve
     if "student" in ranks and "student_nokd" in ranks:
@@ -102,7 +97,7 @@ def run(cfg: Config) -> dict:
     report["meta"] = report_md.metadata(cfg)
     report["warnings"] = report_md.warnings(report)
     report["plots"] = report_md.plots(report, root)
-    scored = [*loaded, *(n for _, pair in pairs for n in pair), *(members if "teacher_ensemble" in report else [])]
+    scored = [*current, *(n for _, pair in pairs for n in pair), *(members if ensemble else [])]
     report["models"] = staleness.model_keys(root, scored)  # what later stages compare (staleness.mark_stale)
     (root / rundir.REPORT_JSON).write_text(json.dumps(report, indent=2))
     (root / rundir.REPORT_MD).write_text(report_md.markdown(report))
@@ -112,6 +107,36 @@ def run(cfg: Config) -> dict:
         console.say(report_md.console_summary(report, root))
     tracking.log_report(cfg, root, report)
     return report
+
+
+def _current(root: Path) -> tuple[list[str], dict[str, str]]:
+    """The models of MODELS this config made (current), and why the others on disk are not scored."""
+    current, skipped = [], {}
+    for name in MODELS:
+        if rundir.current(root, name) is not None:
+            current.append(name)
+        elif (root / name).exists():  # on disk but not from this config, or made from older inputs
+            skipped[name] = rundir.stale_reason(root, name)
+    return current, skipped
+
+
+def _model_entry(root: Path, name: str, ranks: dict, aware: bool) -> dict:
+    model, desc = models.load_model(root / name)
+    m = summary(ranks[name])
+    if aware:  # what the endpoint answers with exclude_seen=false
+        m["repeat_aware"] = summary(ranks[name + AWARE])
+    m["params"], m["dim"] = models.count_params(model), desc["dim"]
+    m["latency_ms_256"] = metrics.scoring_latency_ms(model, desc["max_len"], desc["num_items"])
+    train_info = _read_json(root / name / rundir.METRICS)
+    m["valid_ndcg@10"] = train_info.get("valid", {}).get("ndcg@10")
+    m["best_epoch"], m["epochs_run"] = train_info.get("best_epoch"), train_info.get("epochs_run")
+    m["history"] = [{"epoch": h["epoch"], "ndcg@10": h["ndcg@10"]} for h in train_info.get("history", [])]
+    return m
+
+
+def summary(ranks: np.ndarray) -> dict:
+    """What metrics.evaluate_model reports, from the ranks."""
+    return {**metrics.ranking_metrics(ranks), "users": len(ranks)}
 
 
 class Protocol:
@@ -129,10 +154,10 @@ class Protocol:
                                       exclude_target=self.exclude)
 
 
-def _compare(report: dict, ranks: dict, loaded: dict, hist: list, seen: list) -> None:
+def _compare(report: dict, ranks: dict) -> None:
     """Student vs teacher (share kept, size, speed, top-10 agreement) and vs student_nokd (paired)."""
     teacher = report.get("teacher")
-    for name in ("student", "student_nokd", "tune/best"):
+    for name in AGREES:
         key = name.replace("/", "_")
         if key not in report:
             continue
@@ -141,7 +166,7 @@ def _compare(report: dict, ranks: dict, loaded: dict, hist: list, seen: list) ->
             s["ndcg_kept_vs_teacher"] = s["ndcg@10"] / teacher["ndcg@10"] if teacher["ndcg@10"] else None
             s["params_vs_teacher"] = s["params"] / teacher["params"]
             s["latency_vs_teacher"] = s["latency_ms_256"] / teacher["latency_ms_256"]
-            s["top10_agreement_with_teacher"] = _agreement(loaded["teacher"], loaded[name], hist, seen)
+            s["top10_agreement_with_teacher"] = float(np.nanmean(ranks[AGREE + name]))
     if "student" in ranks and "student_nokd" in ranks:
         report["student"]["paired_vs_nokd"] = paired_ndcg(ranks["student"], ranks["student_nokd"])
 
@@ -158,37 +183,124 @@ def paired_ndcg(ranks_a: np.ndarray, ranks_b: np.ndarray, k: int = 10) -> dict:
     return {"mean_diff": float(diff.mean()), "stderr": se, "users": len(diff)}
 
 
-def kd_curve(root: Path, pairs: list[tuple[int, tuple[str, str]]], protocol: Protocol, hist, targets,
-             rare: np.ndarray) -> list[dict]:
-    """KD student vs its no-KD twin at each width of `distill.sizes` (paired over the same users)."""
-    curve = []
-    for width, (kd_name, nokd_name) in pairs:
-        stale = [n for n in (kd_name, nokd_name) if rundir.current(root, n) is None]
+def _check_pairs(root: Path, pairs: list[tuple[int, tuple[str, str]]]) -> None:
+    for width, names in pairs:
+        stale = [n for n in names if rundir.current(root, n) is None]
         if stale:
             raise RaykdError(f"distill.sizes has width {width} but {rundir.stale_reason(root, stale[0])}: "
                              "run `raykd distill CONFIG`")
-        point, ranks = {"dim": width}, {}
+
+
+def kd_curve(root: Path, pairs: list[tuple[int, tuple[str, str]]], ranks: dict, rare: np.ndarray) -> list[dict]:
+    """KD student vs its no-KD twin at each width of `distill.sizes` (paired over the same users)."""
+    curve = []
+    for width, (kd_name, nokd_name) in pairs:
+        point = {"dim": width}
         for name, key in ((kd_name, "kd"), (nokd_name, "nokd")):
-            model, _ = models.load_model(root / name)
-            point[key], ranks[key] = protocol.score(model, hist, targets)
-            per_user = np.where(ranks[key] < 10, 1 / np.log2(ranks[key] + 2.0), 0.0)
+            point[key] = summary(ranks[name])
+            per_user = np.where(ranks[name] < 10, 1 / np.log2(ranks[name] + 2.0), 0.0)
             point[key]["ndcg@10_stderr"] = float(per_user.std(ddof=1) / math.sqrt(len(per_user))) if len(per_user) > 1 else 0.0
-            point["params"] = models.count_params(model)
-        point["paired"] = paired_ndcg(ranks["kd"], ranks["nokd"])
-        point["rare"] = {"users": int(rare.sum()), "paired": paired_ndcg(ranks["kd"][rare], ranks["nokd"][rare])}
-        for key in ("kd", "nokd"):
-            r = ranks[key][rare]
+            point["params"] = models.count_params(models.load_model(root / name)[0])
+        kd, nokd = ranks[kd_name], ranks[nokd_name]
+        point["paired"] = paired_ndcg(kd, nokd)
+        point["rare"] = {"users": int(rare.sum()), "paired": paired_ndcg(kd[rare], nokd[rare])}
+        for key, r in (("kd", kd[rare]), ("nokd", nokd[rare])):
             point["rare"][key] = {"ndcg@10": float(np.where(r < 10, 1 / np.log2(r + 2.0), 0).mean()) if len(r) else None}
         curve.append(point)
     return curve
 
 
-def _agreement(teacher, student, hist, seen, limit: int = 2048) -> float:
-    h = models.left_pad(hist[:limit], teacher.max_len)
-    hs = models.left_pad(hist[:limit], student.max_len)
-    with torch.no_grad():
-        a, b = teacher.last_scores(h), student.last_scores(hs)
-    return metrics.topk_overlap(a, b, 10, metrics.exclusion_mask(seen[:limit], a.shape[1]))
+# ---------------------------------------------------------------- test ranks, on Ray Data actors
+
+
+def any_repeats(data_dir: Path) -> bool:
+    """Whether some user's test item is already in their history (train + valid), a shard at a time."""
+    for path in sequences.shard_paths(data_dir):
+        t = pq.read_table(path, columns=["train", "valid", "test"])
+        train = t["train"].combine_chunks()
+        owner = np.repeat(np.arange(len(train)), train.value_lengths().to_numpy())
+        test = t["test"].to_numpy()
+        if (train.values.to_numpy() == test[owner]).any() or (t["valid"].to_numpy() == test).any():
+            return True
+    return False
+
+
+def test_ranks(data_dir: Path, dirs: dict[str, list[str]], exclude: bool, aware: list[str], workers: int,
+               block_users: int = BLOCK_USERS) -> dict:
+    """Every user's test rank under every model in `dirs` (and the popularity baseline), in user
+    order: {"target", "repeat", name: ranks, name + AWARE: ranks with nothing excluded (the models
+    `aware`), AGREE + student: top-10 overlap with the teacher (the first AGREE_USERS users, else NaN)}.
+
+    Blocks of `block_users` users go to `workers` Ray Data actors, each loading every model once and
+    reading only its blocks' histories; the driver gathers the ranks alone (a few bytes a user)."""
+    total = sequences.num_users(data_dir)
+    blocks = [{"first": a, "stop": min(a + block_users, total)} for a in range(0, total, block_users)]
+    ds = ray.data.from_items(blocks, override_num_blocks=len(blocks)).map_batches(
+        TestRanks, fn_constructor_kwargs={"data_dir": str(data_dir), "dirs": dirs, "exclude": exclude,
+                                          "aware": aware},
+        compute=ray.data.ActorPoolStrategy(size=max(1, min(workers, len(blocks)))),
+        batch_size=1, num_cpus=1, batch_format="numpy")
+    parts, done, t0, throttle = [], 0, time.perf_counter(), console.Throttle(10.0)
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        parts.append(batch)
+        done += len(batch["user"])
+        if throttle.due() and done < total:
+            console.say(console.progress("evaluate", done, total, t0, "users"))
+    cat = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    order = np.argsort(cat.pop("user"), kind="stable")
+    return {k: v[order] for k, v in cat.items()}
+
+
+class TestRanks:
+    """Ray Data actor: loads every model once; for each block of users, their test ranks (the
+    Protocol of `serve.exclude_seen`), the repeat-aware ranks and the students' top-10 agreement."""
+
+    def __init__(self, data_dir: str, dirs: dict[str, list[str]], exclude: bool, aware: list[str]):
+        counts = pq.read_table(Path(data_dir) / rundir.ITEMS, columns=["count"])["count"].to_numpy()
+        self.models = {POPULARITY: Popularity(counts)} | {name: _load(paths) for name, paths in dirs.items()}
+        self.data_dir, self.exclude, self.aware = Path(data_dir), exclude, aware
+
+    def __call__(self, batch: dict) -> dict:
+        first, stop = int(batch["first"][0]), int(batch["stop"][0])
+        split = sequences.read_split(self.data_dir, np.arange(first, stop))
+        hist, targets, seen = sequences.eval_inputs(split, "test")
+        protocol = Protocol(seen if self.exclude else None, self.exclude)
+        out = {"user": np.arange(first, stop), "target": np.asarray(targets, np.int64),
+               "repeat": np.fromiter((t in set(h.tolist()) for h, t in zip(hist, targets)), bool, len(targets))}
+        for name, model in self.models.items():
+            out[name] = protocol.score(model, hist, targets)[1]
+            if name in self.aware:
+                out[name + AWARE] = metrics.evaluate_model(model, hist, targets, None, return_ranks=True)[1]
+        agree = min(stop, AGREE_USERS) - first
+        if "teacher" in self.models:
+            for name in (n for n in AGREES if n in self.models):
+                out[AGREE + name] = np.full(stop - first, np.nan)
+                if agree > 0:
+                    out[AGREE + name][:agree] = _overlap(self.models["teacher"], self.models[name],
+                                                         hist[:agree], seen[:agree])
+        return out
+
+
+def _load(paths: list[str]) -> nn.Module:
+    nets = [models.load_model(p)[0] for p in paths]
+    return nets[0] if len(nets) == 1 else models.Ensemble(nets)
+
+
+def _overlap(teacher: nn.Module, student: nn.Module, hist: list, seen: list, k: int = 10) -> np.ndarray:
+    """Per user, |top-k(teacher) ∩ top-k(student)| / k over the items outside `seen` (blocked exact
+    top-k: no [users, items] matrix)."""
+    tops = []
+    for net in (teacher, student):
+        seq = models.left_pad(hist, net.max_len)
+        with torch.no_grad():
+            scores = scoring.dot_scores(net, seq) or scoring.FullScores(net.last_scores(seq))
+            tops.append(scoring.blocked_top_k(scores, k, seen, on_block=_no_nan)[1])
+    a, b = tops
+    return (a.unsqueeze(2) == b.unsqueeze(1)).any(2).sum(1).double().numpy() / k
+
+
+def _no_nan(start: int, window: torch.Tensor) -> None:
+    torch.nan_to_num_(window, nan=-torch.inf)  # a NaN score ranks last, as in metrics.topk_overlap
 
 
 def _read_json(path: Path) -> dict:
