@@ -82,3 +82,17 @@ def test_actor_files_equal_the_in_process_scorer(sharded_run, tmp_path):
     assert rows == info["rows"] > 0 and size > 0
     for p in sorted((run_dir / "soft_labels").glob("part-*.parquet")):
         assert pq.read_table(p).equals(pq.read_table(tmp_path / p.name))
+
+
+def test_the_scorer_says_its_progress_inside_a_shard(sharded_run, tmp_path, monkeypatch):
+    """Ray Data hands a task's outputs on when it ends: a shard's progress must come from the actor."""
+    run_dir, cfg = sharded_run
+    lines = []
+    monkeypatch.setattr(soft_labels.console, "say", lines.append)
+    monkeypatch.setattr(soft_labels, "PROGRESS_S", 0.0)
+    shard = sequences.shard_paths(run_dir / "data")[0]
+    scorer = soft_labels.ShardScorer([str(run_dir / "teacher")], 20, cfg.soft_labels.top_k, False, 7, str(tmp_path))
+    (row,) = list(scorer.write_shard(shard))
+    assert len(lines) >= 2 and all(line.startswith(f"soft_labels: {shard.name}: ") for line in lines)
+    done = [int(line.split(": ")[2].split(" of ")[0].replace(",", "")) for line in lines]
+    assert done == sorted(done) and done[-1] < row["positions"][0]

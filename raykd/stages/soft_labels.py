@@ -9,9 +9,9 @@ float32 = log Σ exp(logit) over every item outside the top K, for the whole-cat
 Scoring runs on a Ray Data actor pool (`soft_labels.num_workers` actors, a GPU each when
 `use_gpu`), each actor loading the teacher once and taking whole sequence shards: it scores a
 shard in fixed chunks of `soft_labels.batch_size` windows (one forward pass each), in position
-order, and writes that shard's file itself, row group by row group. The driver receives one small
-progress row per chunk and holds no scores, and the files are identical whatever the number of
-workers. Up to one actor per shard is busy at a time (`data.num_shards`; ~50k users a shard).
+order, and writes that shard's file itself, row group by row group, saying its progress every
+30 s. The driver receives one small row per finished shard and holds no scores, and the files are
+identical whatever the number of workers. Up to one actor per shard is busy at a time (`data.num_shards`; ~50k users a shard).
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ from raykd.config import Config, section_hash
 from raykd.core import console, models, rundir, sequences, soft_targets
 from raykd.core.errors import RaykdError
 from raykd.data import teacher_scores
+
+PROGRESS_S = 30.0  # an actor's progress line at most this often
 
 
 def run(cfg: Config) -> dict:
@@ -101,8 +103,8 @@ class ShardScorer:
     user's positions), so every chunk's rows follow the previous chunk's and the file is written row
     group by row group: an actor holds one shard's windows, one chunk's scores (tiled: independent
     of the catalogue's size) and one buffered row group, and nothing goes back to the driver but one
-    small progress row per chunk. Several teacher folders (an ensemble) are scored as one: the mean of their log-probabilities
-    (models.Ensemble); a single teacher's raw logits are kept as they are.
+    summary row per shard. Several teacher folders (an ensemble) are scored as one: the mean of
+    their log-probabilities (models.Ensemble); a single teacher's raw logits are kept as they are.
     """
 
     ROW_GROUP = 65_536  # rows buffered before a row group is written (about 40 MB at K = 100)
@@ -118,14 +120,17 @@ class ShardScorer:
             yield from self.write_shard(Path(shard))
 
     def write_shard(self, shard: Path):
-        """Score `shard` into `out/<shard name>` (written aside, then renamed); yields progress rows."""
+        """Score `shard` into `out/<shard name>` (written aside, then renamed); yields one summary row.
+
+        The actor says its own progress (a line every PROGRESS_S seconds, through Ray's output to
+        the driver's console): Ray Data hands a task's small outputs on only when the task ends."""
         seqs = pq.read_table(shard, columns=["user", "train"])
         w = sequences.windows(seqs["train"].combine_chunks(), self.max_len)
         users = seqs["user"].to_numpy().astype(np.int32)
         order = position_order(w["pos"])
         path = self.out / shard.name
         tmp = path.with_name(f".{path.name}.tmp")  # a retried shard overwrites its own leftovers
-        done = 0
+        done, total, t0, throttle = 0, len(w["t"]), time.perf_counter(), console.Throttle(PROGRESS_S)
         with pq.ParquetWriter(tmp, _schema(self.top_k), compression="zstd") as writer:
             pending = []
             for start in range(0, len(order), self.chunk):
@@ -138,11 +143,14 @@ class ShardScorer:
                 if sum(t.num_rows for t in pending) >= self.ROW_GROUP or start + self.chunk >= len(order):
                     writer.write_table(pa.concat_tables(pending))
                     pending = []
-                yield {"shard": [str(shard)], "positions": [len(r["pos"])], "bytes": [0]}
-        if done != len(w["t"]):
-            raise RaykdError(f"soft labels for {shard}: scored {done} positions, expected {len(w['t'])}")
+                if throttle.due() and done < total:
+                    rate = done / max(time.perf_counter() - t0, 1e-9)
+                    console.say(console.progress(f"soft_labels: {shard.name}", done, total, t0, "positions")
+                                + f", {rate:,.0f}/s")
+        if done != total:
+            raise RaykdError(f"soft labels for {shard}: scored {done} positions, expected {total}")
         os.replace(tmp, path)
-        yield {"shard": [str(shard)], "positions": [0], "bytes": [path.stat().st_size]}
+        yield {"shard": [str(shard)], "positions": [done], "bytes": [path.stat().st_size]}
 
     @torch.no_grad()
     def _score(self, windows: np.ndarray, pos: np.ndarray) -> dict:
@@ -187,13 +195,10 @@ def score_all(shards: list[Path], teacher_dir: Path | list[Path], max_len: int, 
         batch_format="numpy",
     )
     done, size, t0 = 0, 0, time.perf_counter()
-    throttle = console.Throttle(10.0)
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):  # a row per finished shard
         done += int(batch["positions"].sum())
         size += int(batch["bytes"].sum())
-        if throttle.due():
-            rate = done / max(time.perf_counter() - t0, 1e-9)
-            print(console.progress("soft_labels", done, total, t0, "positions") + f", {rate:,.0f}/s", flush=True)
+        console.say(console.progress("soft_labels", done, total, t0, "positions") + " (shards done)")
     if done != total:
         raise RaykdError(f"soft labels: scored {done:,} positions, expected {total:,}")
     return done, size
@@ -205,7 +210,7 @@ def score_here(teacher_dirs: list[Path], data_dir: Path, out: Path, top_k: int, 
     max_len = _teacher_meta(Path(teacher_dirs[0]))["max_len"]
     Path(out).mkdir(parents=True, exist_ok=True)
     scorer = ShardScorer([str(d) for d in teacher_dirs], max_len, top_k, False, chunk, str(out))
-    progress = [row for shard in sequences.shard_paths(data_dir) for row in scorer.write_shard(shard)]
+    progress = [row for shard in sequences.shard_paths(data_dir) for row in scorer.write_shard(shard)]  # one a shard
     return sum(r["positions"][0] for r in progress), sum(r["bytes"][0] for r in progress)
 
 
