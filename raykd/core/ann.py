@@ -127,13 +127,21 @@ class Index:
             [np.zeros(0, np.int64)] * len(queries)
         items = self.table.shape[0] - 1
         k = min(k, items + 1)
-        n = min(items, k + max((len(e) for e in exclude), default=0))
-        values, columns = rerank(self.table, queries, self.candidates(queries, n), exclude, k)
+        values = torch.full((len(queries), k), -torch.inf)
+        columns = torch.zeros((len(queries), k), dtype=torch.long)
+        # k + |history| candidates each, searched in groups of the same power of two (one long history
+        # does not widen the whole batch's search)
+        need = np.minimum(items, k + np.array([len(e) for e in exclude], dtype=np.int64))
+        group = np.minimum(items, 2 ** np.ceil(np.log2(np.maximum(need, 1))).astype(np.int64))
+        for n in np.unique(group):
+            rows = torch.from_numpy(np.flatnonzero(group == n))
+            values[rows], columns[rows] = rerank(self.table, queries[rows], self.candidates(queries[rows], int(n)),
+                                                 [exclude[i] for i in rows.tolist()], k)
         wanted = [min(k, items - int(((e >= 1) & (e <= items)).sum())) for e in exclude]
-        short = np.flatnonzero(torch.isfinite(values).sum(1).numpy() < np.asarray(wanted))
+        short = torch.from_numpy(np.flatnonzero(torch.isfinite(values).sum(1).numpy() < np.asarray(wanted)))
         if len(short):  # the graph missed items: score those rows exactly
             exact = scoring.blocked_top_k(scoring.DotScores(queries[short].float(), self.table), k,
-                                          [exclude[i] for i in short])
+                                          [exclude[i] for i in short.tolist()])
             values[short], columns[short] = exact
         return values, columns
 
