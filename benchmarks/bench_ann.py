@@ -130,7 +130,6 @@ def build(method: str, table: np.ndarray, args: argparse.Namespace):
                  faiss.IndexIVFPQ(quantizer, dim, args.nlist, dim // 2, 8, faiss.METRIC_INNER_PRODUCT))
         index.train(x[np.random.default_rng(1).choice(len(x), min(len(x), 64 * args.nlist), replace=False)])
         settings = (8, 16, 32, 64, 128, 256)
-    index.own_fields = True
     for lo in range(0, len(x), 200_000):
         index.add(x[lo:lo + 200_000])
         say(f"  {method}: {lo + len(x[lo:lo + 200_000]):,} items added")

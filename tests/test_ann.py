@@ -174,3 +174,9 @@ def test_the_http_path_answers_from_the_index(ann_bundle):
     want = rec.recommend_batch(bodies)
     assert answers == want and batch == want
     assert model["ann"]["recall@10"] == rec.ann.recall
+
+
+def test_an_index_saved_by_a_driver_is_loaded_by_path(ann_bundle, tmp_path):
+    shutil.copytree(ann_bundle / "ann", tmp_path / "index")
+    rec = Recommender(ann_bundle, ann=tmp_path / "index")
+    assert rec.ann.recall == Recommender(ann_bundle, ann=True).ann.recall

@@ -242,10 +242,10 @@ def load_or_build(model_dir: Path, model: torch.nn.Module, desc: dict, vocab: st
     """The model's index: its folder's `ann/` (an exported bundle) when there, checked against the model's
     table and vocabulary; else built now from `model.item_table()` (minutes at 1M items: export a bundle
     with --ann to build it once), its recall@10 measured on a seeded sample of `data_dir`'s users."""
-    queries, hists = sample_queries(model, desc, data_dir)
     table = model.item_table().detach().float().cpu()
     if (Path(model_dir) / INDEX_DIR / META_FILE).exists():
         return load(Path(model_dir) / INDEX_DIR, table, vocab)
+    queries, hists = sample_queries(model, desc, data_dir)
     console.say(f"ann: building the approximate index of {table.shape[0] - 1:,} items (export a bundle with "
                 "--ann to build it once)")
     return build(table, vocab, queries, hists)

@@ -173,12 +173,14 @@ class Recommender:
 
     `ann` (serve.ann) answers from an approximate index (raykd.core.ann) instead of exact scoring:
     True loads the folder's `ann/` (a bundle exported with --ann; refused when built for another
-    model or vocabulary) or builds one from the model's item table; an `approx.Index` is used as is.
+    model or vocabulary) or builds one from the model's item table; a path loads the index saved
+    there (`approx.Index.save`, checked likewise); an `approx.Index` is used as is.
     """
 
     def __init__(self, path: str | Path, max_k: int = 100, max_history: int = 1000, *,
                  data_dir: str | Path | None = None, with_histories: bool = True, device: str = "cpu",
-                 exclude_seen: bool = True, model_digest: str | None = None, ann: bool | approx.Index = False):
+                 exclude_seen: bool = True, model_digest: str | None = None,
+                 ann: bool | str | Path | approx.Index = False):
         self.model_dir = resolve_student(path)
         self.exclude_seen = exclude_seen  # a request's default: serve.exclude_seen, the rule evaluate scores by
         check_bundle(self.model_dir)
@@ -217,8 +219,12 @@ class Recommender:
         self.popular = np.argsort(-counts, kind="stable") + 1
         self.popular_scores = counts[self.popular - 1].astype(float)
         self.histories = _user_histories(data_dir) if with_histories else {}
-        self.ann = ann if isinstance(ann, approx.Index) or not ann else approx.load_or_build(
-            self.model_dir, self.model, self.desc, rundir.vocab_digest(self.raw_items[1:]), data_dir)
+        if isinstance(ann, str | Path):
+            ann = approx.load(Path(ann), self.model.item_table(), rundir.vocab_digest(self.raw_items[1:]))
+        elif ann is True:
+            ann = approx.load_or_build(self.model_dir, self.model, self.desc,
+                                       rundir.vocab_digest(self.raw_items[1:]), data_dir)
+        self.ann = ann or None  # None: exact scoring
         tag = hashlib.sha256(str(self.desc.get("fingerprint")).encode()).hexdigest()[:8]
         self.model_id = f"{self.model_dir.name}-{self.desc['family']}{self.desc['dim']}x{self.desc['layers']}-{tag}"
 
