@@ -127,7 +127,10 @@ def test_a_moved_bundle_serves_from_its_index_and_reports_recall(ann_bundle, tin
 
 def test_exact_answers_ignore_a_bundled_index(ann_bundle, tiny_run):
     bodies = [{"history": [1, 2, 3], "k": 7}, {"user_id": next(iter(Recommender(tiny_run).histories)), "k": 5}]
-    assert Recommender(ann_bundle).recommend_batch(bodies) == Recommender(tiny_run).recommend_batch(bodies)
+    def answers(path):  # the model id names the folder (bundle, student): everything else must be equal
+        return [{k: v for k, v in a.items() if k != "model"} for a in Recommender(path).recommend_batch(bodies)]
+
+    assert answers(ann_bundle) == answers(tiny_run)
 
 
 def test_an_index_of_another_model_or_vocabulary_is_refused(ann_bundle, tiny_run, tmp_path):
