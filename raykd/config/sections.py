@@ -285,6 +285,10 @@ class ServeConfig(Section):
     exclude_seen: bool = Field(True, description="never recommend an item of the user's history (a request's "
                                "default); evaluate scores test targets by the same rule, so report.json describes "
                                "what is served")
+    ann: bool = Field(False, description="answer from an approximate index (faiss HNSW, pip install "
+                      "\"raykd[ann]\"): a bundle's own (raykd export --ann), else built from the model's item "
+                      "table as each replica starts (minutes at 1M items); its recall@10 against exact is in GET "
+                      "/model. Off: exact scoring")
 
     @model_validator(mode="after")
     def _replicas_in_order(self) -> ServeConfig:

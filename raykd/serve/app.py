@@ -125,7 +125,8 @@ class StudentDeployment:
         if self.verifier is None:  # fail closed, whatever the builder saw
             auth.require_key(_proxy_host() or self.settings.host, None, "Serve's HTTP proxy host")
         self.rec = Recommender(student_path, self.settings.max_k, self.settings.max_history,
-                               exclude_seen=getattr(self.settings, "exclude_seen", True), model_digest=digest)
+                               exclude_seen=getattr(self.settings, "exclude_seen", True), model_digest=digest,
+                               ann=getattr(self.settings, "ann", False))
         self._batched.set_max_batch_size(self.settings.max_batch_size)
         self._batched.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
 

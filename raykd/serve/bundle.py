@@ -11,6 +11,8 @@
       sequences/          each user's known history, as prepared    (--with-histories)
       stats.json          data statistics of the run
       metrics.json        the model's training summary (validation metrics, KD settings), if any
+      ann/                approximate index (--ann): index.faiss, ann.json (raykd.core.ann), with
+                          the model's vocabulary digest and recall@10 against exact
       README.md           the model card
       manifest.json       written last: kind "bundle", format, source, the vocabulary digest the
                           model was trained on, each file with its size and SHA-256
@@ -40,7 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from raykd.core import models, rundir
+from raykd.core import ann, models, rundir
 from raykd.core.errors import RaykdError
 from raykd.serve.recommender import MODEL_FILES
 
@@ -105,6 +107,19 @@ def require_onnx() -> None:
     except ImportError:
         raise RaykdError("--format onnx needs the onnx and onnxscript packages: pip install 'raykd[onnx]' "
                          "(onnxruntime, in the same extra, runs the exported model)") from None
+
+
+def write_index(out: Path, data_dir: Path, vocab: str | None) -> dict:
+    """Build the approximate index of the bundle's model into out/ann/; returns what the manifest keeps of it.
+
+    Its recall@10 against exact scoring is measured on a seeded sample of the run's users (their
+    whole histories excluded, as served), or of random histories when the data holds no users.
+    """
+    model, desc = models.load_model(out)
+    queries, hists = ann.sample_queries(model, desc, data_dir)
+    index = ann.build(model.item_table(), vocab, queries, hists)
+    index.save(out / ann.INDEX_DIR)
+    return {k: v for k, v in index.meta.items() if k != "table_digest"}
 
 
 def copy_sources(out: Path, model_dir: Path, data_dir: Path, with_histories: bool) -> dict:

@@ -30,6 +30,7 @@ from pydantic import (
     model_validator,
 )
 
+from raykd.core import ann as approx
 from raykd.core import ids, models, rundir, scoring, sequences
 from raykd.core.errors import RaykdError
 
@@ -169,11 +170,17 @@ class Recommender:
     (`rundir.copy_snapshot`), even while a run publishes a new model there. `model_digest` (of
     `model_digest(path)`, taken once by a Serve app's builder) makes every replica load that same
     version: a folder that changed since raises.
+
+    `ann` (serve.ann) answers from an approximate index (raykd.core.ann) instead of exact scoring:
+    True loads the folder's `ann/` (a bundle exported with --ann; refused when built for another
+    model or vocabulary) or builds one from the model's item table; a path loads the index saved
+    there (`approx.Index.save`, checked likewise); an `approx.Index` is used as is.
     """
 
     def __init__(self, path: str | Path, max_k: int = 100, max_history: int = 1000, *,
                  data_dir: str | Path | None = None, with_histories: bool = True, device: str = "cpu",
-                 exclude_seen: bool = True, model_digest: str | None = None):
+                 exclude_seen: bool = True, model_digest: str | None = None,
+                 ann: bool | str | Path | approx.Index = False):
         self.model_dir = resolve_student(path)
         self.exclude_seen = exclude_seen  # a request's default: serve.exclude_seen, the rule evaluate scores by
         check_bundle(self.model_dir)
@@ -212,6 +219,12 @@ class Recommender:
         self.popular = np.argsort(-counts, kind="stable") + 1
         self.popular_scores = counts[self.popular - 1].astype(float)
         self.histories = _user_histories(data_dir) if with_histories else {}
+        if isinstance(ann, str | Path):
+            ann = approx.load(Path(ann), self.model.item_table(), rundir.vocab_digest(self.raw_items[1:]))
+        elif ann is True:
+            ann = approx.load_or_build(self.model_dir, self.model, self.desc,
+                                       rundir.vocab_digest(self.raw_items[1:]), data_dir)
+        self.ann = ann or None  # None: exact scoring
         tag = hashlib.sha256(str(self.desc.get("fingerprint")).encode()).hexdigest()[:8]
         self.model_id = f"{self.model_dir.name}-{self.desc['family']}{self.desc['dim']}x{self.desc['layers']}-{tag}"
 
@@ -291,8 +304,17 @@ class Recommender:
         memory does not grow with the catalogue; the answer is the whole score matrix's top_k.
         A history whose every score is NaN or infinite (a corrupt model, or a corrupt item in it)
         raises: there is nothing to rank, and an empty answer would hide the corruption.
+        With an approximate index (`self.ann`), the index answers instead (raykd.core.ann: the same
+        shapes, seen items excluded); a history whose hidden state is not finite raises likewise.
         """
         scores = self._scores(hists)
+        corrupt = (f"model {self.model_id} ({self.model_dir}) scores NaN or infinity for every item of a history: "
+                   "the model is corrupt; retrain it, or serve another model or bundle")
+        if self.ann is not None:
+            queries = scores.queries[: len(hists)]
+            if not bool(torch.isfinite(queries).all()):
+                raise RaykdError(corrupt)
+            return self.ann.search(queries, k, seen)
         all_bad = torch.ones(scores.rows, dtype=torch.bool, device=self.device)
 
         def usable(start: int, window: torch.Tensor) -> None:
@@ -306,8 +328,7 @@ class Recommender:
         seen = seen + [np.zeros(0, np.int64)] * (scores.rows - len(seen))  # the padding rows exclude nothing
         values, indices = scoring.blocked_top_k(scores, k, seen, self.block, on_block=usable)
         if all_bad[: len(hists)].any():
-            raise RaykdError(f"model {self.model_id} ({self.model_dir}) scores NaN or infinity for every item of a "
-                             "history: the model is corrupt; retrain it, or serve another model or bundle")
+            raise RaykdError(corrupt)
         return values[: len(hists)], indices[: len(hists)]
 
     def _scores(self, hists: list[np.ndarray]) -> scoring.Scores:
@@ -334,11 +355,13 @@ class Recommender:
         return answer
 
     def describe(self) -> dict:
-        """What GET /model answers: the loaded model's own metrics (read with its weights), JSON-safe."""
+        """What GET /model answers: the loaded model's own metrics (read with its weights), JSON-safe;
+        with an approximate index, `ann`: its settings and recall@10 against exact, measured at build."""
+        ann = {"ann": {k: v for k, v in self.ann.meta.items() if "digest" not in k}} if self.ann else {}
         return json_safe({"model": self.model_id, "path": str(self.model_dir), "description": self.desc,
                           "params": models.count_params(self.model), "items": len(self.raw_items) - 1,
                           "users_with_history": len(self.histories), "metrics": self.metrics,
-                          "limits": {"max_k": self.max_k, "max_history": self.max_history}})
+                          "limits": {"max_k": self.max_k, "max_history": self.max_history}, **ann})
 
 
 def _read_metrics(path: Path) -> dict:
