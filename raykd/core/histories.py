@@ -33,6 +33,11 @@ FNV_OFFSET, FNV_PRIME = 0xCBF29CE484222325, 0x100000001B3  # 64-bit FNV-1a
 _MASK = (1 << 64) - 1
 
 
+def full_history(train: np.ndarray, valid: int, test: int) -> np.ndarray:
+    """A prepared user's whole known history (train + valid + test) as item indices, oldest first."""
+    return np.concatenate([train, [valid, test]]).astype(np.int64)
+
+
 def fnv1a(data: bytes) -> int:
     """The 64-bit FNV-1a hash of `data` (one id; `hash_many` is the same hash for a column)."""
     h = FNV_OFFSET
@@ -99,8 +104,7 @@ class Histories:
 
     def history(self, row: int) -> np.ndarray:
         """Row `row`'s whole known history (train + valid + test) as int64 item indices, oldest first."""
-        train = self.values[self.offsets[row]:self.offsets[row + 1]]
-        return np.concatenate([train, self.last[row]]).astype(np.int64)
+        return full_history(self.values[self.offsets[row]:self.offsets[row + 1]], *self.last[row])
 
     def get(self, key: int | str | None) -> np.ndarray | None:
         """The whole known history of a raw id, or None when it is not a prepared user."""
