@@ -97,7 +97,9 @@ def main(args: argparse.Namespace) -> int:
         from raykd.cluster import output
 
         with output.run_logs(rundir.logs_of(Path(args.run_dir), "recommend")):  # Ray's lines to the logs
-            if todo:  # nothing left (or no user): no Ray
+            if not total:  # no user (none of the listed ids is known): no Ray
+                write_part(schema(data_dir).empty_table(), staging / part_name(0))
+            elif todo:
                 score(todo, model_dir, data_dir, staging, digest, args, total - kept)
         missing = [p["part"] for p in parts if p["part"] not in kept_parts(staging, parts, schema(data_dir))]
         if missing:
@@ -187,6 +189,8 @@ def plan(data_dir: Path, part_users: int, users_file: str | None) -> tuple[list[
         parts += [{"shard": str(shard), "start": 0, "stop": 0, "rows": rows[s:s + part_users].tolist(),
                    "users": len(rows[s:s + part_users])} for s in range(0, len(rows), part_users)]
         total += len(rows)
+    if not parts:  # no user to score: one empty part, so the output still reads as a table of these columns
+        parts = [{"shard": str(sequences.shard_paths(data_dir)[0]), "start": 0, "stop": 0, "rows": [], "users": 0}]
     for i, part in enumerate(parts):
         part["part"] = i
     return parts, total, unknown
