@@ -214,7 +214,7 @@ def bench(name: str, data_dir: Path, model_dir: Path, sample: int, args: argpars
     base = rows[0]
     print("| path | users | wall s | users/s (wall) | users/s (steady) | vs plain (wall / steady) | peak RSS of this "
           "process | peak RSS with Ray's processes (before the run) | same output | all "
-          f"{total_users:,} users at the wall rate |\n|---|---|---|---|---|---|---|---|---|---|")
+          f"{total_users:,} users (steady rate, else wall) |\n|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         steady = f"{r['steady_users_per_s']:,.0f}" if r["steady_users_per_s"] else "-"
         ratio_s = (f"{r['steady_users_per_s'] / base['steady_users_per_s']:.2f}x"

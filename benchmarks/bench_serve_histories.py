@@ -60,7 +60,8 @@ time.sleep(3)
 
 
 def sampled(code: str, *argv: str) -> dict:
-    """Run `code` in a child process; what it writes (JSON) plus its peak and last RSS, sampled from here."""
+    """Run `code` in a child process; what it writes (JSON), its peak RSS and its RSS once it has written
+    it (what it holds, before it exits), sampled from here."""
     import tempfile
 
     with tempfile.NamedTemporaryFile(suffix=".json") as result:
@@ -72,7 +73,9 @@ def sampled(code: str, *argv: str) -> dict:
                 rss = ps.memory_info().rss
             except psutil.Error:
                 break
-            last, peak = rss or last, max(peak, rss)  # an exited child (a zombie) reads 0
+            peak = max(peak, rss)
+            if not last and Path(result.name).stat().st_size:  # its result is written: what it holds now
+                last = rss
             time.sleep(0.1)
         if proc.wait():
             raise SystemExit(f"child failed ({proc.returncode})")
