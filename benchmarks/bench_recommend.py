@@ -2,6 +2,8 @@
 
     python benchmarks/bench_recommend.py                         # Beauty + synthetic, ~5 min on 2 cores
     python benchmarks/bench_recommend.py --catalogues synthetic --sample 0   # all 1M synthetic users
+    python benchmarks/bench_recommend.py --catalogues synthetic --synthetic-users 10000000 \
+        --synthetic-items 1000000 --sample 5000      # 10M users x 1M items: a sample, the rest EXTRAPOLATED
 
 Catalogues (models are randomly initialised: scoring cost does not depend on the weights):
     beauty     Amazon Beauty 5-core (22,363 users, 12,101 items; `raykd prepare configs/beauty.yaml`
@@ -13,11 +15,14 @@ Catalogues (models are randomly initialised: scoring cost does not depend on the
 Paths, each scoring the same users into the same Parquet file (checked equal):
     plain      one process: Recommender.recommend_many over chunks of --batch-size users read
                shard by shard, pyarrow's ParquetWriter; torch threads 1 (a 1-CPU actor's)
-    ray Nw     raykd.serve.recommend's own plan -> score (Ray Data actor pool of N actors x 1 CPU) ->
-               write, as `raykd recommend` runs them; Ray is started once before
+    ray Nw     `raykd recommend` itself (recommend.main: Ray Data actor pool of N actors x 1 CPU, each
+               scoring and writing its own Parquet parts; the driver gets row counts); Ray is started once
+               before; no steady rate (the driver sees parts, not chunks)
 Printed per path: users, wall seconds (start-up included: model load, actors), users/s over the
 wall time and at steady state (after the first chunk is out), the ratio to plain, and the peak
-RSS of this process and of this process plus every child (Ray's raylet, GCS and workers).
+RSS of this process and of this process plus every child (Ray's raylet, GCS and workers), and the
+time for every user of the catalogue: measured when all were scored, else EXTRAPOLATED from the
+sample's rate (steady where there is one) and labelled so.
 Targets: ray 1 worker >= 0.8x plain; 2 workers above 1 worker.
 """
 
@@ -162,24 +167,18 @@ def plain(model_dir: Path, data_dir: Path, users: int, k: int, batch: int, out: 
 
 def with_ray(model_dir: Path, data_dir: Path, users_file: str | None, k: int, batch: int, workers: int,
              out: Path) -> dict:
-    """raykd recommend's plan -> score -> write, timing the first chunk out."""
+    """`raykd recommend` itself (recommend.main): plan -> actors score and write their parts -> publish."""
+    import shutil
+
     from raykd.serve import recommend
 
+    shutil.rmtree(out, ignore_errors=True)  # a fresh run, never a resumed one
     args = argparse.Namespace(run_dir=str(data_dir.parent), k=k, out=str(out), users=users_file, exclude_seen=True,
                               model=str(model_dir), workers=workers, cpus_per_worker=1.0, use_gpu=False,
-                              batch_size=batch)
+                              batch_size=batch, part_users=recommend.PART_USERS)
     t0 = time.perf_counter()
-    chunks, total, _ = recommend.plan(data_dir, batch, users_file)
-    marks: dict = {}
-
-    def timed(tables):
-        for t in tables:
-            marks.setdefault("first", (time.perf_counter(), t.num_rows))
-            yield t
-
-    done = recommend.write(timed(recommend.score(chunks, model_dir, data_dir, args)), recommend.schema(data_dir),
-                           out, total, t0)
-    return _timing(done, t0, marks.get("first"))
+    recommend.main(args)
+    return _timing(sum(pq.ParquetFile(p).metadata.num_rows for p in out.glob("part-*.parquet")), t0, None)
 
 
 def _timing(done: int, t0: float, first: tuple | None) -> dict:
@@ -214,7 +213,8 @@ def bench(name: str, data_dir: Path, model_dir: Path, sample: int, args: argpars
                      "rss_before": mem.before, "same": same})
     base = rows[0]
     print("| path | users | wall s | users/s (wall) | users/s (steady) | vs plain (wall / steady) | peak RSS of this "
-          "process | peak RSS with Ray's processes (before the run) | same file |\n|---|---|---|---|---|---|---|---|---|")
+          "process | peak RSS with Ray's processes (before the run) | same output | all "
+          f"{total_users:,} users (steady rate, else wall) |\n|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         steady = f"{r['steady_users_per_s']:,.0f}" if r["steady_users_per_s"] else "-"
         ratio_s = (f"{r['steady_users_per_s'] / base['steady_users_per_s']:.2f}x"
@@ -222,8 +222,16 @@ def bench(name: str, data_dir: Path, model_dir: Path, sample: int, args: argpars
         print(f"| {r['path']} | {r['users']:,} | {r['seconds']:.1f} | {r['users_per_s']:,.0f} | {steady} | "
               f"{r['users_per_s'] / base['users_per_s']:.2f}x / {ratio_s} | {r['rss_me'] / 2**20:,.0f} MiB | "
               f"{r['rss_total'] / 2**20:,.0f} MiB ({r['rss_before'] / 2**20:,.0f}) | "
-              f"{'yes' if r.get('same', True) else 'NO'} |", flush=True)
+              f"{'yes' if r.get('same', True) else 'NO'} | {_all_users(total_users, r)} |", flush=True)
     return rows
+
+
+def _all_users(total: int, r: dict) -> str:
+    """The whole population's time: measured when every user was scored, else EXTRAPOLATED from the sample."""
+    if r["users"] >= total:
+        return f"{r['seconds']:,.0f} s (measured)"
+    rate = r["steady_users_per_s"] or r["users_per_s"]
+    return f"~{total / rate / 3600:,.1f} h (EXTRAPOLATED from {r['users']:,} users, not measured)"
 
 
 def main() -> int:

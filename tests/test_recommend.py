@@ -43,8 +43,11 @@ def test_every_prepared_user_gets_what_the_server_answers(every_user, tiny_run):
 
 
 def test_output_does_not_depend_on_the_number_of_workers(every_user, tiny_run, tmp_path):
-    two = run_recommend(tiny_run, tmp_path / "two.parquet", "--k", "10", "--batch-size", "64", "--workers", "2")
-    assert two.equals(every_user)
+    pq.write_table(every_user.slice(0, 3), tmp_path / "two.parquet")  # an earlier version's single-file output
+    two = run_recommend(tiny_run, tmp_path / "two.parquet", "--k", "10", "--batch-size", "64", "--workers", "2",
+                        "--part-users", "50")
+    assert two.equals(every_user)  # parts of 50 users on two actors: the same table as one part on one
+    assert (tmp_path / "two.parquet").is_dir() and recommend.is_output(tmp_path / "two.parquet")
 
 
 def test_the_console_shows_only_raykds_lines(tiny_run, tmp_path):
@@ -101,8 +104,12 @@ def test_bad_arguments_are_one_clear_line(tiny_run, tmp_path, capsys, flags, mes
 
 
 def test_an_output_folder_or_a_model_without_histories_is_refused(tiny_run, tmp_path, capsys):
-    assert cli.main(["recommend", str(tiny_run), "--out", str(tmp_path)]) == 1
-    assert "is a folder" in capsys.readouterr().err
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    assert cli.main(["recommend", str(tiny_run), "--out", str(mine)]) == 1
+    assert "is a folder that raykd recommend did not write" in capsys.readouterr().err
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
     bundle = tmp_path / "bundle"
     assert cli.main(["export", str(tiny_run), "--out", str(bundle)]) == 0  # no --with-histories
     assert cli.main(["recommend", str(bundle), "--out", str(tmp_path / "r.parquet")]) == 1
@@ -130,3 +137,23 @@ def test_top_k_is_torch_topk(n):
         assert torch.equal(values, expected.values)
         finite = torch.isfinite(values)
         assert torch.equal(columns[finite], expected.indices[finite])
+
+
+def test_ann_answers_come_from_one_index_built_by_the_driver(every_user, tiny_run, tmp_path):
+    """--ann: the driver builds the index once, every actor answers from it; the output records its
+    recall and holds no copy of it; answers keep the exact path's rules (k items, no seen item)."""
+    import json
+
+    ann = run_recommend(tiny_run, tmp_path / "ann.parquet", "--k", "10", "--ann", "--workers", "2")
+    meta = json.loads((tmp_path / "ann.parquet" / recommend.MANIFEST).read_text())["ann"]
+    assert 0.9 <= meta["recall@10"] <= 1.0
+    assert not (tmp_path / "ann.parquet" / recommend.ANN_DIR).exists()
+    assert ann["user_id"].to_pylist() == every_user["user_id"].to_pylist()
+    rec = Recommender(tiny_run)
+    exact = every_user.to_pylist()
+    overlap = []
+    for row, ex in zip(ann.to_pylist(), exact):
+        seen = {rec.raw_items[i] for i in rec.histories.get(row["user_id"])}
+        assert len(row["items"]) == 10 and not seen & set(row["items"])
+        overlap.append(len(set(row["items"]) & set(ex["items"])) / 10)
+    assert sum(overlap) / len(overlap) >= 0.9

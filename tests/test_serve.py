@@ -176,5 +176,37 @@ def test_a_killed_replica_is_replaced_and_the_endpoint_recovers(endpoint, tiny_r
             pass
         time.sleep(0.5)
     assert answered is not None and len(answered["items"]) == 3
+    user = pq.read_table(tiny_run / "data" / "users.parquet")["raw_id"].to_pylist()[0]
+    assert endpoint.post("/recommend", json={"user_id": user, "k": 3}).status_code == 200  # histories mapped again
     new = replica_pids()
     assert len(new) == 1 and killed not in new  # a new replica process answers
+
+
+def test_the_app_puts_the_histories_in_the_object_store_once(endpoint, tiny_run):
+    """build_app reads the histories once; a replica maps that copy zero-copy (read-only arrays)."""
+    import ray
+
+    from raykd.core import histories
+    from raykd.serve.app import shared_histories
+
+    app = build_app(str(tiny_run), ServeConfig())
+    shared = app._bound_deployment.init_args[-1]
+    assert isinstance(shared, list) and isinstance(shared[0], ray.ObjectRef)
+    mapped, read = shared_histories(shared), histories.read(tiny_run / "data")
+    assert not mapped.keys.flags.writeable and not mapped.values.flags.writeable  # views of the shared object
+    assert list(mapped) == list(read) and all(np.array_equal(mapped.get(u), read.get(u)) for u in read)
+
+
+def test_a_replica_that_cannot_get_the_shared_histories_reads_its_own(ray_session, capsys):
+    """An object that cannot be fetched (its owner gone, as a `serve deploy` build task is): warn, read our own."""
+    import ray
+
+    from raykd.serve.app import shared_histories
+
+    @ray.remote(num_cpus=0)
+    def lost():
+        raise RuntimeError("the owner of the histories died")
+
+    assert shared_histories([lost.remote()]) is None
+    assert "the shared histories are gone (RayTaskError" in capsys.readouterr().err
+    assert shared_histories(None) is None

@@ -41,6 +41,8 @@ from ray import serve
 from starlette.requests import ClientDisconnect
 
 from raykd.config import ServeConfig, auth
+from raykd.core import console
+from raykd.core import histories as flat_histories
 from raykd.core.errors import RaykdError
 from raykd.serve.recommender import (
     BadRequest,
@@ -49,6 +51,7 @@ from raykd.serve.recommender import (
     RecommendResponse,
     batch_entries,
     batch_schema,
+    find_data_dir,
     model_digest,
     request_schema,
     resolve_student,
@@ -111,13 +114,55 @@ def _proxy_host() -> str | None:
     return ray_private.serve_proxy_host()
 
 
+def share_histories(student: Path) -> list | None:
+    """The users' histories read once and put in the object store: [ObjectRef], or None without Ray or histories.
+
+    Every replica maps this one copy (flat NumPy arrays, zero-copy) instead of reading its own. The
+    object lives as long as the process that built the app (`raykd serve`, `serve run`, a Python
+    `serve.run`): the ref travels in a list, so Serve passes it on as is and a replica resolves it.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    try:
+        data_dir = find_data_dir(student)
+    except RaykdError:
+        return None  # Recommender says what is missing, in the replica
+    t0 = time.perf_counter()
+    histories = flat_histories.read(data_dir)
+    if histories is None:
+        return None
+    ref = ray.put(histories)
+    console.say(f"serve: {len(histories):,} users' histories ({histories.nbytes() / 2**20:,.0f} MiB) read in "
+                f"{time.perf_counter() - t0:.1f}s, shared by every replica through the object store")
+    return [ref]
+
+
+def shared_histories(shared: list | None) -> "flat_histories.Histories | None":
+    """The app's one copy of the histories (zero-copy from the object store); None: the replica reads its own.
+
+    A replica started after the builder's process ended (a Serve config deployed with `serve deploy`,
+    whose build task is gone) finds the object lost and reads the histories itself.
+    """
+    if not shared:
+        return None
+    import ray
+
+    try:
+        return ray.get(shared[0], timeout=120)
+    except ray.exceptions.RayError as err:
+        console.warn(f"serve: the shared histories are gone ({type(err).__name__}): this replica reads its own copy")
+        return None
+
+
 @serve.deployment(name="recommender")
 @serve.ingress(app)
 class StudentDeployment:
     """One replica: loads the student once, validates requests, scores them in batches."""
 
     def __init__(self, student_path: str, settings: dict, verifier: tuple[bytes, bytes] | None = None,
-                 digest: str | None = None):
+                 digest: str | None = None, histories: list | None = None):
         self.settings = ServeConfig.model_construct(**settings)  # validated by the builder; holds no key
         # the replica's own key (environment or file) first; else the builder's verifier of a config key
         key = auth.resolve_key(None, self.settings.api_key_file)
@@ -126,7 +171,7 @@ class StudentDeployment:
             auth.require_key(_proxy_host() or self.settings.host, None, "Serve's HTTP proxy host")
         self.rec = Recommender(student_path, self.settings.max_k, self.settings.max_history,
                                exclude_seen=getattr(self.settings, "exclude_seen", True), model_digest=digest,
-                               ann=getattr(self.settings, "ann", False))
+                               ann=getattr(self.settings, "ann", False), histories=shared_histories(histories))
         self._batched.set_max_batch_size(self.settings.max_batch_size)
         self._batched.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
 
@@ -235,6 +280,7 @@ def build_app(student_path: str, settings: ServeConfig) -> serve.Application:
     environment or `api_key_file`, and fall back on a salted SHA-256 verifier of the builder's key.
     The model folder and its digest are resolved here, once: every replica, late ones included,
     loads that folder and refuses to start on another version of it (a model published since).
+    The users' histories are read here once too and shared through the object store (`share_histories`).
     """
     inline = settings.api_key.get_secret_value() if settings.api_key else None
     key = auth.resolve_key(inline, settings.api_key_file)
@@ -253,7 +299,8 @@ def build_app(student_path: str, settings: ServeConfig) -> serve.Application:
         logging_config={"enable_access_log": settings.access_log},
     )
     student = resolve_student(student_path).resolve()
-    return deployment.bind(str(student), settings.model_dump(exclude={"api_key"}), verifier, model_digest(student))
+    return deployment.bind(str(student), settings.model_dump(exclude={"api_key"}), verifier, model_digest(student),
+                           share_histories(student))
 
 
 class AppArgs(ServeConfig):

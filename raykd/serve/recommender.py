@@ -31,7 +31,8 @@ from pydantic import (
 )
 
 from raykd.core import ann as approx
-from raykd.core import ids, models, rundir, scoring, sequences
+from raykd.core import histories as flat_histories
+from raykd.core import ids, models, rundir, scoring
 from raykd.core.errors import RaykdError
 
 MIN_ROWS = scoring.MIN_ROWS  # rows of the smallest forward pass (see Recommender._scores)
@@ -163,8 +164,10 @@ class Recommender:
 
     `path` is a run directory, a model folder or an exported bundle (raykd.serve.bundle). The item
     vocabulary and user histories come from `data_dir` when given, else from the model's own folder
-    (a bundle) or its run's `data/`. `with_histories=False` skips the user histories (a batch job
-    that reads them shard by shard); `device` places the model (a GPU for batch jobs).
+    (a bundle) or its run's `data/`, as flat arrays (raykd.core.histories); `histories` gives them
+    ready-made instead (a Serve replica maps the app's one copy from the object store), and
+    `with_histories=False` skips them (a batch job that reads them shard by shard); `device` places
+    the model (a GPU for batch jobs).
 
     The weights, model.json, metrics.json and the manifest are read as one version of the folder
     (`rundir.copy_snapshot`), even while a run publishes a new model there. `model_digest` (of
@@ -180,7 +183,7 @@ class Recommender:
     def __init__(self, path: str | Path, max_k: int = 100, max_history: int = 1000, *,
                  data_dir: str | Path | None = None, with_histories: bool = True, device: str = "cpu",
                  exclude_seen: bool = True, model_digest: str | None = None,
-                 ann: bool | str | Path | approx.Index = False):
+                 ann: bool | str | Path | approx.Index = False, histories: flat_histories.Histories | None = None):
         self.model_dir = resolve_student(path)
         self.exclude_seen = exclude_seen  # a request's default: serve.exclude_seen, the rule evaluate scores by
         check_bundle(self.model_dir)
@@ -218,7 +221,7 @@ class Recommender:
         counts = items["count"].to_numpy()
         self.popular = np.argsort(-counts, kind="stable") + 1
         self.popular_scores = counts[self.popular - 1].astype(float)
-        self.histories = _user_histories(data_dir) if with_histories else {}
+        self.histories = histories if histories is not None else _user_histories(data_dir) if with_histories else None
         if isinstance(ann, str | Path):
             ann = approx.load(Path(ann), self.model.item_table(), rundir.vocab_digest(self.raw_items[1:]))
         elif ann is True:
@@ -239,9 +242,10 @@ class Recommender:
             raise BadRequest(422, f"k must be between 1 and {self.max_k}, got {k}")
         if req.user_id is not None:
             key = ids.lookup_key(req.user_id, self.int_users)
-            if key is None or key not in self.histories:
+            history = None if self.histories is None else self.histories.get(key)
+            if history is None:
                 raise BadRequest(404, f"unknown user_id {req.user_id!r}: send its 'history' instead")
-            return self.histories[key], [], k, self._exclude(req)
+            return history, [], k, self._exclude(req)
         if len(req.history) > self.max_history:
             raise BadRequest(422, f"history has {len(req.history)} items; at most {self.max_history} are "
                                   "accepted (send the most recent ones)")
@@ -360,7 +364,7 @@ class Recommender:
         ann = {"ann": {k: v for k, v in self.ann.meta.items() if "digest" not in k}} if self.ann else {}
         return json_safe({"model": self.model_id, "path": str(self.model_dir), "description": self.desc,
                           "params": models.count_params(self.model), "items": len(self.raw_items) - 1,
-                          "users_with_history": len(self.histories), "metrics": self.metrics,
+                          "users_with_history": len(self.histories or ()), "metrics": self.metrics,
                           "limits": {"max_k": self.max_k, "max_history": self.max_history}, **ann})
 
 
@@ -412,19 +416,9 @@ def check_bundle(folder: Path) -> None:
                          "folder, or export it again with `raykd export RUN_DIR --out DIR`")
 
 
-def full_history(train: np.ndarray, valid: int, test: int) -> np.ndarray:
-    """A prepared user's whole known history (train + valid + test) as item indices, oldest first."""
-    return np.concatenate([train, [valid, test]]).astype(np.int64)
-
-
-def _user_histories(data_dir: Path) -> dict:
-    """Raw user id -> full known history (train + valid + test) as item indices, if prepared."""
-    if not (data_dir / rundir.USERS).exists() or not (data_dir / "sequences").exists():
-        return {}
-    split = sequences.read_split(data_dir)
-    raw_users = pq.read_table(data_dir / rundir.USERS)["raw_id"].to_pylist()
-    return {raw_users[u]: full_history(t, v, s)
-            for u, t, v, s in zip(split["user"], split["train"], split["valid"], split["test"])}
+def _user_histories(data_dir: Path) -> flat_histories.Histories | None:
+    """Every prepared user's full known history (train + valid + test) in flat arrays; None if not prepared."""
+    return flat_histories.read(data_dir)
 
 
 def _explain(err: ValidationError) -> str:
