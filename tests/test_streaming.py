@@ -135,13 +135,17 @@ def test_trimmed_and_untrimmed_batches_give_the_same_loss(prepared):
                        TrainConfig(loss="full"), seed=2)
         model = models.build_model({"family": family, "num_items": 30, **spec.model.model_dump(exclude={"family"})})
         loss = loop.make_loss(spec, None)
-
-        def value(i, t):
+        values = []
+        for i, t in ((inp, target), (batch["input"], batch["target"])):
             i, t = torch.as_tensor(i.astype(np.int64)), torch.as_tensor(t.astype(np.int64))
             with torch.no_grad():
-                return float(loss(model(i)[t > 0], model, t[t > 0], (None, None, None)))
-
-        assert value(inp, target) == pytest.approx(value(batch["input"], batch["target"]), abs=1e-6)
+                values.append(float(loss(model(i)[t > 0], model, t[t > 0], (None, None, None))))
+        assert values[0] == pytest.approx(values[1], abs=1e-6)
+    widths = []  # and the training step feeds the model the trimmed batch
+    model.register_forward_pre_hook(lambda module, args: widths.append(args[0].shape[1]))
+    optimizer = torch.optim.Adam(model.parameters())
+    loop.train_epoch(model, model, optimizer, [batch], loss, False, "cpu", torch.autocast("cpu", enabled=False))
+    assert widths == [inp.shape[1]]
 
 
 def test_batch_scaling_per_worker_grows_the_global_batch_and_scales_the_learning_rate():
