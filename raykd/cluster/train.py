@@ -4,10 +4,10 @@
 best on validation NDCG@10 as the artifact `<run>/<spec.name>/` (model.safetensors, model.json,
 metrics.json, manifest.json; see raykd.core.rundir). A run on one CPU worker (`train.trainer: auto`)
 is one Ray task (raykd.cluster.task). Otherwise `fit` builds the window dataset (Ray Data, streamed
-from the Parquet shards every epoch, with soft labels when distilling) and runs `train_loop` on `num_workers` DDP workers: every epoch each
-worker trains on its shard, all workers evaluate a slice of the validation users (summed with an
-all-reduce, so every rank takes the same early-stopping decision), and rank 0 reports a
-checkpoint (loop.checkpoint_due). Either way a rerun, or a restart after a lost worker, resumes
+from the Parquet shards every epoch, with soft labels when distilling) and runs `train_loop` on
+`num_workers` DDP workers: every epoch each worker trains on its shard, all workers evaluate a
+slice of the validation users (summed with an all-reduce, so every rank takes the same
+early-stopping decision), and rank 0 reports a checkpoint (loop.checkpoint_due). Either way a rerun, or a restart after a lost worker, resumes
 from the latest checkpoint.
 """
 
@@ -241,7 +241,8 @@ def window_dataset(data_dir: Path, max_len: int, soft_dir: Path | None, seed: in
     execution (randomize_block_order with reseed_after_execution: the per-epoch file shuffle); a
     map_batches task per shard cuts its windows a chunk of users at a time and shuffles them within a
     bounded buffer (loop.shuffled_batches) seeded by a per-execution seeded draw (Ray's `random()`).
-    Blocks hold at most `block_bytes`, and no process holds more than a buffer of one shard.
+    Blocks hold at most `block_bytes`, and no process holds more than a buffer of one shard. (The execution
+    count lives in the dataset's context: a restarted worker group may replay an earlier epoch's order.)
     """
     from ray.data import RandomSeedConfig
     from ray.data.expressions import random
