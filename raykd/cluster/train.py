@@ -7,8 +7,8 @@ is one Ray task (raykd.cluster.task). Otherwise `fit` builds the window dataset 
 from the Parquet shards every epoch, with soft labels when distilling) and runs `train_loop` on
 `num_workers` DDP workers: every epoch each worker trains on its shard, all workers evaluate a
 slice of the validation users (summed with an all-reduce, so every rank takes the same
-early-stopping decision), and rank 0 reports a checkpoint (loop.checkpoint_due). Either way a rerun, or a restart after a lost worker, resumes
-from the latest checkpoint.
+early-stopping decision), and rank 0 reports a checkpoint (loop.checkpoint_due). Either way a
+rerun, or a restart after a lost worker, resumes from the latest checkpoint.
 """
 
 from __future__ import annotations
