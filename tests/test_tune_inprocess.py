@@ -1,7 +1,7 @@
 """Tune trials that train in the trial itself (no Ray Train start), and the windows they share.
 
-A student on one CPU worker trains inside its Tune trial with `loop.LocalRun` (the loop of
-`fit_local`) on windows read once, as flat arrays, with the soft labels of every real slot; each
+A student on one CPU worker trains inside its Tune trial with `loop.local_runner` (the loop of
+`fit_local`) on windows streamed from the shards, with the soft labels of every real slot; each
 epoch is reported to Tune with a checkpoint in the format Ray Train writes. The TorchTrainer path
 stays for several workers or a GPU (forced here through `tune_trial.in_process`).
 """
@@ -78,7 +78,7 @@ def test_soft_labels_are_packed_and_gathered_per_window_in_slot_order(soft_run):
         rows = np.arange(0, table.num_rows, 3)
         ray_batch = {c: table[c].to_numpy(zero_copy_only=False)[rows] for c in table.column_names}
         ray_batch = {c: np.stack(v) if c in ("input", "target") else v for c, v in ray_batch.items()}
-        mine = loop.take(cols, rows + first)
+        mine = sequences.take(cols, rows + first)
         for a, b in zip(loop.soft(ray_batch, "cpu"), loop.soft(mine, "cpu")):
             assert a is not None and torch.equal(a, b)
         assert np.array_equal(mine["target"], ray_batch["target"])
@@ -92,7 +92,7 @@ def test_local_run_checkpoints_resume_and_export_like_ray_train(soft_run, tmp_pa
     first = loop.local_runner(run_spec, soft_run / "data")
     first.epoch(0)
     first.save(tmp_path / "ckpt")
-    again = loop.local_runner(run_spec, soft_run / "data", cols=first.cols)
+    again = loop.local_runner(run_spec, soft_run / "data")
     again.restore(tmp_path / "ckpt")
     assert again.state["epoch"] == 0 and again.state["resumed"] == 1
     h = again.epoch(1)

@@ -3,12 +3,12 @@
 `fit(spec, run_dir)` (a `raykd.training.spec.RunSpec`) trains one run and publishes the checkpoint that was
 best on validation NDCG@10 as the artifact `<run>/<spec.name>/` (model.safetensors, model.json,
 metrics.json, manifest.json; see raykd.core.rundir). A run on one CPU worker (`train.trainer: auto`)
-is one Ray task (raykd.cluster.task). Otherwise `fit` builds the window dataset (Ray Data, with soft
-labels when distilling) and runs `train_loop` on `num_workers` DDP workers: every epoch each
-worker trains on its shard, all workers evaluate a slice of the validation users (summed with an
-all-reduce, so every rank takes the same early-stopping decision), and rank 0 reports a
-checkpoint (loop.checkpoint_due). Either way a rerun, or a restart after a lost worker, resumes
-from the latest checkpoint.
+is one Ray task (raykd.cluster.task). Otherwise `fit` builds the window dataset (Ray Data, streamed
+from the Parquet shards every epoch, with soft labels when distilling) and runs `train_loop` on
+`num_workers` DDP workers: every epoch each worker trains on its shard, all workers evaluate a
+slice of the validation users (summed with an all-reduce, so every rank takes the same
+early-stopping decision), and rank 0 reports a checkpoint (loop.checkpoint_due). Either way a
+rerun, or a restart after a lost worker, resumes from the latest checkpoint.
 """
 
 from __future__ import annotations
@@ -140,8 +140,7 @@ def make_trainer(spec: RunSpec, name: str, storage: Path, data_dir: Path,
                  callbacks: list | None = None) -> TorchTrainer:
     """The TorchTrainer for one run (also what each Tune trial builds and fits); the spec travels
     to the workers as it is."""
-    soft_dir = spec.kd.soft_labels if spec.kd is not None and spec.kd.alpha > 0 else None
-    ds = window_dataset(data_dir, spec.model.max_len, soft_dir)
+    ds = window_dataset(data_dir, spec.model.max_len, loop.soft_dir_of(spec), spec.seed)
     train_cfg = spec.train
     return TorchTrainer(
         train_loop,
@@ -229,23 +228,41 @@ def _forget_stale_run(path: Path, fingerprint: str) -> None:
     marker.write_text(fingerprint)
 
 
-def window_dataset(data_dir: Path, max_len: int, soft_dir: Path | None) -> ray.data.Dataset:
-    """Ray Data: one task per sequence shard cuts windows (and attaches its soft-label shard)."""
-    shards = sequences.shard_paths(data_dir)
-    if soft_dir is not None:
-        soft = [Path(soft_dir) / p.name for p in shards]
-        missing = [str(s) for s in soft if not s.exists()]
-        if missing:
-            raise RaykdError(f"soft labels missing: {', '.join(missing)}; run `raykd soft-labels CONFIG`")
-    items = [{"shard": str(p), "soft": str(Path(soft_dir) / p.name) if soft_dir else ""} for p in shards]
+BLOCK_WINDOWS = 1024  # windows a Ray Data task yields at a time (shuffled within loop.SHUFFLE_WINDOWS)
+BLOCK_BYTES = 8 << 20  # Ray Data joins yielded tables into blocks of at most this (its default: 128 MiB)
 
-    def cut(batch: dict) -> object:
-        for shard, soft in zip(batch["shard"], batch["soft"]):
-            yield sequences.window_table(Path(shard), max_len, Path(soft) if soft else None)
 
+def window_dataset(data_dir: Path, max_len: int, soft_dir: Path | None, seed: int,
+                   block_bytes: int = BLOCK_BYTES) -> ray.data.Dataset:
+    """The training windows as a streamed Ray Data dataset, never materialised: Ray Train runs it again
+    every epoch, each worker iterating its share (streaming_split, equal=True, Ray Train's default).
+
+    One row per sequence shard (with its soft-label shard) in a seeded order that changes every
+    execution (randomize_block_order with reseed_after_execution: the per-epoch file shuffle); a
+    map_batches task per shard cuts its windows a chunk of users at a time and shuffles them within a
+    bounded buffer (loop.shuffled_batches) seeded by a per-execution seeded draw (Ray's `random()`).
+    Blocks hold at most `block_bytes`, and no process holds more than a buffer of one shard. (The execution
+    count lives in the dataset's context: a restarted worker group may replay an earlier epoch's order.)
+    """
+    from ray.data import RandomSeedConfig
+    from ray.data.expressions import random
+
+    items = [{"shard": str(p), "soft": str(s) if s else ""} for p, s in sequences.training_shards(data_dir, soft_dir)]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    # materialised once, so epochs and workers read blocks without re-running tasks
-    return ds.map_batches(cut, batch_size=1, batch_format="numpy").materialize()
+    ds = ds.randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
+    ds = ds.with_column("draw", random(seed=seed, reseed_after_execution=True))
+    ds = ds.map_batches(_shuffled_windows, fn_kwargs={"max_len": max_len}, batch_size=1, batch_format="numpy")
+    ds.context.target_max_block_size = block_bytes  # this dataset's blocks only
+    return ds
+
+
+def _shuffled_windows(batch: dict, max_len: int):
+    """A Ray Data task's body: one shard's windows, block by block, shuffled with a seeded RNG."""
+    for shard, soft, draw in zip(batch["shard"], batch["soft"], batch["draw"]):
+        rng = np.random.default_rng(int(draw * 2**53))
+        chunks = sequences.window_chunks(Path(shard), max_len, Path(soft) if soft else None)
+        for block in loop.shuffled_batches(chunks, BLOCK_WINDOWS, loop.SHUFFLE_WINDOWS, rng):
+            yield sequences.packed_table(block)
 
 
 def train_loop(config: dict) -> None:
@@ -265,19 +282,18 @@ def train_loop(config: dict) -> None:
     users = loop.validation_users(sequences.num_users(data_dir), spec.train.val_users, spec.seed)[rank::world]
     split = sequences.read_split(data_dir, users)  # this rank's validation users only
     val_users = np.arange(len(users))
-    shard = ray.train.get_dataset_shard("train")  # this worker's share of the windows (Ray)
+    shard = ray.train.get_dataset_shard("train")  # this worker's share of the streamed windows (Ray)
     tc = spec.train
+    per_step = loop.worker_batch(tc.batch_size, world, tc.batch_scaling)
 
-    def batches(epoch: int):
-        return shard.iter_batches(batch_size=loop.worker_batch(tc.batch_size, world), batch_format="numpy",
-                                  local_shuffle_buffer_size=4 * tc.batch_size,
-                                  local_shuffle_seed=spec.seed * 1000 + epoch)
+    def batches(epoch: int):  # a new execution of the dataset: its own file order and shuffle (window_dataset)
+        return shard.iter_batches(batch_size=per_step, batch_format="numpy")
 
     log_q = loop.sampling_log_q(spec, desc, data_dir, device)
     runner = loop.EpochRunner(spec, model, desc, device, batches,
-                              lambda core: _validate(core, split, val_users, device, world), log_q)
-    if rank == 0:  # one progress line for the run, from rank 0 (its share of the windows: no ETA)
-        runner.say = console.say
+                              lambda core: _validate(core, split, val_users, device, world), log_q, world=world)
+    if rank == 0:  # one progress line for the run, from rank 0 (its share of the windows)
+        runner.say, runner.windows = console.say, sequences.count_windows(data_dir, desc["max_len"]) // world
     ckpt = ray.train.get_checkpoint()
     if ckpt:  # resume after a restart or a rerun (Ray)
         with ckpt.as_directory() as d:

@@ -127,8 +127,13 @@ class TrainConfig(Section):
     """One training loop for teacher and students (Ray Train's TorchTrainer, or one Ray task)."""
 
     epochs: int = Field(30, ge=1, description="at most this many epochs (early stopping may end sooner)")
-    batch_size: int = Field(128, ge=1, description="training windows per step, in all (split across workers: "
-                            "the number of steps per epoch does not depend on num_workers)")
+    batch_size: int = Field(128, ge=1, description="training windows per step: in all (split across workers) "
+                            "with batch_scaling fixed, per worker with per_worker")
+    batch_scaling: Literal["fixed", "per_worker"] = Field(
+        "fixed", description="fixed: batch_size is the global batch, split across the workers (steps per epoch and "
+        "the learning rate do not depend on num_workers); per_worker: every worker takes batch_size windows a step, "
+        "so the global batch is batch_size x num_workers, N workers take N times fewer steps each, and the learning "
+        "rate is lr x sqrt(num_workers) (square-root scaling for Adam)")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate")
     weight_decay: float = Field(0.0, ge=0, description="Adam weight decay")
     patience: int = Field(5, ge=1, description="early stop after this many epochs without gain")

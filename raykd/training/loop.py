@@ -10,13 +10,17 @@ from, how validation is reduced and where reports and checkpoints go.
 
 Batches are dicts of NumPy arrays: input/target [B, L] (0 = padding) and, when distilling,
 t_idx/t_logits/t_rest, one bytes object per window holding its real slots' soft labels (Ray
-Data), or the rows themselves as arrays (in-memory batches, `shuffled_batches`).
+Data), or the rows themselves as arrays (batches streamed in this process, `streamed_batches`).
+Nothing reads the whole training set: a Ray Train worker iterates its share of a streamed Ray
+Data dataset (raykd.cluster.train.window_dataset), and every other driver reads the shards as it
+goes, a chunk of users at a time, shuffled within a bounded buffer.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -160,39 +164,89 @@ def soft(batch: dict, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor 
             torch.as_tensor(logit.astype(np.float32), device=device), rest)
 
 
-def worker_batch(batch_size: int, world: int) -> int:
-    """Per-worker batch for a global `batch_size`: the global batch (and so the number of steps
-    per epoch and the learning-rate schedule) does not change with the number of workers."""
-    return max(1, -(-batch_size // world))
+def worker_batch(batch_size: int, world: int, scaling: str = "fixed") -> int:
+    """Windows a worker takes per step (`train.batch_scaling`). `fixed`: a global `batch_size` split over
+    the workers, so the global batch (the number of steps per epoch and the learning-rate schedule) does
+    not change with the number of workers; `per_worker`: every worker takes `batch_size`, so the global
+    batch grows with the cluster and each of N workers takes 1/N of the steps."""
+    return batch_size if scaling == "per_worker" else max(1, -(-batch_size // world))
+
+
+def worker_lr(train: TrainConfig, world: int) -> float:
+    """The learning rate of a run on `world` workers: `lr`, or lr × sqrt(world) under `batch_scaling:
+    per_worker`, whose global batch is `world` times larger (square-root scaling, the rule for Adam:
+    Krizhevsky 2014; Malladi et al., NeurIPS 2022)."""
+    return train.lr * math.sqrt(world) if train.batch_scaling == "per_worker" else train.lr
+
+
+SHUFFLE_WINDOWS = 4096  # windows shuffled together when streaming: with K=100 soft labels about 0.1 GB
+
+
+def soft_dir_of(spec: RunSpec) -> Path | None:
+    """The soft labels a run trains on: its KD soft labels when it distils (alpha > 0), else none."""
+    return Path(spec.kd.soft_labels) if spec.kd is not None and spec.kd.alpha > 0 else None
+
+
+def streamed_batches(data_dir: str | Path, max_len: int, soft_dir: str | Path | None, batch_size: int,
+                     seed: int, buffer: int = SHUFFLE_WINDOWS) -> Iterator[dict]:
+    """One epoch's batches, read from the Parquet shards as they go: the shards in a seeded order, each
+    cut `sequences.CHUNK_USERS` users at a time with its soft-label shard, and shuffled within a
+    bounded buffer (shuffled_batches). Memory holds at most `buffer` windows and one chunk, whatever
+    the size of the log; `seed` (the run's seed and the epoch) fixes the order."""
+    rng = np.random.default_rng(seed)
+    pairs = sequences.training_shards(data_dir, soft_dir)
+    chunks = (chunk for i in rng.permutation(len(pairs))
+              for chunk in sequences.window_chunks(pairs[i][0], max_len, pairs[i][1]))
+    yield from shuffled_batches(chunks, batch_size, buffer, rng)
+
+
+def shuffled_batches(chunks: Iterable[dict], batch_size: int, buffer: int, rng: np.random.Generator) -> Iterator[dict]:
+    """Batches of a stream of window dicts (sequences.window_chunks), shuffled within a bounded buffer.
+
+    Chunks are pooled until the pool holds `buffer` windows; the pool is permuted and cut into whole
+    batches, and the windows short of a whole batch wait in the next pool. So at most `buffer` windows
+    and one chunk are held; the last batch of the stream may be short.
+    """
+    held, count = [], 0
+    for chunk in chunks:
+        held.append(chunk)
+        count += len(chunk["input"])
+        if count >= buffer:
+            rest = yield from _pool_batches(held, batch_size, rng, whole_only=True)
+            held, count = [rest], len(rest["input"])
+    if count:
+        yield from _pool_batches(held, batch_size, rng, whole_only=False)
+
+
+def _pool_batches(held: list[dict], batch_size: int, rng: np.random.Generator, whole_only: bool):
+    """Yield the pooled windows in a random order, batch by batch; return those short of a whole batch."""
+    pool = sequences.concat(held)
+    held.clear()  # the pool is the only copy now
+    order = rng.permutation(len(pool["input"]))
+    stop = len(order) - len(order) % batch_size if whole_only else len(order)
+    for start in range(0, stop, batch_size):
+        yield sequences.take(pool, order[start:min(start + batch_size, stop)])
+    return sequences.take(pool, order[stop:])
+
+
+def trim_padding(inp: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A batch cut to its longest real window: the leading columns that are padding in every window go.
+
+    Windows are right-aligned (sequences.windows: inputs left-padded), so only leading columns can be
+    all padding; position embeddings are right-aligned too (models.SASRec: the last column is always
+    position max_len - 1), pads are masked as keys, and the real slots keep their row-major order, so
+    the loss, `hidden[target > 0]` and the soft labels are those of the untrimmed batch.
+    """
+    real = (target > 0).any(0)
+    first = int(real.argmax()) if real.any() else target.shape[1] - 1
+    return inp[:, first:], target[:, first:]
 
 
 def windows_in_memory(data_dir: str | Path, max_len: int, soft_dir: str | Path | None = None) -> dict:
-    """All training windows of a prepared run as NumPy arrays: input/target [W, max_len] int32 and,
-    with soft labels, t_idx/t_logits [R, K] (t_rest [R]) for the R real slots in window order, and
-    t_start [W + 1], where each window's rows begin. Plain numeric arrays: `ray.put` shares them."""
-    parts = [sequences.window_arrays(p, max_len, Path(soft_dir) / p.name if soft_dir else None)
-             for p in sequences.shard_paths(data_dir)]
-    cols = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
-    if soft_dir:
-        cols["t_start"] = np.concatenate([[0], np.cumsum((cols["target"] > 0).sum(1), dtype=np.int64)])
-    return cols
-
-
-def shuffled_batches(cols: dict, batch_size: int, seed: int):
-    """Batches of `cols` in a seeded random order (the in-process twin of Ray Data's shuffle)."""
-    order = np.random.default_rng(seed).permutation(len(cols["input"]))
-    for start in range(0, len(order), batch_size):
-        yield take(cols, order[start:start + batch_size])
-
-
-def take(cols: dict, rows: np.ndarray) -> dict:
-    """The windows `rows` of `cols`, with their soft-label rows gathered in one vectorised step."""
-    batch = {"input": cols["input"][rows], "target": cols["target"][rows]}
-    if "t_start" in cols:
-        first, count = cols["t_start"][rows], np.diff(cols["t_start"])[rows]
-        slots = np.repeat(first - np.cumsum(count) + count, count) + np.arange(count.sum())
-        batch.update({k: cols[k][slots] for k in sequences.SOFT_COLUMNS if k in cols})
-    return batch
+    """All training windows of a prepared run as one window dict (sequences.window_chunks). For tests
+    and benchmarks on small data: training streams its windows (streamed_batches, Ray Data)."""
+    return sequences.concat([sequences.window_arrays(shard, max_len, soft)
+                             for shard, soft in sequences.training_shards(data_dir, soft_dir)])
 
 
 # ---------------------------------------------------------------- the step and the epoch
@@ -242,8 +296,8 @@ def train_epoch(model, core, optimizer, batches: Iterable[dict], loss: Loss, dis
     model.train()
     loss_sum, count = 0.0, 0
     for batch in batches:
-        inp = torch.as_tensor(matrix(batch["input"]), device=device)
-        target = torch.as_tensor(matrix(batch["target"]), device=device)
+        inp, target = trim_padding(matrix(batch["input"]), matrix(batch["target"]))
+        inp, target = torch.as_tensor(inp, device=device), torch.as_tensor(target, device=device)
         mask = target > 0
         labels = soft(batch, device) if distill else (None, None, None)
         with amp:
@@ -295,17 +349,16 @@ class EpochRunner:
     saves a checkpoint there (`save`) when it is due, or whenever it likes.
     """
 
-    cols: dict | None = None  # the windows in memory, for a runner built by `local_runner`
     say: Callable[[str], None] | None = None  # where in-epoch progress lines go (None: none)
     windows: int | None = None  # this process's windows per epoch, when known (for the ETA)
 
     def __init__(self, spec: RunSpec, model: torch.nn.Module, desc: dict, device,
                  batches: Callable[[int], Iterable[dict]], validate: Callable[[torch.nn.Module], dict],
-                 log_q: torch.Tensor | None):
+                 log_q: torch.Tensor | None, world: int = 1):
         self.spec, self.model, self.core, self.desc, self.device = spec, model, models.unwrap(model), desc, device
         self.batches, self.validate = batches, validate
         tc = spec.train
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=worker_lr(tc, world), weight_decay=tc.weight_decay)
         self.loss = make_loss(spec, log_q)
         self.distill = spec.kd is not None and spec.kd.alpha > 0
         self.amp = (torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda"
@@ -371,20 +424,20 @@ class EpochRunner:
                 "params": models.count_params(self.core)}
 
 
-def local_runner(spec: RunSpec, data_dir: str | Path, cols: dict | None = None, device: str = "cpu") -> EpochRunner:
-    """An EpochRunner in this process: windows in memory (`cols`, else read here), seeded shuffles,
-    validation over `validation_users`; progress lines through `console.say`."""
+def local_runner(spec: RunSpec, data_dir: str | Path, device: str = "cpu") -> EpochRunner:
+    """An EpochRunner in this process: windows streamed from the shards (streamed_batches, seeded per
+    epoch), validation over `validation_users`; progress lines through `console.say`."""
     desc = model_desc(spec, data_dir)
     model = build(spec, desc).to(device)
-    soft_dir = spec.kd.soft_labels if spec.kd is not None and spec.kd.alpha > 0 else None
-    cols = cols if cols is not None else windows_in_memory(data_dir, desc["max_len"], soft_dir)
+    soft_dir, max_len, batch_size = soft_dir_of(spec), desc["max_len"], spec.train.batch_size
     users = validation_users(sequences.num_users(data_dir), spec.train.val_users, spec.seed)
     valid = sequences.eval_inputs(sequences.read_split(data_dir, users), "valid")  # only those users read
     log_q = sampling_log_q(spec, desc, data_dir, device)
     runner = EpochRunner(spec, model, desc, device,
-                         batches=lambda epoch: shuffled_batches(cols, spec.train.batch_size, spec.seed * 1000 + epoch),
+                         batches=lambda epoch: streamed_batches(data_dir, max_len, soft_dir, batch_size,
+                                                                spec.seed * 1000 + epoch),
                          validate=lambda core: metrics.evaluate_model(core, *valid, device=device), log_q=log_q)
-    runner.cols, runner.say, runner.windows = cols, console.say, len(cols["input"])
+    runner.say, runner.windows = console.say, sequences.count_windows(data_dir, max_len)
     return runner
 
 

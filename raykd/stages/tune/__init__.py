@@ -16,7 +16,7 @@ How a search runs (Ray 2.60, Train V2):
 
 - Each trial is a Tune *function* trainable (raykd.stages.tune.trial). A student on one CPU worker
   (`distill.train.num_workers: 1`, no GPU) trains inside the trial itself, with the loop of
-  `loop.fit_local` on windows this driver reads once and shares through the object store: the
+  `loop.fit_local` on windows it streams from the shards (loop.streamed_batches): the
   trial claims `tune.cpus_per_trial` CPUs, reports and checkpoints every epoch to Tune, and
   trial actors are reused, so a trial costs its epochs and little else. Otherwise the trial
   builds and fits one `TorchTrainer` (`train.make_trainer`) named `trial_<trial id>`;
@@ -63,12 +63,12 @@ from raykd.core.errors import RaykdError
 from raykd.stages.tune import trial as tune_trial
 from raykd.stages.tune.report import METRIC, SIZE_METRICS, analyse, experiment_trials, fmt
 from raykd.stages.tune.space import configured_point, parse_space
-from raykd.stages.tune.trial import run_trial, shared_windows, trial_spec
+from raykd.stages.tune.trial import run_trial, trial_spec
 from raykd.training.plan import kd_settings
 
 # Fixed cost of one trial beyond its epochs, measured on 2 busy cores: the floor for the
 # time-budget check. On Ray Train: the trial actor, Train controller and worker start, dataset;
-# in the trial process: the trial actor and its copy of the windows (median overhead 0.6 s).
+# in the trial process: the trial actor and its first read of the shards (median overhead 0.6 s).
 TRIAL_STARTUP_S = 15.0
 IN_PROCESS_STARTUP_S = 2.0
 ASHA_REDUCTION = 2  # keep the better half at each rung: with a handful of trials 4 is too eager
@@ -223,15 +223,14 @@ def _search(cfg: Config, space: dict, run_dir: Path, out: Path, key: str) -> Non
 
 
 def _trainable(cfg: Config, space: dict, run_dir: Path, out: Path, cpus: float, here: bool):
-    """The trial function with its setup and resources: in-process trials claim their CPUs and get
-    the windows read here (through the object store); Train trial drivers claim no CPU."""
+    """The trial function with its setup and resources: in-process trials claim their CPUs (and
+    stream their windows themselves); Train trial drivers claim no CPU."""
     from ray import tune
 
     setup = {"base": cfg.model_dump(mode="json"), "run_dir": str(run_dir), "storage": str(out / "train"),
              "cpus_per_worker": cpus, "seed": cfg.seed, "in_process": here}
     if not here:  # the trial driver takes no CPU, only the zero-CPU custom resource (a CPU-holding driver would starve its own workers)
         return tune.with_resources(tune.with_parameters(run_trial, setup=setup), {DRIVER_RESOURCE: 1})
-    setup["windows"] = shared_windows(cfg, space)
     return tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"CPU": cpus})
 
 
@@ -239,7 +238,7 @@ def _trial_cpus(cfg: Config, in_process: bool) -> float:
     """CPUs per Train worker (or per in-process trial): what the config asks, checked against the cluster.
 
     Train trials together may use all CPUs but one (Ray Data's read tasks need a whole CPU while a
-    trial materialises its windows); in-process trials use no Ray Data and may take them all.
+    trial streams its windows); in-process trials use no Ray Data and may take them all.
     Defaults shrink to fit; explicit settings that do not fit are an error, since the search would
     wait forever for resources.
     """

@@ -4,8 +4,8 @@ Each trial builds the `RunSpec` of the student its sampled config describes and 
 two ways, reporting the same metrics every epoch (val NDCG@10, its best so far, the student's size
 and `epochs_done`, the epoch counter ASHA uses) and the same checkpoints (raykd.core.checkpoints):
 
-- in the trial itself (`in_process`: one CPU worker): `loop.LocalRun`, the loop `fit_local` runs,
-  on windows the Tune driver read once and shares through the object store; each epoch's
+- in the trial itself (`in_process`: one CPU worker): `loop.local_runner`, the loop `fit_local` runs,
+  on windows it streams from the shards as it goes (loop.streamed_batches); each epoch's
   checkpoint goes to Tune (`ray.tune.report(..., checkpoint=...)`, kept under
   `tune/search/trial_<id>/`) and a restarted trial resumes from `ray.tune.get_checkpoint()`.
   No Train controller, worker group, process group or Ray Data dataset is started.
@@ -31,25 +31,12 @@ from raykd.training import loop
 from raykd.training.plan import kd_settings
 from raykd.training.spec import RunSpec
 
-_WINDOWS: dict = {}  # this trial process's windows, by (data, max_len, soft labels): read once
-
 
 def in_process(cfg: Config) -> bool:
     """Whether trials train inside the Tune trial: a student on one CPU worker needs no Train start.
     `tune.in_process: false` (when the config has that key) keeps every trial on Ray Train."""
     t = cfg.distill.train
     return t.num_workers == 1 and not t.use_gpu and bool(getattr(cfg.tune, "in_process", True))
-
-
-def shared_windows(cfg: Config, space: dict) -> dict | None:
-    """The windows every in-process trial trains on, read once by the Tune driver (None when the
-    window length is searched: each trial process then reads its own, once)."""
-    if "distill.model.max_len" in space:
-        return None
-    kd, _ = kd_settings(cfg, "tune")
-    max_len = cfg.distill.model.max_len
-    cols = loop.windows_in_memory(Path(cfg.output_dir) / rundir.DATA, max_len, kd.soft_labels)
-    return {"max_len": max_len, "soft": str(Path(kd.soft_labels).resolve()), "cols": cols}
 
 
 def trial_spec(cfg: Config, name: str, upstream: dict | None = None) -> RunSpec:
@@ -102,7 +89,7 @@ def train_here(spec: RunSpec, data_dir: Path, size: dict, setup: dict, t0: float
     import torch
 
     torch.set_num_threads(max(1, int(setup["cpus_per_worker"])))  # as a Train worker with these CPUs
-    runner = loop.local_runner(spec, data_dir, cols=trial_windows(setup, spec, data_dir))
+    runner = loop.local_runner(spec, data_dir)
     ckpt = ray.tune.get_checkpoint()
     if ckpt:  # a restored search: this trial resumes after its last reported epoch
         with ckpt.as_directory() as d:
@@ -120,21 +107,6 @@ def train_here(spec: RunSpec, data_dir: Path, size: dict, setup: dict, t0: float
 def trial_report(entry: dict, size: dict) -> dict:
     """An epoch's report as Tune reads it: the run's report, the student's size and ASHA's clock."""
     return {**entry, **size, "epochs_done": entry["epoch"] + 1}
-
-
-def trial_windows(setup: dict, spec: RunSpec, data_dir: Path) -> dict:
-    """The training windows: the driver's shared copy when it fits this trial, else read once here."""
-    max_len = spec.model.max_len
-    soft = str(Path(spec.kd.soft_labels if spec.kd is not None and spec.kd.alpha > 0
-                    else Path(setup["run_dir"]) / rundir.SOFT_LABELS).resolve())
-    shared = setup.get("windows")
-    if shared and shared["max_len"] == max_len and shared["soft"] == soft:
-        return shared["cols"]
-    key = (str(data_dir), max_len, soft)
-    if key not in _WINDOWS:
-        _WINDOWS.clear()
-        _WINDOWS[key] = loop.windows_in_memory(data_dir, max_len, soft)
-    return _WINDOWS[key]
 
 
 class TrialReport(TuneReportCallback):
