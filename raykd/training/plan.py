@@ -61,10 +61,30 @@ def kd_settings(cfg: Config, needed_by: str = "distill") -> tuple[KD, dict]:
 
 
 def pair(cfg: Config, student: str, nokd: str | None, model: ModelConfig) -> list[RunSpec]:
-    """The specs of one KD student and (optionally) its no-KD twin: same model, budget and seed."""
+    """The specs of one KD student and (optionally) its no-KD twin: same model, budget and seed
+    (a PQ twin's codes teacher-free: `teacher_free`)."""
     kd, upstream = kd_settings(cfg)
-    d = cfg.distill
-    jobs = [RunSpec(student, model, d.train, cfg.seed, kd=kd, upstream=upstream)]
+    d, root = cfg.distill, Path(cfg.output_dir)
+    codes = code_upstream(root, model)
+    jobs = [RunSpec(student, model, d.train, cfg.seed, kd=kd, upstream=upstream | codes)]
     if nokd:
-        jobs.append(RunSpec(nokd, model, d.train, cfg.seed, upstream={rundir.DATA: upstream[rundir.DATA]}))
+        twin = teacher_free(model)
+        jobs.append(RunSpec(nokd, twin, d.train, cfg.seed,
+                            upstream={rundir.DATA: upstream[rundir.DATA]} | code_upstream(root, twin)))
     return jobs
+
+
+def teacher_free(model: ModelConfig) -> ModelConfig:
+    """The no-KD twin's model: the same, but a PQ table with `assign: teacher` gets svd codes
+    (from the log alone), so no teacher knowledge reaches the baseline through its codes."""
+    table = model.item_table
+    if table is None or table.assign != "teacher":
+        return model
+    return model.model_copy(update={"item_table": table.model_copy(update={"assign": "svd"})})
+
+
+def code_upstream(root: Path, model: ModelConfig) -> dict[str, str]:
+    """The artifact a PQ table's codes are read from, when not the data or the teacher: item text."""
+    if model.item_table is None or model.item_table.assign != "text":
+        return {}
+    return {rundir.ITEM_TEXT: rundir.require(root, rundir.ITEM_TEXT, "distill.model.item_table.assign text")}
