@@ -71,7 +71,7 @@ def run(cfg: Config) -> dict:
         m, ranks[name] = protocol.score(model, hist, targets)
         if exclude and repeats.any():  # what the endpoint answers with exclude_seen=false
             m["repeat_aware"] = metrics.evaluate_model(model, hist, targets, None)
-        m["params"], m["dim"] = models.count_params(model), desc["dim"]
+        m["params"], m["bytes"], m["dim"] = models.count_params(model), models.count_bytes(model), desc["dim"]
         m["latency_ms_256"] = metrics.scoring_latency_ms(model, desc["max_len"], desc["num_items"])
         train_info = _read_json(root / name / rundir.METRICS)
         m["valid_ndcg@10"] = train_info.get("valid", {}).get("ndcg@10")
@@ -86,7 +86,8 @@ def run(cfg: Config) -> dict:
     if len(members) > 1 and all(rundir.current(root, m) for m in members):
         ens = models.Ensemble([models.load_model(root / m)[0] for m in members])
         m = protocol.score(ens, hist, targets)[0]
-        report["teacher_ensemble"] = {**m, "params": models.count_params(ens), "members": len(members)}
+        report["teacher_ensemble"] = {**m, "params": models.count_params(ens), "bytes": models.count_bytes(ens),
+                                      "members": len(members)}
     if not loaded:
         raise RaykdError(f"no trained models of this config in {root}: run `raykd teacher CONFIG` and "
                          "`raykd distill CONFIG` first (or `raykd pipeline CONFIG`)")
@@ -140,6 +141,7 @@ def _compare(report: dict, ranks: dict, loaded: dict, hist: list, seen: list) ->
             s = report[key]
             s["ndcg_kept_vs_teacher"] = s["ndcg@10"] / teacher["ndcg@10"] if teacher["ndcg@10"] else None
             s["params_vs_teacher"] = s["params"] / teacher["params"]
+            s["bytes_vs_teacher"] = s["bytes"] / teacher["bytes"]
             s["latency_vs_teacher"] = s["latency_ms_256"] / teacher["latency_ms_256"]
             s["top10_agreement_with_teacher"] = _agreement(loaded["teacher"], loaded[name], hist, seen)
     if "student" in ranks and "student_nokd" in ranks:
@@ -173,7 +175,7 @@ def kd_curve(root: Path, pairs: list[tuple[int, tuple[str, str]]], protocol: Pro
             point[key], ranks[key] = protocol.score(model, hist, targets)
             per_user = np.where(ranks[key] < 10, 1 / np.log2(ranks[key] + 2.0), 0.0)
             point[key]["ndcg@10_stderr"] = float(per_user.std(ddof=1) / math.sqrt(len(per_user))) if len(per_user) > 1 else 0.0
-            point["params"] = models.count_params(model)
+            point["params"], point["bytes"] = models.count_params(model), models.count_bytes(model)
         point["paired"] = paired_ndcg(ranks["kd"], ranks["nokd"])
         point["rare"] = {"users": int(rare.sum()), "paired": paired_ndcg(ranks["kd"][rare], ranks["nokd"][rare])}
         for key in ("kd", "nokd"):
