@@ -1,6 +1,6 @@
 """How much room a PQ item table leaves: the teacher with its table product-quantised, no training.
 
-    python benchmarks/bench_pq_diagnostic.py --run RUN_DIR [--codes 2,3,4] [--codebook 256] [--seed 0]
+    python benchmarks/bench_pq_diagnostic.py --run RUN_DIR [--teacher DIR] [--codes 2,3,4] [--codebook 256] [--seed 0]
 
 Reads a finished run (`raykd prepare`, `raykd teacher`; e.g. configs/beauty.yaml, the text teacher).
 The teacher's item table, folded with its text (id embedding + projected text vector, what it scores
@@ -59,6 +59,8 @@ def score(model, splits: dict, say) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", required=True, type=Path)
+    ap.add_argument("--teacher", type=Path, default=None,
+                    help="a teacher model folder other than RUN/teacher (e.g. a training checkpoint's best/)")
     ap.add_argument("--codes", default="2,3,4")
     ap.add_argument("--codebook", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
@@ -72,7 +74,7 @@ def main() -> None:
     valid_hist, valid_t, _ = sequences.eval_inputs(split, "valid")
     test_hist, test_t, _ = sequences.eval_inputs(split, "test")
     splits = {"valid": (valid_hist, valid_t, valid_hist, False), "test": (test_hist, test_t, test_hist, True)}
-    teacher, desc = models.load_model(args.run / rundir.TEACHER)
+    teacher, desc = models.load_model(args.teacher or args.run / rundir.TEACHER)
     table = text.teacher_items(teacher)
     say(f"teacher {desc['family']} {desc['dim']}x{desc['layers']}, text_dim {desc.get('text_dim', 0)}; "
         f"{len(split['user']):,} users, {desc['num_items']:,} items; run {args.run}")

@@ -39,11 +39,12 @@ def test_the_pq_student_distils_with_teacher_codes_and_its_twin_gets_teacher_fre
     assert codes.dtype == torch.uint8 and codes.shape == (student["num_items"] + 1, 2)
     assert len(torch.unique(codes[1:, 0])) > 1  # assigned, not the all-zero placeholder
     assert not torch.equal(codes, load_file(str(pq_run / "student_nokd" / "model.safetensors"))["item_emb.codes"])
-    # honest size, by hand: 16·8 codebook floats + 121·2 code bytes + SASRec 8×1 (positions 20·8 = 160,
-    # block 2·8 + 8·24 + 24 + 8·8 + 8 + 2·8 + 2·(8·8 + 8) = 464, final norm 16) = 128 + 242 + 640 = 1010
+    # honest size, by hand: 16·8 codebook floats + (V + 1)·2 code bytes + SASRec 8×1 (positions 20·8 = 160,
+    # block 2·8 + 8·24 + 24 + 8·8 + 8 + 2·8 + 2·(8·8 + 8) = 464, final norm 16: 640); V = 118 items here
+    codes_n = (student["num_items"] + 1) * 2
     report = json.loads((pq_run / "report.json").read_text())
-    assert report["student"]["params"] == student["params"] == 1010
-    assert report["student"]["bytes"] == (128 + 640) * 4 + 242
+    assert student["num_items"] == 118 and report["student"]["params"] == student["params"] == 128 + codes_n + 640
+    assert report["student"]["bytes"] == student["bytes"] == (128 + 640) * 4 + codes_n
     assert report["student"]["ndcg@10"] > report["popularity"]["ndcg@10"] * 0.5  # it learned something
 
 

@@ -91,3 +91,33 @@ def test_a_pq_model_saves_and_loads_its_codes(tmp_path):
     assert torch.equal(loaded.item_emb.codes, model.item_emb.codes)
     seq = torch.tensor([[0, 0, 3, 1, 7]])
     assert torch.equal(loaded.last_scores(seq), model.last_scores(seq))
+
+
+def test_the_item_table_keys_are_checked_when_the_config_loads():
+    from raykd.config import load_config
+    from raykd.core.errors import RaykdError
+
+    def load(*overrides):
+        return load_config("configs/quickstart.yaml", list(overrides))
+
+    cfg = load("distill.model.item_table={codes: 2}")
+    assert cfg.distill.model.item_table.model_dump() == {"kind": "pq", "codes": 2, "codebook": 256, "assign": "svd"}
+    for bad, says in (("distill.model.item_table={codes: 2, bits: 8}", "bits"),
+                      ("distill.model.item_table={codes: 17}", "cannot exceed dim"),
+                      ("distill.model.item_table={codes: 2, codebook: 300}", "256"),
+                      ("distill.model.item_table={codes: 2, assign: teacher}", "distill.transfer"),
+                      ("teacher.model.item_table={codes: 2, assign: teacher}", "a teacher has no teacher"),
+                      ("teacher.model.item_table={codes: 2, assign: text}", "teacher.item_text")):
+        with pytest.raises((RaykdError, ValueError), match=says):
+            load(bad)
+
+
+def test_the_no_kd_twin_of_a_teacher_coded_student_gets_svd_codes():
+    from raykd.config import ModelConfig
+    from raykd.training.plan import teacher_free
+
+    coded = ModelConfig(dim=8, heads=1, item_table={"codes": 2, "assign": "teacher"})
+    assert teacher_free(coded).item_table.assign == "svd"
+    assert teacher_free(coded).model_copy(update={"item_table": coded.item_table}) == coded  # nothing else changes
+    text = ModelConfig(dim=8, heads=1, item_table={"codes": 2, "assign": "text"})
+    assert teacher_free(text) == text  # already teacher-free

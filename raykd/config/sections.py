@@ -6,6 +6,7 @@ Unknown keys are errors (`extra="forbid"`); `raykd.config.loading` reads the YAM
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
@@ -232,8 +233,10 @@ class DistillConfig(Section):
         "catalogue; rank: ranking distillation of the teacher's top-10")
     transfer: bool = Field(False, description="start the student's item table from the teacher's item "
                            "representations, PCA-reduced to its width (embedding transfer)")
-    sizes: list[int] = Field(default_factory=list, description="student widths for the KD curve: each gets a KD "
-                             "student and a no-KD twin (report.json kd_curve, kd_curve.png)")
+    sizes: list[int | str] = Field(default_factory=list, description="students of the KD curve: dense widths "
+                                   "(8: a dense 8-wide table) and PQ tables at the student's width ('pq4': 4 codes per "
+                                   "item, the rest of distill.model.item_table or its defaults); each gets a KD student "
+                                   "and a no-KD twin (report.json kd_curve, kd_curve.png)")
     train_nokd: bool = Field(True, description="also train the alpha=0 baseline student_nokd")
     teacher_scores: str | None = Field(None, description="external teacher scores (Parquet) instead of a raykd teacher")
 
@@ -245,6 +248,12 @@ class DistillConfig(Section):
         if self.teacher_scores and self.transfer:
             raise ValueError("distill.transfer needs a raykd teacher's item table; external distill.teacher_scores "
                              "have none: set distill.transfer=false")
+        for size in self.sizes:
+            if isinstance(size, str) and not (re.fullmatch(r"pq[1-9][0-9]*", size) and int(size[2:]) <= self.model.dim):
+                raise ValueError(f"distill.sizes entry {size!r}: a dense width (an integer) or pq<codes> with codes at "
+                                 f"most distill.model.dim ({self.model.dim}), e.g. pq4")
+            if isinstance(size, int) and size < 2:
+                raise ValueError(f"distill.sizes entry {size}: a dense width needs at least 2 columns")
         table = self.model.item_table
         if table is not None and table.assign == "teacher" and not self.transfer:
             raise ValueError("distill.model.item_table.assign teacher reads the teacher's item table, which "

@@ -160,18 +160,20 @@ def paired_ndcg(ranks_a: np.ndarray, ranks_b: np.ndarray, k: int = 10) -> dict:
     return {"mean_diff": float(diff.mean()), "stderr": se, "users": len(diff)}
 
 
-def kd_curve(root: Path, pairs: list[tuple[int, tuple[str, str]]], protocol: Protocol, hist, targets,
+def kd_curve(root: Path, pairs: list[tuple[int | str, tuple[str, str]]], protocol: Protocol, hist, targets,
              rare: np.ndarray) -> list[dict]:
-    """KD student vs its no-KD twin at each width of `distill.sizes` (paired over the same users)."""
+    """KD student vs its no-KD twin at each size of `distill.sizes` (paired over the same users): each
+    point's `size` label (`d8`, `pq4`), `dim`, `table` (dense or pq), `params` and `bytes`."""
     curve = []
     for width, (kd_name, nokd_name) in pairs:
         stale = [n for n in (kd_name, nokd_name) if rundir.current(root, n) is None]
         if stale:
-            raise RaykdError(f"distill.sizes has width {width} but {rundir.stale_reason(root, stale[0])}: "
+            raise RaykdError(f"distill.sizes has {width} but {rundir.stale_reason(root, stale[0])}: "
                              "run `raykd distill CONFIG`")
-        point, ranks = {"dim": width}, {}
+        point, ranks = {"size": width if isinstance(width, str) else f"d{width}"}, {}
         for name, key in ((kd_name, "kd"), (nokd_name, "nokd")):
-            model, _ = models.load_model(root / name)
+            model, desc = models.load_model(root / name)
+            point["dim"], point["table"] = desc["dim"], (desc.get("item_table") or {}).get("kind", "dense")
             point[key], ranks[key] = protocol.score(model, hist, targets)
             per_user = np.where(ranks[key] < 10, 1 / np.log2(ranks[key] + 2.0), 0.0)
             point[key]["ndcg@10_stderr"] = float(per_user.std(ddof=1) / math.sqrt(len(per_user))) if len(per_user) > 1 else 0.0

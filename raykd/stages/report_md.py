@@ -73,25 +73,34 @@ def _gains(report: dict) -> list[tuple[str, float, float]]:
     if paired and paired.get("mean_diff") is not None:
         out.append((f"student d{report['student'].get('dim', '')}".strip(), paired["mean_diff"], paired["stderr"]))
     for c in report.get("kd_curve") or []:
-        out.append((f"d{c['dim']}", c["paired"]["mean_diff"], c["paired"]["stderr"]))
+        out.append((_label(c), c["paired"]["mean_diff"], c["paired"]["stderr"]))
     return out
 
 
 def _kd_curve(plt, curve: list[dict], teacher: dict | None, path: Path) -> str:
-    """NDCG@10 against size (models.count_params) for KD students, no-KD twins and the teacher (bars: s.e. over users)."""
+    """NDCG@10 against size (models.count_params) for KD students, no-KD twins and the teacher, one
+    line per table family (dense widths, PQ tables) on one size axis (bars: s.e. over users)."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    params = [p["params"] for p in curve]
-    for key, label in (("kd", "KD student"), ("nokd", "no-KD twin")):
-        ax.errorbar(params, [p[key]["ndcg@10"] for p in curve], yerr=[p[key]["ndcg@10_stderr"] for p in curve],
-                    marker="o", capsize=3, label=label)
+    for family, marker in (("dense", "o"), ("pq", "s")):
+        points = sorted((p for p in curve if p.get("table", "dense") == family), key=lambda p: p["params"])
+        for key, label in (("kd", "KD student"), ("nokd", "no-KD twin")):
+            if points:
+                ax.errorbar([p["params"] for p in points], [p[key]["ndcg@10"] for p in points],
+                            yerr=[p[key]["ndcg@10_stderr"] for p in points], marker=marker, capsize=3,
+                            linestyle="-" if key == "kd" else "--", label=f"{label} ({family})")
     if teacher:
         ax.plot([teacher["params"]], [teacher["ndcg@10"]], marker="*", markersize=12, linestyle="none", label="teacher")
     for p in curve:
-        ax.annotate(f"d{p['dim']}", (p["params"], p["kd"]["ndcg@10"]), textcoords="offset points", xytext=(4, 4))
+        ax.annotate(_label(p), (p["params"], p["kd"]["ndcg@10"]), textcoords="offset points", xytext=(4, 4))
     ax.set_xscale("log")
     ax.set(xlabel="size (elements read at inference)", ylabel="test NDCG@10", title="KD gain across student sizes")
-    ax.legend()
+    ax.legend(fontsize="small")
     return _save(fig, plt, path)
+
+
+def _label(point: dict) -> str:
+    """A KD curve point's name: its `distill.sizes` entry (`d8`, `pq4`); older reports have only a width."""
+    return point.get("size") or f"d{point['dim']}"
 
 
 def _save(fig, plt, path: Path) -> str:
@@ -131,12 +140,12 @@ def markdown(report: dict) -> str:
                      f"{r['mean_diff']:+.4f} ± {r['stderr']:.4f}")
     if report.get("kd_curve"):
         lines += ["\n## KD curve (kd_curve.png)\n",
-                  "| width | size: elements (bytes) | KD NDCG@10 | no-KD NDCG@10 | KD / no-KD | paired diff ± s.e. | rare paired diff ± s.e. |",
+                  "| student | size: elements (bytes) | KD NDCG@10 | no-KD NDCG@10 | KD / no-KD | paired diff ± s.e. | rare paired diff ± s.e. |",
                   "|---|---|---|---|---|---|---|"]
         for c in report["kd_curve"]:
             kd, no, pd, pr = c["kd"]["ndcg@10"], c["nokd"]["ndcg@10"], c["paired"], c["rare"]["paired"]
             rare = f"{pr['mean_diff']:+.4f} ± {pr['stderr']:.4f}" if pr["users"] > 1 else "no rare targets"
-            lines.append(f"| {c['dim']} | {_size(c)} | {kd:.4f} | {no:.4f} | {kd / no if no else float('nan'):.3f} | "
+            lines.append(f"| {_label(c)} | {_size(c)} | {kd:.4f} | {no:.4f} | {kd / no if no else float('nan'):.3f} | "
                          f"{pd['mean_diff']:+.4f} ± {pd['stderr']:.4f} | {rare} |")
     aware = {n: report[n]["repeat_aware"] for n in ("teacher", "student", "student_nokd", "tune_best")
              if report.get(n, {}).get("repeat_aware")}
