@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -14,18 +15,28 @@ from raykd.core import models
 from raykd.serve import bundle
 from raykd.serve.recommender import Recommender
 from tests.conftest import tiny_config
-from tests.test_export import graph_top10, known_histories
+from tests.test_export import known_histories
 
 PQ = "distill.model.item_table={kind: pq, codes: 2, codebook: 16, assign: teacher}"
 
 
+def top10_ties_low(scores: np.ndarray, histories: list[np.ndarray]) -> list[list[int]]:
+    """Top 10 of exported scores, padding and seen items excluded, equal scores to the lower index."""
+    scores = np.array(scores, dtype=np.float64)
+    scores[:, 0] = -np.inf
+    for row, h in enumerate(histories):
+        scores[row, h] = -np.inf
+    return np.argsort(-scores, axis=1, kind="stable")[:, :10].tolist()
+
+
 @pytest.fixture(scope="module")
 def pq_run(ray_session, tmp_path_factory):
-    """The tiny pipeline with a PQ student whose codes come from the teacher (distill.transfer on)."""
+    """The tiny pipeline with a PQ student whose codes come from the teacher (distill.transfer on), and a
+    KD curve of a 3-code PQ pair beside a dense width-4 pair."""
     from raykd.stages import pipeline
 
     run_dir = tmp_path_factory.mktemp("pq_run")
-    pipeline.run(tiny_config(run_dir, PQ, "distill.transfer=true"))
+    pipeline.run(tiny_config(run_dir, PQ, "distill.transfer=true", "distill.sizes=[pq3, 4]"))
     return run_dir
 
 
@@ -48,6 +59,18 @@ def test_the_pq_student_distils_with_teacher_codes_and_its_twin_gets_teacher_fre
     assert report["student"]["ndcg@10"] > report["popularity"]["ndcg@10"] * 0.5  # it learned something
 
 
+def test_the_kd_curve_shows_pq_and_dense_students_on_one_size_axis(pq_run):
+    report = json.loads((pq_run / "report.json").read_text())
+    pq3, d4 = report["kd_curve"]
+    assert (pq3["size"], pq3["table"], pq3["dim"], d4["size"], d4["table"], d4["dim"]) == ("pq3", "pq", 8, "d4", "dense", 4)
+    # pq3 at width 8: 16·8 codebook floats + (V + 1)·3 code bytes + the 640 of the 8×1 SASRec
+    assert pq3["params"] == 128 + (118 + 1) * 3 + 640 and pq3["bytes"] == (128 + 640) * 4 + (118 + 1) * 3
+    twin = json.loads((pq_run / "kd_curve" / "pq3" / "student_nokd" / "model.json").read_text())
+    assert twin["item_table"]["assign"] == "svd" and twin["item_table"]["codes"] == 3
+    assert (pq_run / "kd_curve.png").stat().st_size > 1000
+    assert "| pq3 |" in (pq_run / "report.md").read_text()
+
+
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
 def test_a_pq_student_bundle_ranks_as_the_run_does(pq_run, tmp_path, fmt):
     where = tmp_path / "bundle"
@@ -56,7 +79,9 @@ def test_a_pq_student_bundle_ranks_as_the_run_does(pq_run, tmp_path, fmt):
     assert "item_emb.codes" in load_file(str(where / "model.safetensors"))  # the codes travel in the bundle
     users, histories = known_histories(pq_run)
     padded = models.left_pad(histories, json.loads((where / "model.json").read_text())["max_len"])
-    got = graph_top10(bundle.run_graph(where / bundle.GRAPH_FILES[fmt], fmt, padded), histories)
+    # few codewords: items with the same codes score exactly alike, so rank them as raykd does (ties to
+    # the lower index, core.scoring) rather than in torch.topk's arbitrary order
+    got = top10_ties_low(bundle.run_graph(where / bundle.GRAPH_FILES[fmt], fmt, padded), histories)
     rec = Recommender(pq_run)
     expected = rec.recommend_many([rec.parse({"user_id": u, "k": 10}) for u in users])
     assert got == [[rec.index[i] for i in a["items"]] for a in expected]

@@ -121,3 +121,21 @@ def test_the_no_kd_twin_of_a_teacher_coded_student_gets_svd_codes():
     assert teacher_free(coded).model_copy(update={"item_table": coded.item_table}) == coded  # nothing else changes
     text = ModelConfig(dim=8, heads=1, item_table={"codes": 2, "assign": "text"})
     assert teacher_free(text) == text  # already teacher-free
+
+
+def test_distill_sizes_name_pq_students_beside_dense_widths():
+    from raykd.config import load_config
+    from raykd.core.errors import RaykdError
+    from raykd.training.plan import curve_pair, sized
+
+    cfg = load_config("configs/quickstart.yaml", ["distill.sizes=[8, pq4]"])
+    assert cfg.distill.sizes == [8, "pq4"]
+    assert curve_pair(cfg, "pq4") == ("kd_curve/pq4/student", "kd_curve/pq4/student_nokd")
+    assert curve_pair(cfg, 8) == ("kd_curve/d8/student", "kd_curve/d8/student_nokd")
+    pq4 = sized(cfg.distill.model, "pq4")  # the student's width (16), 4 codes, default codebook and assign
+    assert (pq4.dim, pq4.item_table.codes, pq4.item_table.codebook, pq4.item_table.assign) == (16, 4, 256, "svd")
+    coded = cfg.distill.model.model_copy(update={"item_table": pq4.item_table})
+    assert sized(coded, 8).item_table is None and sized(coded, 8).dim == 8  # an integer is a dense width
+    for bad in ("[pq99]", "[q4]", "[1]"):
+        with pytest.raises((RaykdError, ValueError), match="distill.sizes entry"):
+            load_config("configs/quickstart.yaml", [f"distill.sizes={bad}"])
