@@ -130,7 +130,9 @@ class SASRec(nn.Module):
         real = seq != 0
         pos = torch.arange(self.max_len - length, self.max_len, device=seq.device)
         # Zeroing pad rows keeps them from carrying a position signal into anything.
-        x = self.drop(F.embedding(seq, self.item_table()) + self.pos_emb(pos)) * real.unsqueeze(-1)
+        # the history's rows only (a PQ table rebuilds just those), or the fused table's
+        items = self.item_emb(seq) if self.text_proj is None else F.embedding(seq, self.item_table())
+        x = self.drop(items + self.pos_emb(pos)) * real.unsqueeze(-1)
         causal = torch.ones(length, length, dtype=torch.bool, device=seq.device).tril()
         eye = torch.eye(length, dtype=torch.bool, device=seq.device)
         # Every query may see itself: a padding query would otherwise attend to nothing, and
