@@ -86,7 +86,7 @@ def test_eval(model_dir: Path, split: dict, rare: np.ndarray) -> tuple[dict, np.
     model, _ = models.load_model(model_dir)
     hist, targets, seen = sequences.eval_inputs(split, "test")
     m, ranks = metrics.evaluate_model(model, hist, targets, seen, return_ranks=True)
-    m["params"] = models.count_params(model)
+    m["params"], m["bytes"] = models.count_params(model), models.count_bytes(model)  # read at inference
     m["rare_ndcg@10"] = float(np.where(ranks[rare] < 10, 1 / np.log2(ranks[rare] + 2.0), 0).mean())
     return m, ranks
 

@@ -11,20 +11,32 @@ from torch import nn
 
 from raykd.core.losses import cross_entropy
 from raykd.core.models import (
+    Ensemble,
     GRURec,
     SASRec,
     build_model,
+    count_bytes,
     count_params,
     left_pad,
     load_model,
     save_model,
 )
 
-FAMILIES = ["sasrec", "gru"]
+FAMILIES = ["sasrec", "gru", "sasrec+pq", "gru+pq"]  # +pq: a product-quantised item table (core.item_tables)
 
 
 def desc_for(family: str) -> dict:
-    return {"family": family, "num_items": 20, "dim": 8, "layers": 2, "heads": 2, "max_len": 10, "dropout": 0.2}
+    name, _, table = family.partition("+")
+    desc = {"family": name, "num_items": 20, "dim": 8, "layers": 2, "heads": 2, "max_len": 10, "dropout": 0.2}
+    return {**desc, "item_table": {"kind": "pq", "codes": 3, "codebook": 4}} if table else desc
+
+
+def make(family: str) -> nn.Module:
+    """The model of `family`; a PQ table gets seeded random codes (all-zero codes make every item alike)."""
+    model = build_model(desc_for(family))
+    if "+pq" in family:
+        model.item_emb.set_codes(np.random.default_rng(1).integers(0, 4, (20, 3)))
+    return model
 
 
 def padded_batch() -> torch.Tensor:
@@ -43,7 +55,7 @@ def padded_batch() -> torch.Tensor:
 @pytest.mark.parametrize("train", [True, False])
 def test_padding_gives_finite_outputs_and_grads(family, train):
     torch.manual_seed(0)
-    model = build_model(desc_for(family)).train(train)
+    model = make(family).train(train)
     seq = padded_batch()
     hidden = model(seq)
     assert hidden.shape == (4, 10, 8) and torch.isfinite(hidden).all()
@@ -60,14 +72,14 @@ def test_padding_gives_finite_outputs_and_grads(family, train):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_padding_column_is_most_negative_finite(family):
-    model = build_model(desc_for(family))
+    model = make(family)
     scores = model.last_scores(padded_batch())
     assert (scores[:, 0] == torch.finfo(torch.float32).min).all()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_amount_of_padding_does_not_change_scores(family):
-    model = build_model(desc_for(family)).eval()
+    model = make(family).eval()
     short = model.last_scores(torch.tensor([[5, 6, 7]]))
     long = model.last_scores(torch.tensor([[0, 0, 0, 0, 0, 0, 0, 5, 6, 7]]))
     torch.testing.assert_close(short, long, atol=1e-5, rtol=1e-5)
@@ -75,14 +87,14 @@ def test_amount_of_padding_does_not_change_scores(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_long_inputs_keep_the_last_max_len(family):
-    model = build_model(desc_for(family)).eval()
+    model = make(family).eval()
     seq = torch.arange(1, 16).unsqueeze(0)  # 15 items, max_len 10
     torch.testing.assert_close(model.last_scores(seq), model.last_scores(seq[:, -10:]))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_causal_later_items_do_not_change_earlier_positions(family):
-    model = build_model(desc_for(family)).eval()
+    model = make(family).eval()
     a = torch.tensor([[0, 0, 1, 2, 3, 4, 5, 6, 7, 8]])
     b = a.clone()
     b[0, -1] = 19
@@ -92,7 +104,7 @@ def test_causal_later_items_do_not_change_earlier_positions(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_save_load_roundtrip(tmp_path, family):
     torch.manual_seed(0)
-    model = build_model(desc_for(family))
+    model = make(family)
     save_model(tmp_path / family, model, desc_for(family), extra={"epoch": 3})
     loaded, desc = load_model(tmp_path / family)
     assert not loaded.training
@@ -101,7 +113,7 @@ def test_save_load_roundtrip(tmp_path, family):
     assert torch.equal(model.last_scores(seq), loaded.last_scores(seq))
     meta = json.loads((tmp_path / family / "model.json").read_text())
     assert meta == desc and meta["params"] == count_params(model) and meta["epoch"] == 3
-    assert meta["family"] == family
+    assert meta["family"] == family.partition("+")[0]
 
 
 def test_save_unwraps_ddp_style_wrapper(tmp_path):
@@ -125,6 +137,22 @@ def test_param_counts_by_hand():
     # block: LN 8 + qkv (4·12 + 12) 60 + out (16 + 4) 20 + LN 8 + FFN 2·(16 + 4) 40 = 136;
     # final LN 8. Total 40 + 20 + 136 + 8 = 204 (output scores are tied to the item table).
     assert count_params(SASRec(9, 4, 1, 2, 5, 0.0)) == 204
+
+
+def test_size_counts_what_inference_reads():
+    # SASRec(V=9, dim 4, 1 block) as above: 204 elements, all float32: 816 bytes.
+    assert (count_params(SASRec(9, 4, 1, 2, 5, 0.0)), count_bytes(SASRec(9, 4, 1, 2, 5, 0.0))) == (204, 816)
+    # The same with a PQ table of 2 codes over 256-row codebooks: the item table's 40 floats become
+    # codebooks 256·4 = 1024 floats + codes 10·2 = 20 uint8 (a buffer, counted): 164 + 1024 + 20 = 1208
+    # elements, (164 + 1024)·4 + 20·1 = 4772 bytes.
+    pq = SASRec(9, 4, 1, 2, 5, 0.0, item_table={"kind": "pq", "codes": 2, "codebook": 256})
+    assert (count_params(pq), count_bytes(pq)) == (1208, 4772)
+    # A text teacher (3-dim text buffer 10·3, projection 3·4) is served folded into one 10·4 table:
+    # the same 204 elements as the id-only model, not 204 + 30 + 12.
+    text = SASRec(9, 4, 1, 2, 5, 0.0, text_dim=3)
+    assert (count_params(text), count_bytes(text)) == (204, 816)
+    # An ensemble is its members together.
+    assert count_params(Ensemble([text, pq])) == 204 + 1208
 
 
 def test_build_model_errors():

@@ -276,7 +276,7 @@ def train_loop(config: dict) -> None:
     if rank != 0:
         spec = dataclasses.replace(spec, before_epoch=None)  # the fault-injection hook runs on rank 0 only
     desc = loop.model_desc(spec, data_dir)
-    model = loop.build(spec, desc)  # seeded: same init on every rank (DDP also broadcasts rank 0's)
+    model = loop.build(spec, desc, data_dir)  # seeded: same init on every rank (DDP also broadcasts rank 0's)
     model = ray.train.torch.prepare_model(model)  # DDP + device placement (Ray)
     device = next(model.parameters()).device
     users = loop.validation_users(sequences.num_users(data_dir), spec.train.val_users, spec.seed)[rank::world]

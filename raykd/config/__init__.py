@@ -14,6 +14,7 @@ from raykd.config.sections import (
     Config,
     DataConfig,
     DistillConfig,
+    ItemTableConfig,
     ItemTextConfig,
     ModelConfig,
     RayConfig,
@@ -28,6 +29,6 @@ from raykd.config.sections import (
     TuneConfig,
 )
 
-__all__ = ["INIT_STD", "SAMPLED_ABOVE_ITEMS", "Config", "DataConfig", "DistillConfig", "ItemTextConfig", "ModelConfig", "RayConfig",
+__all__ = ["INIT_STD", "SAMPLED_ABOVE_ITEMS", "Config", "DataConfig", "DistillConfig", "ItemTableConfig", "ItemTextConfig", "ModelConfig", "RayConfig",
            "SearchDim", "Section", "ServeConfig", "SoftLabelsConfig", "SyntheticConfig", "TeacherConfig",
            "TrackingConfig", "TrainConfig", "TuneConfig", "explain", "load_config", "section_hash", "section_type"]

@@ -6,6 +6,7 @@ Unknown keys are errors (`extra="forbid"`); `raykd.config.loading` reads the YAM
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
@@ -106,6 +107,22 @@ class DataConfig(Section):
         return self
 
 
+class ItemTableConfig(Section):
+    """A compressed item table: product quantisation (RecJPQ). Each item stores `codes` uint8 codes;
+    code c picks a row of sub-space c's `codebook`-row codebook, and the item's vector is the
+    concatenation of the picked rows (raykd.core.item_tables)."""
+
+    kind: Literal["pq"] = Field("pq", description="pq: product-quantised (the only compressed kind so far)")
+    codes: int = Field(4, ge=1, description="codes per item = sub-spaces of the width (at most dim; the width "
+                       "is split into near-equal column runs)")
+    codebook: int = Field(256, ge=2, le=256, description="rows per sub-space codebook (codes are uint8)")
+    assign: Literal["svd", "text", "teacher"] = Field(
+        "svd", description="where the fixed codes come from: svd (RecJPQ: truncated SVD of the train "
+        "interactions, quantile bins), text (k-means per sub-space over the PCA-whitened item text "
+        "vectors of embed-items), teacher (k-means over the teacher's item table; needs distill.transfer; "
+        "the no-KD twin then gets svd codes, so no teacher reaches the baseline)")
+
+
 class ModelConfig(Section):
     """Size of a sequential recommender (teacher or student)."""
 
@@ -115,11 +132,17 @@ class ModelConfig(Section):
     heads: int = Field(2, ge=1, description="attention heads (sasrec; must divide dim)")
     max_len: int = Field(50, ge=2, description="histories keep their last max_len items")
     dropout: float = Field(0.2, ge=0, lt=1, description="dropout on embeddings and blocks")
+    item_table: ItemTableConfig | None = Field(
+        None, description="null: a dense num_items x dim table; {kind: pq, codes, codebook, assign}: a "
+        "product-quantised one (num_items x codes bytes + codebook x dim floats)")
 
     @model_validator(mode="after")
     def _heads_divide_dim(self) -> ModelConfig:
         if self.family == "sasrec" and self.dim % self.heads:
             raise ValueError(f"SASRec needs dim divisible by heads: dim {self.dim}, heads {self.heads}")
+        if self.item_table is not None and self.item_table.codes > self.dim:
+            raise ValueError(f"item_table.codes ({self.item_table.codes}) cannot exceed dim ({self.dim}): each code "
+                             "covers at least one column")
         return self
 
 
@@ -186,6 +209,16 @@ class TeacherConfig(Section):
     text_encoder: str = Field("all-MiniLM-L6-v2", description="sentence-transformers model: local dir or name")
     text_workers: int = Field(1, ge=1, description="embedding actors (a GPU each with teacher.train.use_gpu)")
 
+    @model_validator(mode="after")
+    def _teacher_codes_are_teacher_free(self) -> TeacherConfig:
+        table = self.model.item_table
+        if table is not None and table.assign == "teacher":
+            raise ValueError("teacher.model.item_table.assign teacher: a teacher has no teacher; use svd or text")
+        if table is not None and table.assign == "text" and not self.item_text:
+            raise ValueError("teacher.model.item_table.assign text needs the item text vectors: set "
+                             "teacher.item_text=true (and data.item_text)")
+        return self
+
 
 class SoftLabelsConfig(Section):
     top_k: int = Field(100, ge=1, description="teacher items kept per training position")
@@ -205,8 +238,10 @@ class DistillConfig(Section):
         "catalogue; rank: ranking distillation of the teacher's top-10")
     transfer: bool = Field(False, description="start the student's item table from the teacher's item "
                            "representations, PCA-reduced to its width (embedding transfer)")
-    sizes: list[int] = Field(default_factory=list, description="student widths for the KD curve: each gets a KD "
-                             "student and a no-KD twin (report.json kd_curve, kd_curve.png)")
+    sizes: list[int | str] = Field(default_factory=list, description="students of the KD curve: dense widths "
+                                   "(8: a dense 8-wide table) and PQ tables at the student's width ('pq4': 4 codes per "
+                                   "item, the rest of distill.model.item_table or its defaults); each gets a KD student "
+                                   "and a no-KD twin (report.json kd_curve, kd_curve.png)")
     train_nokd: bool = Field(True, description="also train the alpha=0 baseline student_nokd")
     teacher_scores: str | None = Field(None, description="external teacher scores (Parquet) instead of a raykd teacher")
 
@@ -218,6 +253,16 @@ class DistillConfig(Section):
         if self.teacher_scores and self.transfer:
             raise ValueError("distill.transfer needs a raykd teacher's item table; external distill.teacher_scores "
                              "have none: set distill.transfer=false")
+        for size in self.sizes:
+            if isinstance(size, str) and not (re.fullmatch(r"pq[1-9][0-9]*", size) and int(size[2:]) <= self.model.dim):
+                raise ValueError(f"distill.sizes entry {size!r}: a dense width (an integer) or pq<codes> with codes at "
+                                 f"most distill.model.dim ({self.model.dim}), e.g. pq4")
+            if isinstance(size, int) and size < 2:
+                raise ValueError(f"distill.sizes entry {size}: a dense width needs at least 2 columns")
+        table = self.model.item_table
+        if table is not None and table.assign == "teacher" and not self.transfer:
+            raise ValueError("distill.model.item_table.assign teacher reads the teacher's item table, which "
+                             "distill.transfer brings: set distill.transfer=true, or assign svd or text")
         return self
 
 

@@ -5,7 +5,11 @@ never care which family they hold:
 
 - `forward(seq [B, L]) -> hidden [B, L, D]`: position t predicts the item after `seq[:, t]`;
 - `score(hidden [..., D]) -> logits [..., num_items + 1]`: dot product with the item table;
-- `last_scores(seq [B, L]) -> [B, num_items + 1]`: next-item scores after the whole history.
+- `last_scores(seq [B, L]) -> [B, num_items + 1]`: next-item scores after the whole history;
+- `item_table() -> [num_items + 1, D]`: the item vectors it scores against (dense, fused with
+  text, or reconstructed from PQ codes: `item_table` in the description, core.item_tables).
+
+Size (`count_params`, `count_bytes`) counts what a model reads at inference, not what it trains.
 
 Conventions: item index 0 is padding, real items are 1..num_items. Histories are LEFT-padded
 (`left_pad`), so the last position is always a real item when the history is non-empty. Inputs
@@ -29,6 +33,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from raykd.core import rundir
+from raykd.core.item_tables import PQTable
 
 DESC_KEYS = ("num_items", "dim", "layers", "heads", "max_len", "dropout")
 
@@ -39,6 +44,23 @@ def _init_embedding(emb: nn.Embedding) -> None:
     if emb.padding_idx is not None:
         with torch.no_grad():
             emb.weight[emb.padding_idx].zero_()
+
+
+def item_table_module(num_items: int, dim: int, item_table: dict | None) -> nn.Module:
+    """The item table of a model: dense (nn.Embedding, row 0 padding) or, with
+    `item_table: {kind: pq, codes, codebook}`, a product-quantised one (core.item_tables.PQTable)."""
+    if not item_table:
+        return nn.Embedding(num_items + 1, dim, padding_idx=0)  # the model inits it (_init_tables)
+    if item_table.get("kind") != "pq":
+        raise ValueError(f"unknown item table kind {item_table.get('kind')!r}; valid kinds: pq (or none: dense)")
+    return PQTable(num_items, dim, int(item_table["codes"]), int(item_table.get("codebook", 256)))
+
+
+def _init_tables(model: nn.Module) -> None:
+    """Small init of a dense item table (a PQ table inits its own codebooks), last in the
+    constructor so seeded models keep their random streams."""
+    if isinstance(model.item_emb, nn.Embedding):
+        _init_embedding(model.item_emb)
 
 
 def _score(hidden: torch.Tensor, item_weight: torch.Tensor) -> torch.Tensor:
@@ -77,18 +99,19 @@ class _Block(nn.Module):
 class SASRec(nn.Module):
     """Self-attentive sequential recommender (Kang & McAuley, ICDM 2018), pre-norm variant.
 
-    Output scores are tied to the item embedding table (one tensor, safe for safetensors).
+    Output scores are tied to the item table (dense, or a PQ table's reconstruction; one tensor,
+    safe for safetensors).
     Position embeddings are right-aligned: the last history item always gets position
     max_len - 1, whatever the input length, so training and serving see the same positions.
     """
 
     def __init__(self, num_items: int, dim: int, layers: int, heads: int, max_len: int, dropout: float,
-                 text_dim: int = 0):
+                 text_dim: int = 0, item_table: dict | None = None):
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim ({dim}) must be divisible by heads ({heads})")
         self.num_items, self.dim, self.max_len = num_items, dim, max_len
-        self.item_emb = nn.Embedding(num_items + 1, dim, padding_idx=0)
+        self.item_emb = item_table_module(num_items, dim, item_table)
         # Text fusion (teacher.item_text): a frozen language-model vector per item (a buffer, so it
         # travels in the safetensors file) through a trained projection, added to the id embedding.
         self.text_proj = nn.Linear(text_dim, dim, bias=False) if text_dim else None
@@ -98,7 +121,7 @@ class SASRec(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(_Block(dim, heads, dropout) for _ in range(layers))
         self.norm = nn.LayerNorm(dim)
-        _init_embedding(self.item_emb)
+        _init_tables(self)
         _init_embedding(self.pos_emb)
 
     def forward(self, seq: torch.Tensor) -> torch.Tensor:
@@ -107,7 +130,9 @@ class SASRec(nn.Module):
         real = seq != 0
         pos = torch.arange(self.max_len - length, self.max_len, device=seq.device)
         # Zeroing pad rows keeps them from carrying a position signal into anything.
-        x = self.drop(F.embedding(seq, self.item_table()) + self.pos_emb(pos)) * real.unsqueeze(-1)
+        # the history's rows only (a PQ table rebuilds just those), or the fused table's
+        items = self.item_emb(seq) if self.text_proj is None else F.embedding(seq, self.item_table())
+        x = self.drop(items + self.pos_emb(pos)) * real.unsqueeze(-1)
         causal = torch.ones(length, length, dtype=torch.bool, device=seq.device).tril()
         eye = torch.eye(length, dtype=torch.bool, device=seq.device)
         # Every query may see itself: a padding query would otherwise attend to nothing, and
@@ -138,14 +163,15 @@ class GRURec(nn.Module):
     is accepted so both families share one constructor signature.
     """
 
-    def __init__(self, num_items: int, dim: int, layers: int, heads: int, max_len: int, dropout: float):
+    def __init__(self, num_items: int, dim: int, layers: int, heads: int, max_len: int, dropout: float,
+                 item_table: dict | None = None):
         super().__init__()
         self.num_items, self.dim, self.max_len = num_items, dim, max_len
-        self.item_emb = nn.Embedding(num_items + 1, dim, padding_idx=0)
+        self.item_emb = item_table_module(num_items, dim, item_table)
         self.drop = nn.Dropout(dropout)
         self.gru = nn.GRU(dim, dim, num_layers=layers, batch_first=True, dropout=dropout if layers > 1 else 0.0)
         self.norm = nn.LayerNorm(dim)
-        _init_embedding(self.item_emb)
+        _init_tables(self)
 
     def forward(self, seq: torch.Tensor) -> torch.Tensor:
         seq = seq[:, -self.max_len :]
@@ -200,7 +226,8 @@ FAMILIES: dict[str, type[nn.Module]] = {"sasrec": SASRec, "gru": GRURec}
 
 
 def build_model(desc: dict) -> nn.Module:
-    """Build a model from {"family", "num_items", "dim", "layers", "heads", "max_len", "dropout"}.
+    """Build a model from {"family", "num_items", "dim", "layers", "heads", "max_len", "dropout"}
+    (optionally "text_dim", and "item_table": {"kind": "pq", "codes", "codebook", ...} for a PQ table).
 
     Other keys (e.g. "params" from model.json) are ignored, so a loaded model.json works as is.
     """
@@ -214,6 +241,8 @@ def build_model(desc: dict) -> nn.Module:
     if text_dim and family != "sasrec":
         raise ValueError("item text fusion (text_dim > 0) is implemented for the sasrec family only")
     extra = {"text_dim": text_dim} if text_dim else {}
+    if desc.get("item_table"):
+        extra["item_table"] = desc["item_table"]
     return FAMILIES[family](**{k: desc[k] for k in DESC_KEYS}, **extra)
 
 
@@ -227,21 +256,49 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def inference_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """Every tensor the model reads to score at inference, each once: parameters and buffers (a
+    PQ table's uint8 codes included). A text-fused model serves its item table folded into one
+    dense [V + 1, D] table (id embedding + projected text, computed once), so that table stands
+    for its parts (the id table, the projection and the frozen text buffer)."""
+    model = unwrap(model)
+    if isinstance(model, Ensemble):
+        return [t for m in model.members for t in inference_tensors(m)]
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    if getattr(model, "text_proj", None) is not None:
+        for t in (*model.item_emb.parameters(), *model.item_emb.buffers(), model.text_proj.weight, model.item_text):
+            tensors.pop(id(t), None)
+        with torch.no_grad():
+            table = model.item_table()
+        tensors[id(table)] = table
+    return list(tensors.values())
+
+
 def count_params(model: nn.Module) -> int:
-    """Trainable and frozen parameters; a tied tensor counts once."""
-    return sum(p.numel() for p in unwrap(model).parameters())
+    """The model's size in elements: every element of every tensor it reads at inference
+    (`inference_tensors`: parameters and buffers; a stored code is one element, a tied tensor counts
+    once). What report.json, the KD curve, Tune and the model card call `params`."""
+    return sum(t.numel() for t in inference_tensors(model))
+
+
+def count_bytes(model: nn.Module) -> int:
+    """The model's size in bytes as stored: each element at its dtype's width (fp32 4, uint8 1)."""
+    return sum(t.numel() * t.element_size() for t in inference_tensors(model))
 
 
 def save_model(path: str | Path, model: nn.Module, desc: dict, extra: dict | None = None) -> None:
-    """Write `path/model.safetensors` (weights) and `path/model.json` (desc + params + extra)."""
+    """Write `path/model.safetensors` (weights, a PQ table's codes included) and `path/model.json`
+    (desc + size in elements `params` and `bytes` + extra)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model = unwrap(model)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, str(path / rundir.WEIGHTS), metadata={"format": "pt"})
-    meta = {"family": desc["family"], **{k: desc[k] for k in DESC_KEYS}, "params": count_params(model)}
-    if desc.get("text_dim"):
-        meta["text_dim"] = desc["text_dim"]
+    meta = {"family": desc["family"], **{k: desc[k] for k in DESC_KEYS}, "params": count_params(model),
+            "bytes": count_bytes(model)}
+    for key in ("text_dim", "item_table"):
+        if desc.get(key):
+            meta[key] = desc[key]
     meta.update(extra or {})
     (path / rundir.MODEL_JSON).write_text(json.dumps(meta, indent=2) + "\n")
 

@@ -76,9 +76,10 @@ def member(i: int) -> str:
     return TEACHER if i == 0 else f"teacher_ensemble/m{i}"
 
 
-def curve(width: int, kd: bool) -> str:
-    """The KD curve's student (kd) or no-KD twin at one width."""
-    return f"kd_curve/d{width}/{STUDENT if kd else STUDENT_NOKD}"
+def curve(size: int | str, kd: bool) -> str:
+    """The KD curve's student (kd) or no-KD twin at one size: a dense width (`d8`) or a named one (`pq4`)."""
+    label = size if isinstance(size, str) else f"d{size}"
+    return f"kd_curve/{label}/{STUDENT if kd else STUDENT_NOKD}"
 
 
 def check_output_dir(root: str | Path) -> Path:

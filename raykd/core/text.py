@@ -16,6 +16,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from raykd.core.item_tables import PQTable
+
 
 def reduce(vectors: np.ndarray, dim: int, whiten: bool = True) -> np.ndarray:
     """Centre, project on the top-`dim` principal axes and (optionally) whiten.
@@ -49,7 +51,9 @@ def reduce(vectors: np.ndarray, dim: int, whiten: bool = True) -> np.ndarray:
 def init_item_table(model: torch.nn.Module, reduced: np.ndarray, std: float) -> None:
     """Overwrite the model's id embeddings (rows 1..V) with `reduced`, scaled to std per column.
 
-    Columns beyond `reduced`'s width keep their random init; the padding row stays zero.
+    Columns beyond `reduced`'s width keep their random init; the padding row stays zero. A PQ
+    table's codebooks are fitted to the scaled rows instead (item_tables.PQTable.fit: each codeword
+    the mean of its items' rows; with codes from k-means over them, the centroids).
     """
     emb = model.item_emb.weight
     if reduced.shape[0] != emb.shape[0]:
@@ -57,6 +61,9 @@ def init_item_table(model: torch.nn.Module, reduced: np.ndarray, std: float) -> 
     width = min(reduced.shape[1], emb.shape[1])
     col_std = reduced[1:, :width].std(0, keepdims=True)
     scaled = reduced[:, :width] / np.where(col_std > 0, col_std, 1.0) * std
+    if isinstance(model.item_emb, PQTable):
+        model.item_emb.fit(scaled)
+        return
     with torch.no_grad():
         emb[1:, :width] = torch.as_tensor(scaled[1:], dtype=emb.dtype, device=emb.device)
         emb[0].zero_()

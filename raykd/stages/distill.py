@@ -3,7 +3,8 @@
 Reads `<run>/data/`, `<run>/soft_labels/` and (for `distill.transfer`) `<run>/teacher/`; writes
 `<run>/student/` (alpha from the config) and, unless `distill.train_nokd` is off,
 `<run>/student_nokd/`: the same student, same budget, alpha 0, trained alone. With
-`distill.sizes`, also `<run>/kd_curve/d<width>/{student,student_nokd}/` for each width (the
+`distill.sizes`, also `<run>/kd_curve/d<width>/{student,student_nokd}/` for each width and
+`<run>/kd_curve/pq<codes>/...` for each PQ entry (the
 teacher and its soft labels are reused across widths; the specs come from
 `raykd.training.plan`). The loss (raykd.core.losses.distill_loss) is
 
@@ -12,7 +13,8 @@ teacher and its soft labels are reused across widths; the specs come from
 over the teacher's top-K (`kl`), over top-K plus one bin for the rest of the catalogue
 (`kl_full`), or a rank-weighted ranking-distillation term (`rank`). With `distill.transfer`
 the KD student's item table starts from the teacher's item representations (text included),
-PCA-reduced to the student's width; the no-KD twin never sees the teacher.
+PCA-reduced to the student's width (a PQ student's codebooks: the means of that table over its
+codes); the no-KD twin never sees the teacher (a PQ twin's codes are teacher-free).
 """
 
 from __future__ import annotations

@@ -85,7 +85,8 @@ def run(cfg: Config) -> dict:
         report["skipped"] = skipped
     if ensemble:
         ens = models.Ensemble([models.load_model(root / m)[0] for m in members])
-        report[ENSEMBLE] = {**summary(ranks[ENSEMBLE]), "params": models.count_params(ens), "members": len(members)}
+        report[ENSEMBLE] = {**summary(ranks[ENSEMBLE]), "params": models.count_params(ens),
+                            "bytes": models.count_bytes(ens), "members": len(members)}
     _compare(report, ranks)
     rare = np.concatenate([[0], counts])[ranks["target"]] <= RARE_MAX_COUNT
     curve = kd_curve(root, pairs, ranks, rare)
@@ -125,7 +126,7 @@ def _model_entry(root: Path, name: str, ranks: dict, aware: bool) -> dict:
     m = summary(ranks[name])
     if aware:  # what the endpoint answers with exclude_seen=false
         m["repeat_aware"] = summary(ranks[name + AWARE])
-    m["params"], m["dim"] = models.count_params(model), desc["dim"]
+    m["params"], m["bytes"], m["dim"] = models.count_params(model), models.count_bytes(model), desc["dim"]
     m["latency_ms_256"] = metrics.scoring_latency_ms(model, desc["max_len"], desc["num_items"])
     train_info = _read_json(root / name / rundir.METRICS)
     m["valid_ndcg@10"] = train_info.get("valid", {}).get("ndcg@10")
@@ -165,6 +166,7 @@ def _compare(report: dict, ranks: dict) -> None:
             s = report[key]
             s["ndcg_kept_vs_teacher"] = s["ndcg@10"] / teacher["ndcg@10"] if teacher["ndcg@10"] else None
             s["params_vs_teacher"] = s["params"] / teacher["params"]
+            s["bytes_vs_teacher"] = s["bytes"] / teacher["bytes"]
             s["latency_vs_teacher"] = s["latency_ms_256"] / teacher["latency_ms_256"]
             s["top10_agreement_with_teacher"] = float(np.nanmean(ranks[AGREE + name]))
     if "student" in ranks and "student_nokd" in ranks:
@@ -183,24 +185,27 @@ def paired_ndcg(ranks_a: np.ndarray, ranks_b: np.ndarray, k: int = 10) -> dict:
     return {"mean_diff": float(diff.mean()), "stderr": se, "users": len(diff)}
 
 
-def _check_pairs(root: Path, pairs: list[tuple[int, tuple[str, str]]]) -> None:
+def _check_pairs(root: Path, pairs: list[tuple[int | str, tuple[str, str]]]) -> None:
     for width, names in pairs:
         stale = [n for n in names if rundir.current(root, n) is None]
         if stale:
-            raise RaykdError(f"distill.sizes has width {width} but {rundir.stale_reason(root, stale[0])}: "
+            raise RaykdError(f"distill.sizes has {width} but {rundir.stale_reason(root, stale[0])}: "
                              "run `raykd distill CONFIG`")
 
 
-def kd_curve(root: Path, pairs: list[tuple[int, tuple[str, str]]], ranks: dict, rare: np.ndarray) -> list[dict]:
-    """KD student vs its no-KD twin at each width of `distill.sizes` (paired over the same users)."""
+def kd_curve(root: Path, pairs: list[tuple[int | str, tuple[str, str]]], ranks: dict, rare: np.ndarray) -> list[dict]:
+    """KD student vs its no-KD twin at each size of `distill.sizes` (paired over the same users): each
+    point's `size` label (`d8`, `pq4`), `dim`, `table` (dense or pq), `params` and `bytes`."""
     curve = []
     for width, (kd_name, nokd_name) in pairs:
-        point = {"dim": width}
+        point = {"size": width if isinstance(width, str) else f"d{width}"}
         for name, key in ((kd_name, "kd"), (nokd_name, "nokd")):
             point[key] = summary(ranks[name])
             per_user = np.where(ranks[name] < 10, 1 / np.log2(ranks[name] + 2.0), 0.0)
             point[key]["ndcg@10_stderr"] = float(per_user.std(ddof=1) / math.sqrt(len(per_user))) if len(per_user) > 1 else 0.0
-            point["params"] = models.count_params(models.load_model(root / name)[0])
+            model, desc = models.load_model(root / name)
+            point["dim"], point["table"] = desc["dim"], (desc.get("item_table") or {}).get("kind", "dense")
+            point["params"], point["bytes"] = models.count_params(model), models.count_bytes(model)
         kd, nokd = ranks[kd_name], ranks[nokd_name]
         point["paired"] = paired_ndcg(kd, nokd)
         point["rare"] = {"users": int(rare.sum()), "paired": paired_ndcg(kd[rare], nokd[rare])}

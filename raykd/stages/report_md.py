@@ -73,25 +73,34 @@ def _gains(report: dict) -> list[tuple[str, float, float]]:
     if paired and paired.get("mean_diff") is not None:
         out.append((f"student d{report['student'].get('dim', '')}".strip(), paired["mean_diff"], paired["stderr"]))
     for c in report.get("kd_curve") or []:
-        out.append((f"d{c['dim']}", c["paired"]["mean_diff"], c["paired"]["stderr"]))
+        out.append((_label(c), c["paired"]["mean_diff"], c["paired"]["stderr"]))
     return out
 
 
 def _kd_curve(plt, curve: list[dict], teacher: dict | None, path: Path) -> str:
-    """NDCG@10 against parameters for KD students, no-KD twins and the teacher (bars: s.e. over users)."""
+    """NDCG@10 against size (models.count_params) for KD students, no-KD twins and the teacher, one
+    line per table family (dense widths, PQ tables) on one size axis (bars: s.e. over users)."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    params = [p["params"] for p in curve]
-    for key, label in (("kd", "KD student"), ("nokd", "no-KD twin")):
-        ax.errorbar(params, [p[key]["ndcg@10"] for p in curve], yerr=[p[key]["ndcg@10_stderr"] for p in curve],
-                    marker="o", capsize=3, label=label)
+    for family, marker in (("dense", "o"), ("pq", "s")):
+        points = sorted((p for p in curve if p.get("table", "dense") == family), key=lambda p: p["params"])
+        for key, label in (("kd", "KD student"), ("nokd", "no-KD twin")):
+            if points:
+                ax.errorbar([p["params"] for p in points], [p[key]["ndcg@10"] for p in points],
+                            yerr=[p[key]["ndcg@10_stderr"] for p in points], marker=marker, capsize=3,
+                            linestyle="-" if key == "kd" else "--", label=f"{label} ({family})")
     if teacher:
         ax.plot([teacher["params"]], [teacher["ndcg@10"]], marker="*", markersize=12, linestyle="none", label="teacher")
     for p in curve:
-        ax.annotate(f"d{p['dim']}", (p["params"], p["kd"]["ndcg@10"]), textcoords="offset points", xytext=(4, 4))
+        ax.annotate(_label(p), (p["params"], p["kd"]["ndcg@10"]), textcoords="offset points", xytext=(4, 4))
     ax.set_xscale("log")
-    ax.set(xlabel="parameters", ylabel="test NDCG@10", title="KD gain across student sizes")
-    ax.legend()
+    ax.set(xlabel="size (elements read at inference)", ylabel="test NDCG@10", title="KD gain across student sizes")
+    ax.legend(fontsize="small")
     return _save(fig, plt, path)
+
+
+def _label(point: dict) -> str:
+    """A KD curve point's name: its `distill.sizes` entry (`d8`, `pq4`); older reports have only a width."""
+    return point.get("size") or f"d{point['dim']}"
 
 
 def _save(fig, plt, path: Path) -> str:
@@ -108,17 +117,18 @@ def markdown(report: dict) -> str:
              (f"config hash `{meta.get('config_hash')}`, seed {meta.get('seed')}, {meta.get('date')}; raykd "
              f"{v.get('raykd')}, Ray {v.get('ray')}, torch {v.get('torch')}, Python {v.get('python')}\n"),
              f"{d['users']:,} users, {d['items']:,} items, {d['interactions']:,} interactions; {_protocol(report)}\n",
-             ("| model | NDCG@10 | HR@10 | MRR@10 | params | params vs teacher | ms / 256 users | kept vs teacher "
+             ("| model | NDCG@10 | HR@10 | MRR@10 | size: elements (bytes) | size vs teacher | ms / 256 users | kept vs teacher "
              "| top-10 agreement with teacher | best epoch |"),
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name in ("popularity", "teacher", "teacher_ensemble", "student", "student_nokd", "tune_best"):
         m = report.get(name)
         if not m:
             continue
-        lines.append(f"| {name} | {m['ndcg@10']:.4f} | {m['hr@10']:.4f} | {m['mrr@10']:.4f} | {m.get('params', 0):,} | "
+        lines.append(f"| {name} | {m['ndcg@10']:.4f} | {m['hr@10']:.4f} | {m['mrr@10']:.4f} | {_size(m)} | "
                      f"{_pct(m.get('params_vs_teacher'))} | {m.get('latency_ms_256', 0):.2f} | "
                      f"{_pct(m.get('ndcg_kept_vs_teacher'))} | {_pct(m.get('top10_agreement_with_teacher'))} | "
                      f"{m.get('best_epoch') or ''} |")
+    lines.append(f"\n{SIZE_NOTE}")
     rare_max = report.get("rare_targets", {}).get("max_train_count", 5)
     p = report.get("student", {}).get("paired_vs_nokd")
     if p:
@@ -130,12 +140,12 @@ def markdown(report: dict) -> str:
                      f"{r['mean_diff']:+.4f} ± {r['stderr']:.4f}")
     if report.get("kd_curve"):
         lines += ["\n## KD curve (kd_curve.png)\n",
-                  "| width | params | KD NDCG@10 | no-KD NDCG@10 | KD / no-KD | paired diff ± s.e. | rare paired diff ± s.e. |",
+                  "| student | size: elements (bytes) | KD NDCG@10 | no-KD NDCG@10 | KD / no-KD | paired diff ± s.e. | rare paired diff ± s.e. |",
                   "|---|---|---|---|---|---|---|"]
         for c in report["kd_curve"]:
             kd, no, pd, pr = c["kd"]["ndcg@10"], c["nokd"]["ndcg@10"], c["paired"], c["rare"]["paired"]
             rare = f"{pr['mean_diff']:+.4f} ± {pr['stderr']:.4f}" if pr["users"] > 1 else "no rare targets"
-            lines.append(f"| {c['dim']} | {c['params']:,} | {kd:.4f} | {no:.4f} | {kd / no if no else float('nan'):.3f} | "
+            lines.append(f"| {_label(c)} | {_size(c)} | {kd:.4f} | {no:.4f} | {kd / no if no else float('nan'):.3f} | "
                          f"{pd['mean_diff']:+.4f} ± {pd['stderr']:.4f} | {rare} |")
     aware = {n: report[n]["repeat_aware"] for n in ("teacher", "student", "student_nokd", "tune_best")
              if report.get(n, {}).get("repeat_aware")}
@@ -159,6 +169,24 @@ def _protocol(report: dict) -> str:
     text += (", the user's history excluded as the endpoint excludes it (serve.exclude_seen): a test target that "
              "repeats a history item counts as a miss")
     return text + (f" ({p['repeat_targets']:,} of them, {p['repeat_share']:.1%})." if p.get("repeat_targets") else ".")
+
+
+SIZE_NOTE = ("Size: every element of every tensor a model reads at inference (parameters and buffers; a PQ table's "
+             "uint8 codes count one element each; a text teacher's item table, folded with its text, counts as one "
+             "table), bytes at each tensor's width (float32 4, uint8 1).")
+
+
+def _size(m: dict) -> str:
+    """`elements (bytes)` of a report entry; reports written before bytes were counted show elements only."""
+    n, b = m.get("params", 0), m.get("bytes")
+    return f"{n:,}" if b is None else f"{n:,} ({_bytes(b)})"
+
+
+def _bytes(n: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
 
 
 def _pct(x: float | None) -> str:

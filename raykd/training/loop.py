@@ -29,9 +29,22 @@ import pyarrow.parquet as pq
 import torch
 
 from raykd.config import SAMPLED_ABOVE_ITEMS, TrainConfig
-from raykd.core import checkpoints, console, losses, metrics, models, rundir, sampled_losses, sequences, text
+from raykd.core import (
+    checkpoints,
+    console,
+    item_tables,
+    losses,
+    metrics,
+    models,
+    rundir,
+    sampled_losses,
+    sequences,
+    text,
+)
+from raykd.core.errors import RaykdError
 from raykd.training.spec import RunSpec
 
+VECTORS = "vectors.parquet"  # embed-items' file in <run>/item_text/
 VAL_KEYS = ("ndcg@10", "hr@10", "mrr@10", "ndcg@20", "hr@20")  # what every run records per epoch
 
 
@@ -46,10 +59,13 @@ def model_desc(spec: RunSpec, data_dir: str | Path) -> dict:
     return desc
 
 
-def build(spec: RunSpec, desc: dict) -> torch.nn.Module:
-    """The seeded model of this run, with text vectors and item-table initialisation applied."""
+def build(spec: RunSpec, desc: dict, data_dir: str | Path | None = None) -> torch.nn.Module:
+    """The seeded model of this run, with its item codes (a PQ table), text vectors and item-table
+    initialisation applied. `data_dir` (the prepared data) is needed by a PQ table only."""
     torch.manual_seed(spec.seed)
     model = models.build_model(desc)
+    if desc.get("item_table"):
+        model.item_emb.set_codes(item_codes(spec, desc, data_dir))
     t = spec.text
     if t is not None:
         raw = load_vectors(t.vectors)
@@ -60,9 +76,51 @@ def build(spec: RunSpec, desc: dict) -> torch.nn.Module:
             text.init_item_table(model, text.reduce(raw, model.dim), t.init_std)
     if spec.kd is not None and spec.kd.transfer_from:
         # an ensemble's members side by side: PCA finds the directions they share
-        items = np.concatenate([text.teacher_items(models.load_model(f)[0]) for f in spec.kd.transfer_from], 1)
-        text.init_item_table(model, text.reduce(items, model.dim), spec.kd.init_std)
+        text.init_item_table(model, teacher_table(spec.kd.transfer_from, model.dim), spec.kd.init_std)
     return model
+
+
+def teacher_table(folders: tuple[Path, ...], dim: int) -> np.ndarray:
+    """The teachers' item representations [V + 1, dim], PCA-whitened to `dim` (distill.transfer)."""
+    items = np.concatenate([text.teacher_items(models.load_model(f)[0]) for f in folders], 1)
+    return text.reduce(items, dim)
+
+
+def item_codes(spec: RunSpec, desc: dict, data_dir: str | Path | None) -> np.ndarray:
+    """The fixed PQ codes [V, C] of a run's item table, from `item_table.assign` (seeded):
+    svd of the train interactions, k-means over the item text vectors or over the teacher's table."""
+    table, seed = desc["item_table"], spec.seed
+    codes, size, assign = int(table["codes"]), int(table.get("codebook", 256)), table.get("assign", "svd")
+    if data_dir is None:
+        raise ValueError("a PQ item table needs the prepared data (build(spec, desc, data_dir))")
+    if assign == "svd":
+        users, items = train_interactions(data_dir)
+        return item_tables.svd_codes(users, items, desc["num_items"], codes, size, seed)
+    if assign == "text":
+        vectors = spec.text.vectors if spec.text is not None else Path(data_dir).parent / rundir.ITEM_TEXT / VECTORS
+        if not Path(vectors).exists():
+            raise RaykdError(f"item_table.assign text needs the item text vectors {vectors}: run `raykd embed-items "
+                             "CONFIG` (teacher.item_text=true, data.item_text set)")
+        vecs = text.reduce(load_vectors(vectors), desc["dim"])
+    elif assign == "teacher":
+        if spec.kd is None or not spec.kd.transfer_from:
+            raise RaykdError("item_table.assign teacher needs the teacher's item table: set distill.transfer=true")
+        vecs = teacher_table(spec.kd.transfer_from, desc["dim"])
+    else:
+        raise ValueError(f"unknown item_table.assign {assign!r}; valid: svd, text, teacher")
+    return item_tables.kmeans_codes(vecs[1:], codes, size, seed)[0]
+
+
+def train_interactions(data_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Every training interaction as (user row, item index) arrays, read a shard at a time."""
+    users, items, start = [], [], 0
+    for path in sequences.shard_paths(data_dir):
+        train = pq.read_table(path, columns=["train"])["train"].combine_chunks()
+        lengths = np.diff(train.offsets.to_numpy())
+        users.append(np.repeat(np.arange(start, start + len(lengths)), lengths))
+        items.append(train.values.to_numpy().astype(np.int64))
+        start += len(lengths)
+    return np.concatenate(users), np.concatenate(items)
 
 
 def text_dim(item_text: str | Path, model_dim: int) -> int:
@@ -428,7 +486,7 @@ def local_runner(spec: RunSpec, data_dir: str | Path, device: str = "cpu") -> Ep
     """An EpochRunner in this process: windows streamed from the shards (streamed_batches, seeded per
     epoch), validation over `validation_users`; progress lines through `console.say`."""
     desc = model_desc(spec, data_dir)
-    model = build(spec, desc).to(device)
+    model = build(spec, desc, data_dir).to(device)
     soft_dir, max_len, batch_size = soft_dir_of(spec), desc["max_len"], spec.train.batch_size
     users = validation_users(sequences.num_users(data_dir), spec.train.val_users, spec.seed)
     valid = sequences.eval_inputs(sequences.read_split(data_dir, users), "valid")  # only those users read

@@ -10,14 +10,14 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from raykd.config import INIT_STD, Config, ModelConfig
+from raykd.config import INIT_STD, Config, ItemTableConfig, ModelConfig
 from raykd.core import rundir
 from raykd.core.errors import RaykdError
 from raykd.training.spec import KD, RunSpec
 
 
 def specs(cfg: Config) -> list[RunSpec]:
-    """The student, its no-KD twin (unless off) and each width of `distill.sizes` as a pair."""
+    """The student, its no-KD twin (unless off) and each size of `distill.sizes` as a pair."""
     d = cfg.distill
     jobs = pair(cfg, rundir.STUDENT, rundir.STUDENT_NOKD if d.train_nokd else None, d.model)
     for width in d.sizes:
@@ -26,21 +26,26 @@ def specs(cfg: Config) -> list[RunSpec]:
     return jobs
 
 
-def main_width(cfg: Config, width: int) -> bool:
-    """Whether the KD curve's pair at `width` is the main student/student_nokd pair."""
+def main_width(cfg: Config, width: int | str) -> bool:
+    """Whether the KD curve's pair at `width` (a `distill.sizes` entry) is the main student/student_nokd pair."""
     return sized(cfg.distill.model, width) == cfg.distill.model and cfg.distill.train_nokd
 
 
-def curve_pair(cfg: Config, width: int) -> tuple[str, str]:
+def curve_pair(cfg: Config, width: int | str) -> tuple[str, str]:
     """The artifacts (KD student, no-KD twin) of the KD curve at `width`."""
     if main_width(cfg, width):
         return rundir.STUDENT, rundir.STUDENT_NOKD
     return rundir.curve(width, True), rundir.curve(width, False)
 
 
-def sized(model: ModelConfig, width: int) -> ModelConfig:
-    """The student model at another width (heads cut to a divisor of the width)."""
-    return model.model_copy(update={"dim": width, "heads": math.gcd(model.heads, width)})
+def sized(model: ModelConfig, size: int | str) -> ModelConfig:
+    """The student model at a size of `distill.sizes`: a dense table at width `size` (heads cut to a
+    divisor of the width), or for `pq<C>` a PQ table of C codes at the student's own width (the
+    codebook and assign of its item_table, else their defaults)."""
+    if isinstance(size, str):
+        table = model.item_table or ItemTableConfig()
+        return model.model_copy(update={"item_table": table.model_copy(update={"codes": int(size[2:])})})
+    return model.model_copy(update={"dim": size, "heads": math.gcd(model.heads, size), "item_table": None})
 
 
 def kd_settings(cfg: Config, needed_by: str = "distill") -> tuple[KD, dict]:
@@ -61,10 +66,30 @@ def kd_settings(cfg: Config, needed_by: str = "distill") -> tuple[KD, dict]:
 
 
 def pair(cfg: Config, student: str, nokd: str | None, model: ModelConfig) -> list[RunSpec]:
-    """The specs of one KD student and (optionally) its no-KD twin: same model, budget and seed."""
+    """The specs of one KD student and (optionally) its no-KD twin: same model, budget and seed
+    (a PQ twin's codes teacher-free: `teacher_free`)."""
     kd, upstream = kd_settings(cfg)
-    d = cfg.distill
-    jobs = [RunSpec(student, model, d.train, cfg.seed, kd=kd, upstream=upstream)]
+    d, root = cfg.distill, Path(cfg.output_dir)
+    codes = code_upstream(root, model)
+    jobs = [RunSpec(student, model, d.train, cfg.seed, kd=kd, upstream=upstream | codes)]
     if nokd:
-        jobs.append(RunSpec(nokd, model, d.train, cfg.seed, upstream={rundir.DATA: upstream[rundir.DATA]}))
+        twin = teacher_free(model)
+        jobs.append(RunSpec(nokd, twin, d.train, cfg.seed,
+                            upstream={rundir.DATA: upstream[rundir.DATA]} | code_upstream(root, twin)))
     return jobs
+
+
+def teacher_free(model: ModelConfig) -> ModelConfig:
+    """The no-KD twin's model: the same, but a PQ table with `assign: teacher` gets svd codes
+    (from the log alone), so no teacher knowledge reaches the baseline through its codes."""
+    table = model.item_table
+    if table is None or table.assign != "teacher":
+        return model
+    return model.model_copy(update={"item_table": table.model_copy(update={"assign": "svd"})})
+
+
+def code_upstream(root: Path, model: ModelConfig) -> dict[str, str]:
+    """The artifact a PQ table's codes are read from, when not the data or the teacher: item text."""
+    if model.item_table is None or model.item_table.assign != "text":
+        return {}
+    return {rundir.ITEM_TEXT: rundir.require(root, rundir.ITEM_TEXT, "distill.model.item_table.assign text")}
