@@ -179,3 +179,29 @@ def test_train_workers_read_a_lazy_dataset_reshuffled_every_epoch(ray_session, p
                        t_rest=labels[2].numpy(), t_start=np.concatenate([[0], np.cumsum((decoded["target"] > 0).sum(1))]))
         assert _rows(decoded) == every  # every window once per epoch, with its own soft labels
     assert epochs[0] != epochs[1]
+
+
+def test_windows_stream_while_train_workers_hold_every_cpu(ray_session, prepared):
+    """Train workers may take every CPU of the cluster (one per 1-CPU node): the dataset's tasks must
+    still run, or training waits for windows forever (the multinode distill hung this way)."""
+    import concurrent.futures
+
+    import ray
+
+    from raykd.cluster import train
+
+    @ray.remote(num_cpus=ray.cluster_resources()["CPU"])
+    class Workers:  # stands in for the Train worker group holding every CPU
+        def ready(self) -> bool:
+            return True
+
+    pool = concurrent.futures.ThreadPoolExecutor(1)  # not `with`: a hung iteration must fail, not wait
+    held = Workers.remote()
+    assert ray.get(held.ready.remote())
+    try:
+        ds = train.window_dataset(prepared, 10, prepared / "soft", seed=1)
+        rows = pool.submit(lambda: sum(len(b["input"]) for b in ds.iter_batches(batch_size=None)))
+        assert rows.result(timeout=120) == len(loop.windows_in_memory(prepared, 10, prepared / "soft")["input"])
+    finally:
+        ray.kill(held)  # frees the CPUs: a hung iteration then ends too
+        pool.shutdown(wait=False)

@@ -250,8 +250,12 @@ def window_dataset(data_dir: Path, max_len: int, soft_dir: Path | None, seed: in
     items = [{"shard": str(p), "soft": str(s) if s else ""} for p, s in sequences.training_shards(data_dir, soft_dir)]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
-    ds = ds.with_column("draw", random(seed=seed, reseed_after_execution=True))
-    ds = ds.map_batches(_shuffled_windows, fn_kwargs={"max_len": max_len}, batch_size=1, batch_format="numpy")
+    # num_cpus=0 for both tasks (fused or not): the Train workers may hold every CPU of the cluster
+    # (one worker per 1-CPU node), and a task that waits for a CPU then never runs while training
+    # waits for its windows (a deadlock; tests/multinode/cluster_utils_distill.py).
+    ds = ds.with_column("draw", random(seed=seed, reseed_after_execution=True), num_cpus=0)
+    ds = ds.map_batches(_shuffled_windows, fn_kwargs={"max_len": max_len}, batch_size=1, batch_format="numpy",
+                        num_cpus=0)
     ds.context.target_max_block_size = block_bytes  # this dataset's blocks only
     return ds
 
