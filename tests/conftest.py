@@ -73,3 +73,19 @@ def copy_parts(src, dst, *parts):
     for part in parts:
         shutil.copytree(src / part, dst / part)
     shutil.copy(src / "run.json", dst / "run.json")
+
+
+def untrained_teacher(run_dir, cfg) -> None:
+    """A seeded, untrained teacher of `cfg`'s shape in `run_dir`, recorded as current (tests that need
+    soft labels of the right shape, not of a good teacher)."""
+    import torch
+
+    from raykd.core import models, rundir, sequences
+
+    m = cfg.teacher.model
+    desc = {"family": m.family, "num_items": sequences.num_items(run_dir / "data"), **m.model_dump(exclude={"family"})}
+    torch.manual_seed(0)
+    with rundir.staged(run_dir / "teacher") as tmp:
+        models.save_model(tmp, models.build_model(desc), desc, extra={"fingerprint": "untrained"})
+        rundir.write_manifest(tmp, "untrained", {"data": rundir.key_of(run_dir / "data")})
+    rundir.record(run_dir, "teacher", "teacher", ["data"])

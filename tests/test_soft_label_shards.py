@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, untrained_teacher
 
 from raykd.config import load_config
 from raykd.core import models, rundir, sequences
@@ -34,13 +34,7 @@ def sharded_run(ray_session, tmp_path_factory):
     cfg = load_config("configs/quickstart.yaml", [*TINY, f"output_dir={run_dir}", "data.num_shards=3",
                                                    "soft_labels.num_workers=2", "soft_labels.batch_size=7"])
     prepare.run(cfg)
-    m = cfg.teacher.model
-    desc = {"family": m.family, "num_items": sequences.num_items(run_dir / "data"), **m.model_dump(exclude={"family"})}
-    torch.manual_seed(0)
-    with rundir.staged(run_dir / "teacher") as tmp:
-        models.save_model(tmp, models.build_model(desc), desc, extra={"fingerprint": "untrained"})
-        rundir.write_manifest(tmp, "untrained", {"data": rundir.key_of(run_dir / "data")})
-    rundir.record(run_dir, "teacher", "teacher", ["data"])
+    untrained_teacher(run_dir, cfg)
     soft_labels.run(cfg)
     return run_dir, cfg
 

@@ -17,11 +17,11 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import TINY, copy_parts
+from conftest import TINY, copy_parts, untrained_teacher
 
 from raykd.cluster import train
 from raykd.config import load_config
-from raykd.core import models, rundir, sequences
+from raykd.core import models, sequences
 from raykd.stages import prepare, soft_labels, tune
 from raykd.stages.tune import report as tune_report
 from raykd.stages.tune import trial as tune_trial
@@ -41,13 +41,7 @@ def soft_run(ray_session, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("inprocess_run")
     cfg = cfg_for(run_dir)
     prepare.run(cfg)
-    m = cfg.teacher.model
-    desc = {"family": m.family, "num_items": sequences.num_items(run_dir / "data"), **m.model_dump(exclude={"family"})}
-    torch.manual_seed(0)
-    with rundir.staged(run_dir / "teacher") as tmp:
-        models.save_model(tmp, models.build_model(desc), desc, extra={"fingerprint": "untrained"})
-        rundir.write_manifest(tmp, "untrained", {"data": rundir.key_of(run_dir / "data")})
-    rundir.record(run_dir, "teacher", "teacher", ["data"])
+    untrained_teacher(run_dir, cfg)
     soft_labels.run(cfg)
     return run_dir
 
