@@ -134,17 +134,21 @@ SWAPPER = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
     from raykd.core import rundir
-    root, point = Path(sys.argv[1]), sys.argv[2]
-    real, calls = os.replace, []
+    root, point, mode = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+    real_replace, real_exchange, calls = os.replace, rundir._rename_exchange, []
 
-    def replace(src, dst):  # the real rename, then this process dies at the chosen one
-        real(src, dst)
-        calls.append(dst)
-        if armed and len(calls) == int(point):
-            os.kill(os.getpid(), signal.SIGKILL)
+    def killed_after(rename):  # the real rename, then this process dies at the chosen one
+        def wrapped(src, dst):
+            done = rename(src, dst)
+            calls.append(dst)
+            if armed and len(calls) == int(point):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return done
+        return wrapped
 
     armed = False
-    os.replace = replace
+    os.replace = killed_after(real_replace)
+    rundir._rename_exchange = killed_after(real_exchange) if mode == "swap" else lambda a, b: False
     with rundir.staged(root / "student") as tmp:
         (tmp / "model.json").write_text("B")
         rundir.write_manifest(tmp, "B")
@@ -161,15 +165,19 @@ def make_version(root: Path, key: str) -> None:
     rundir.record(root, "student", "distill")
 
 
-@pytest.mark.parametrize(("point", "survivor"), [("0", "A"), ("1", "A"), ("2", "B")])
-def test_the_sweep_recovers_a_swap_killed_at_any_point(tmp_path, point, survivor):
-    """0: killed while writing; 1: between setting the old version aside and renaming the new one in;
-    2: after the rename, before the old version is deleted. The next lock's sweep leaves one complete copy."""
+@pytest.mark.parametrize(("mode", "point", "survivor"), [("swap", "0", "A"), ("swap", "1", "B"), ("renames", "0", "A"),
+                                                         ("renames", "1", "A"), ("renames", "2", "B")])
+def test_the_sweep_recovers_a_swap_killed_at_any_point(tmp_path, mode, point, survivor):
+    """0: killed while writing. With an atomic swap, 1: after the swap, before the old version is
+    deleted. With two renames (systems without the swap), 1: between setting the old version aside
+    and renaming the new one in; 2: after it. The next lock's sweep leaves one complete copy."""
+    if mode == "swap" and not rundir._rename_exchange(tmp_path, tmp_path):
+        pytest.skip("this system has no renameat2(RENAME_EXCHANGE)")
     make_version(tmp_path, "A")
-    done = subprocess.run([sys.executable, "-c", SWAPPER, str(tmp_path), point], env=CHILD_ENV, check=False,
+    done = subprocess.run([sys.executable, "-c", SWAPPER, str(tmp_path), point, mode], env=CHILD_ENV, check=False,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == -signal.SIGKILL, done.stderr
-    if point == "1":
+    if (mode, point) == ("renames", "1"):
         assert not (tmp_path / "student").exists()  # the moment that matters: only the set-aside copies exist
     with rundir.lock(tmp_path):
         pass
@@ -179,13 +187,48 @@ def test_the_sweep_recovers_a_swap_killed_at_any_point(tmp_path, point, survivor
     assert (rundir.current(tmp_path, "student") is not None) == (survivor == "A")  # the record lists A
 
 
-def test_the_run_record_and_manifests_are_written_durably(tmp_path, fsynced):
-    with rundir.staged(tmp_path / "student") as tmp:
-        rundir.write_manifest(tmp, "A")
-    rundir.record(tmp_path, "student", "distill")
-    names = [Path(p).name for p in fsynced]
-    assert any(n.startswith(".manifest.json.") for n in names) and any(n.startswith(".run.json.") for n in names)
-    assert str(tmp_path) in fsynced  # the renames themselves
+def test_a_published_folder_never_goes_missing(tmp_path, monkeypatch):
+    """A reader that opens the folder at any moment of a publication finds a complete version (the CI
+    failure of stop 30: a reader fell between the two renames and found no model.json)."""
+    if not rundir._rename_exchange(tmp_path, tmp_path):
+        pytest.skip("this system has no renameat2(RENAME_EXCHANGE)")
+    make_version(tmp_path, "A")
+    target, found = tmp_path / "student", []
+    real_replace, real_exchange = os.replace, rundir._rename_exchange
+
+    def replace(src, dst):
+        real_replace(src, dst)
+        found.append((target / "model.json").read_text() if target.exists() else None)
+
+    def exchange(a, b):
+        done = real_exchange(a, b)
+        found.append((target / "model.json").read_text())
+        return done
+
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(rundir, "_rename_exchange", exchange)
+    with rundir.staged(target) as tmp:
+        (tmp / "model.json").write_text("B")
+    assert found == ["B"] and (target / "model.json").read_text() == "B"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json", "student"]  # the previous version is gone
+
+
+def test_a_reader_between_two_renames_waits_for_the_new_version(tmp_path):
+    """Where there is no atomic swap: the model folder is missing while a set-aside copy exists, and
+    the new version comes in a moment later. The reader gets it instead of "no model.json"."""
+    import threading
+
+    make_version(tmp_path, "A")
+    target, aside, new = tmp_path / "student", tmp_path / ".student.old-0000abcd", tmp_path / ".student.staging-1"
+    shutil.copytree(target, new)
+    os.replace(target, aside)
+    later = threading.Timer(0.3, os.replace, (new, target))
+    later.start()
+    try:
+        assert rundir.served_model(target) == target
+    finally:
+        later.join()
+    assert (target / "model.json").exists()
 
 
 # ---------------------------------------------------------------- 11. readers racing a publishing process

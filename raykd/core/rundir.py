@@ -30,6 +30,7 @@ import contextlib
 import datetime
 import errno
 import fcntl
+import glob
 import hashlib
 import json
 import os
@@ -37,6 +38,7 @@ import platform
 import re
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, version
@@ -179,12 +181,20 @@ def staged(target: Path) -> Iterator[Path]:
 
 
 def publish(tmp: Path, target: Path) -> None:
-    """Move a complete folder into place; the previous one goes aside first, then is deleted.
+    """Move a complete folder into place, then delete the previous one.
 
-    Between the two renames only the set-aside copy and the new one exist: a run killed there
-    is repaired by the next `sweep`, which puts the set-aside copy back. The folder is fsynced
-    after the rename, so the new name itself is on disk.
+    Where the system can swap two names in one step (Linux `renameat2(RENAME_EXCHANGE)`), the new
+    folder and the previous one trade names: `target` always exists, so a reader never finds it
+    missing, and a run killed after the swap leaves the previous version under the staging name,
+    which the next `sweep` removes. Elsewhere the previous folder goes aside first: between the two
+    renames only the set-aside copy and the new one exist, and a run killed there is repaired by
+    the next `sweep`, which puts the set-aside copy back. The folder is fsynced after the rename,
+    so the new name itself is on disk.
     """
+    if target.exists() and _rename_exchange(tmp, target):
+        fsync_dir(target.parent)
+        shutil.rmtree(tmp, ignore_errors=True)  # now the previous version
+        return
     old = None
     if target.exists():
         old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
@@ -193,6 +203,24 @@ def publish(tmp: Path, target: Path) -> None:
     fsync_dir(target.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def _rename_exchange(a: Path, b: Path) -> bool:
+    """Swap the names `a` and `b` in one atomic step; False where the system or filesystem cannot."""
+    import ctypes
+
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:  # not Linux, or a libc older than glibc 2.28
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # an old kernel, or a filesystem without it
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
 
 
 # what a killed `publish` or `write_json_durable` leaves beside its target: `.<name>.staging-<hex>`,
@@ -312,6 +340,7 @@ def served_model(path: str | Path) -> Path:
     """The model a path means: a model folder or bundle itself; for a run directory, the tune
     winner if the run's current config produced one, else its current student."""
     path = Path(path)
+    _wait_past_a_swap(path)
     if (path / "model.json").exists():
         return path
     if not (path / RECORD).exists():
@@ -322,6 +351,15 @@ def served_model(path: str | Path) -> Path:
             return path / artifact
     raise RaykdError(f"{path} has no current student to serve: {stale_reason(path, STUDENT)}. Run `raykd distill "
                      "CONFIG` (or `raykd pipeline CONFIG`) for this run directory")
+
+
+def _wait_past_a_swap(path: Path, timeout_s: float = 2.0) -> None:
+    """Where a publication without an atomic swap is between its two renames (`path` is missing and
+    a set-aside copy of it exists), wait until the new version is in place."""
+    deadline = time.monotonic() + timeout_s
+    while (not path.exists() and any(path.parent.glob(f".{glob.escape(path.name)}.old-*"))
+           and time.monotonic() < deadline):
+        time.sleep(0.02)
 
 
 def dump_config(cfg, root: Path) -> None:
@@ -415,8 +453,12 @@ def copy_snapshot(src: Path, dst: Path, names: tuple[str, ...] | list[str], atte
     folder's files are read to the end, or one is gone (deleted) and the copy starts over on the new
     folder. Returns a digest of what was copied (names and contents), the version read.
     """
-    for _ in range(attempts):
-        fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY)
+    for attempt in range(attempts):
+        try:
+            fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:  # between the two renames of a publication without an atomic swap
+            time.sleep(0.05 * (attempt + 1))
+            continue
         try:
             present = sorted(set(names) & set(os.listdir(fd)))
             digest = hashlib.sha256()
