@@ -113,6 +113,8 @@ class ShardScorer:
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         dirs = [teacher_dir] if isinstance(teacher_dir, str | Path) else list(teacher_dir)
         self.members = [models.load_model(d, self.device)[0] for d in dirs]
+        with torch.no_grad():  # once: a text teacher's table is a product over the catalogue, a PQ one a gather
+            self.tables = [m.item_table().float().contiguous() for m in self.members]
         self.max_len, self.top_k, self.chunk, self.out = max_len, top_k, chunk, Path(out)
 
     def __call__(self, batch: dict):
@@ -164,7 +166,7 @@ class ShardScorer:
         # would differ from CPU ones and near-tied top-K items reorder.
         # Scored in tiles of positions x items (soft_targets): memory does not grow with the catalogue.
         values, indices, rest = soft_targets.top_k_and_rest(
-            [h.float() for h in hidden], [m.item_table() for m in self.members], self.top_k)
+            [h.float() for h in hidden], self.tables, self.top_k)
         return {"pos": pos[pos >= 0], "idx": indices.int().cpu().numpy(),
                 "logits": values.cpu().numpy().astype(np.float16), "rest": rest.cpu().numpy().astype(np.float32)}
 
