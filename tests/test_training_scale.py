@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from raykd.config import ModelConfig, TrainConfig
-from raykd.core import metrics, sequences
+from raykd.core import metrics, models, sequences
 from raykd.training import loop
 from raykd.training.spec import RunSpec
 
@@ -46,6 +47,28 @@ def test_progress_without_a_known_epoch_size_has_no_eta(monkeypatch):
     lines = []
     loop.Progress("student", epoch=2, every_s=30.0, windows=None, say=lines.append).step(7, 62)
     assert lines == ["student: epoch 3 step 7, 2 windows/s"]
+
+
+def test_validation_says_users_rate_and_eta_only_after_its_interval(monkeypatch):
+    clock = iter([0.0, 10.0, 40.0, 50.0])
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: next(clock))
+    lines = []
+    said = loop.ValidationProgress("teacher", epoch=1, every_s=30.0, say=lines.append)  # starts at t=0
+    said(256, 10_000)  # t=10: too soon
+    said(4096, 10_000)  # t=40: 4096 users in 40 s = 102.4/s; 5904 left -> 57.7 s
+    said(4352, 10_000)  # t=50: 10 s after the last line
+    assert lines == ["teacher: epoch 2 validation, 4,096 of 10,000 users (41%), 102 users/s, ETA 0:57"]
+
+
+def test_evaluate_model_reports_every_batch_of_users():
+
+
+    torch.manual_seed(0)
+    model = models.SASRec(num_items=20, dim=8, layers=1, heads=1, max_len=5, dropout=0.0)
+    hist = [np.array([1, 2, 3])] * 7
+    seen = []
+    metrics.evaluate_model(model, hist, np.arange(1, 8), batch_size=3, progress=lambda d, t: seen.append((d, t)))
+    assert seen == [(3, 7), (6, 7), (7, 7)]
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +127,14 @@ def test_reading_only_the_sampled_users_gives_their_rows_of_the_whole_split(prep
     assert all(np.array_equal(part["train"][i], whole["train"][u]) for i, u in enumerate(users))
     assert np.array_equal(part["valid"], whole["valid"][users]) and np.array_equal(part["test"], whole["test"][users])
     assert len(sequences.read_split(prepared, np.array([], dtype=np.int64))["user"]) == 0
+
+
+def test_a_run_says_its_validation_progress(prepared, monkeypatch):
+    """progress_s ~ 0: a line after every validation batch, from the runner a stage uses."""
+    lines = []
+    monkeypatch.setattr(loop.console, "say", lines.append)
+    spec = RunSpec("student", ModelConfig(dim=8, layers=1, heads=1, max_len=10),
+                   TrainConfig(epochs=1, batch_size=16, val_users=12, progress_s=1e-9), seed=5)
+    loop.fit_local(spec, prepared, log=lambda *_: None)
+    said = [line for line in lines if "validation" in line]
+    assert said and said[-1].startswith("student: epoch 1 validation, 12 of 12 users (100%)"), lines

@@ -295,7 +295,8 @@ def train_loop(config: dict) -> None:
 
     log_q = loop.sampling_log_q(spec, desc, data_dir, device)
     runner = loop.EpochRunner(spec, model, desc, device, batches,
-                              lambda core: _validate(core, split, val_users, device, world), log_q, world=world)
+                              lambda core, progress: _validate(core, split, val_users, device, world, progress),
+                              log_q, world=world)
     if rank == 0:  # one progress line for the run, from rank 0 (its share of the windows)
         runner.say, runner.windows = console.say, sequences.count_windows(data_dir, desc["max_len"]) // world
     ckpt = ray.train.get_checkpoint()
@@ -311,10 +312,11 @@ def train_loop(config: dict) -> None:
     runner.run(report)
 
 
-def _validate(core, split, users, device, world) -> dict:
-    """Validation metrics over this rank's users, summed across ranks (same result everywhere)."""
+def _validate(core, split, users, device, world, progress=None) -> dict:
+    """Validation metrics over this rank's users, summed across ranks (same result everywhere);
+    `progress` (rank 0's, or None) is told how many of this rank's users are scored."""
     hist, targets, seen = sequences.eval_inputs(split, "valid", users)
-    out = metrics.evaluate_model(core, hist, targets, seen, device=device) if len(users) else {}
+    out = metrics.evaluate_model(core, hist, targets, seen, device=device, progress=progress) if len(users) else {}
     keys = loop.VAL_KEYS
     sums = torch.tensor([out.get(k, 0.0) * len(users) for k in keys] + [len(users)], dtype=torch.float64)
     if world > 1:

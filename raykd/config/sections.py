@@ -75,7 +75,7 @@ class DataConfig(Section):
     header: bool = Field(True, description="csv only; without a header, *_col are 0-based indices")
     min_user_interactions: int = Field(5, ge=3, description="k-core: users need at least this")
     min_item_interactions: int = Field(5, ge=1, description="k-core: items need at least this")
-    num_shards: int | None = Field(None, ge=1, description="output shards; default ~50k users each")
+    num_shards: int | None = Field(None, ge=1, description="output shards; default ~12.5k users each (soft labels run up to one actor per shard)")
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
     item_text: ItemTextConfig | None = Field(None, description="item text table for embed-items")
 
@@ -173,7 +173,8 @@ class TrainConfig(Section):
                            "stopping, Tune's metric) scores a fixed, seeded sample of at most this many users; "
                            "0 = every user. `evaluate`'s test metrics always cover every user")
     progress_s: float = Field(30.0, gt=0, description="inside an epoch, a progress line (steps, windows/s, ETA) "
-                              "at most this often, once the epoch has run this long")
+                              "at most this often, once the epoch has run this long; the same for its "
+                              "validation (users, users/s, ETA)")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP)")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each Train worker reserves (fractions allowed)")
     use_gpu: bool = Field(False, description="one GPU per worker, bf16 autocast")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -94,6 +94,7 @@ def evaluate_model(
     return_ranks: bool = False,
     exclude_target: bool = False,
     block: int = scoring.BLOCK,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, float] | tuple[dict[str, float], np.ndarray]:
     """Full-catalogue metrics of `model.last_scores` on (history, next item) pairs.
 
@@ -105,6 +106,8 @@ def evaluate_model(
     eval mode for the call and its training flag restored afterwards. A catalogue wider than
     `block` is ranked in windows of `block` items (raykd.core.scoring: memory per batch does not
     grow with it) by the models that score by a dot product; the ranks are the same either way.
+
+    `progress(done, total)` is called after every batch of users (a caller's progress line).
 
     Returns {metric: mean, ..., "users": U}, plus the per-user ranks (np.int64 [U], for paired
     tests) as a second value when return_ranks is True.
@@ -128,6 +131,8 @@ def evaluate_model(
                 batch = (histories[start:stop].to(device), targets[start:stop].to(device))
                 ranks.append(_batch_ranks(net, *batch, None if seen is None else seen[start:stop],
                                           exclude_target, block).cpu())
+                if progress is not None:
+                    progress(min(stop, len(targets)), len(targets))
     finally:
         net.train(was_training)
     all_ranks = torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)

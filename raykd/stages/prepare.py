@@ -34,7 +34,7 @@ from raykd.core.errors import RaykdError
 from raykd.data import dates
 from raykd.data import readers as logs
 
-USERS_PER_SHARD = 50_000
+USERS_PER_SHARD = 12_500  # a 1M-interaction log (~50k users) in 4 shards: every soft-label actor busy
 SOURCE_DONE = "_source_done"  # column of the one-row table that says a source is read
 
 

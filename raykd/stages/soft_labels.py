@@ -11,7 +11,7 @@ Scoring runs on a Ray Data actor pool (`soft_labels.num_workers` actors, a GPU e
 shard in fixed chunks of `soft_labels.batch_size` windows (one forward pass each), in position
 order, and writes that shard's file itself, row group by row group, saying its progress every
 30 s. The driver receives one small row per finished shard and holds no scores, and the files are
-identical whatever the number of workers. Up to one actor per shard is busy at a time (`data.num_shards`; ~50k users a shard).
+identical whatever the number of workers. Up to one actor per shard is busy at a time (`data.num_shards`; ~12.5k users a shard).
 """
 
 from __future__ import annotations

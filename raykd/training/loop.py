@@ -342,6 +342,24 @@ class Progress:
         self.say(f"{self.name}: epoch {self.epoch + 1} step {steps}, {rate:,.0f} windows/s{eta}")
 
 
+class ValidationProgress:
+    """A line every `every_s` seconds while an epoch's validation runs: users done, users/s, ETA
+    (for a DDP run, rank 0's share). A short validation prints nothing."""
+
+    def __init__(self, name: str, epoch: int, every_s: float, say=print):
+        self.name, self.epoch, self.every_s, self.say = name, epoch, every_s, say
+        self.start = self.last = time.perf_counter()
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.perf_counter()
+        if now - self.last < self.every_s:
+            return
+        self.last = now
+        rate = done / max(now - self.start, 1e-9)
+        self.say(f"{self.name}: epoch {self.epoch + 1} validation, {done:,} of {total:,} users "
+                 f"({100 * done / max(total, 1):.0f}%), {rate:,.0f} users/s, ETA {_clock(max(total - done, 0) / rate)}")
+
+
 def _clock(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
@@ -401,8 +419,9 @@ Report = Callable[[dict, bool], "float | None"]  # (epoch report, checkpoint due
 class EpochRunner:
     """The one owner of a run's epochs: state, best weights, early stopping, resume, the report.
 
-    `model` may be wrapped (DDP); `batches(epoch)` yields that epoch's batches and `validate(core)`
-    returns the VAL_KEYS metrics (a DDP run reduces them over ranks inside it). `run(report)` trains
+    `model` may be wrapped (DDP); `batches(epoch)` yields that epoch's batches and
+    `validate(core, progress)` returns the VAL_KEYS metrics (a DDP run reduces them over ranks
+    inside it), calling `progress(done, total)` (None: no lines) as users are scored. `run(report)` trains
     the remaining epochs and calls `report(epoch_report, checkpoint_due)` after each; the driver
     saves a checkpoint there (`save`) when it is due, or whenever it likes.
     """
@@ -411,7 +430,8 @@ class EpochRunner:
     windows: int | None = None  # this process's windows per epoch, when known (for the ETA)
 
     def __init__(self, spec: RunSpec, model: torch.nn.Module, desc: dict, device,
-                 batches: Callable[[int], Iterable[dict]], validate: Callable[[torch.nn.Module], dict],
+                 batches: Callable[[int], Iterable[dict]],
+                 validate: Callable[[torch.nn.Module, Callable[[int, int], None] | None], dict],
                  log_q: torch.Tensor | None, world: int = 1):
         self.spec, self.model, self.core, self.desc, self.device = spec, model, models.unwrap(model), desc, device
         self.batches, self.validate = batches, validate
@@ -433,7 +453,9 @@ class EpochRunner:
             progress = Progress(self.spec.name, epoch, self.spec.train.progress_s, self.windows, self.say)
         loss_sum, n = train_epoch(self.model, self.core, self.optimizer, self.batches(epoch), self.loss,
                                   self.distill, self.device, self.amp, progress)
-        val = self.validate(self.core)
+        said = None if self.say is None else ValidationProgress(self.spec.name, epoch, self.spec.train.progress_s,
+                                                                 self.say)
+        val = self.validate(self.core, said)
         val = {k: val[k] for k in VAL_KEYS}
         state = self.state
         state["epoch"] = epoch
@@ -494,7 +516,9 @@ def local_runner(spec: RunSpec, data_dir: str | Path, device: str = "cpu") -> Ep
     runner = EpochRunner(spec, model, desc, device,
                          batches=lambda epoch: streamed_batches(data_dir, max_len, soft_dir, batch_size,
                                                                 spec.seed * 1000 + epoch),
-                         validate=lambda core: metrics.evaluate_model(core, *valid, device=device), log_q=log_q)
+                         validate=lambda core, progress: metrics.evaluate_model(core, *valid, device=device,
+                                                                                progress=progress),
+                         log_q=log_q)
     runner.say, runner.windows = console.say, sequences.count_windows(data_dir, max_len)
     return runner
 
