@@ -125,6 +125,23 @@ def test_apply_values_sets_dotted_keys_on_a_copy():
         tune_space.apply_values(cfg, {"distill.alpha": 1.5})
 
 
+def test_the_codes_of_a_pq_table_are_searchable_from_a_dense_student():
+    """The student has no item_table (dense): searching item_table.codes makes every trial a PQ
+    student with that many codes (was: 'distill.model.item_table is a value, not a section')."""
+    cfg = cfg_with("tune.space={distill.model.item_table.codes: {type: choice, values: [2, 4]}}")
+    assert cfg.distill.model.item_table is None
+    space = tune_space.parse_space(cfg)
+    assert space["distill.model.item_table.codes"].choices == (2, 4)
+    trial = tune_space.apply_values(cfg, {"distill.model.item_table.codes": 2})
+    assert trial.distill.model.item_table.codes == 2 and trial.distill.model.item_table.kind == "pq"
+    assert trial.distill.model.item_table.assign == "svd"  # teacher-free codes by default
+    assert tune_space.config_value(cfg, "distill.model.item_table.codes") is None
+    assert tune_space.configured_point(cfg, space) is None  # the config's own point is not in the space
+    with pytest.raises(RaykdError, match="cannot exceed dim"):
+        tune_space.parse_space(cfg_with("tune.space={distill.model.item_table.codes: {type: choice, "
+                                        "values: [2, 64]}}"))
+
+
 def test_configured_point_starts_the_search_only_when_inside_the_space():
     cfg = cfg_with()
     space = tune_space.parse_space(cfg)

@@ -85,7 +85,7 @@ def _leaf_field(key: str):
             valid = ", ".join(f"{here}.{k}" if here else k for k in model.model_fields)
             raise RaykdError(f"tune.space: {key!r} is not a config key: {here + '.' if here else ''}{part} does "
                              f"not exist; valid keys here: {valid}")
-        sub = field.annotation
+        sub = _section_of(field.annotation)
         if i < len(parts) - 1:
             if not (isinstance(sub, type) and issubclass(sub, BaseModel)):
                 raise RaykdError(f"tune.space: {key!r} is not a config key: {'.'.join(parts[:i + 1])} is a value, "
@@ -99,6 +99,14 @@ def _leaf_field(key: str):
                if parts[0] != "distill" else "it sets resources or another stage (see tune.cpus_per_trial)")
         raise RaykdError(f"tune.space: {key!r} is a config key but cannot be searched: {why}")
     return field
+
+
+def _section_of(ann):
+    """The section class an annotation names, an optional section's too (`ItemTableConfig | None`:
+    searching one of its keys gives every trial that section, its other keys at their defaults)."""
+    options = typing.get_args(ann) if typing.get_origin(ann) in (typing.Union, types.UnionType) else (ann,)
+    sections = [t for t in options if isinstance(t, type) and issubclass(t, BaseModel)]
+    return sections[0] if len(sections) == 1 else ann
 
 
 def _numeric_kind(field) -> type | None:
@@ -149,6 +157,8 @@ def apply_values(cfg: Config, values: dict[str, Any]) -> Config:
         node = raw
         *parents, leaf = key.split(".")
         for part in parents:
+            if node.get(part) is None:  # an optional section that is off (distill.model.item_table: null)
+                node[part] = {}
             node = node[part]
         node[leaf] = value.item() if isinstance(value, np.generic) else value
     try:
@@ -163,6 +173,8 @@ def configured_point(cfg: Config, space: dict) -> dict | None:
     point = {key: config_value(cfg, key) for key in space}
     for key, dist in space.items():
         value = point[key]
+        if value is None:  # a key of an optional section the config leaves off
+            return None
         if hasattr(dist, "choices"):
             if value not in dist.choices:
                 return None
@@ -172,8 +184,9 @@ def configured_point(cfg: Config, space: dict) -> dict | None:
 
 
 def config_value(cfg: Config, key: str) -> Any:
+    """The config's value of a dotted key; None under an optional section that is off."""
     node: Any = cfg
     for part in key.split("."):
-        node = getattr(node, part)
+        node = None if node is None else getattr(node, part)
     return node
 
