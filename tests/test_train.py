@@ -158,6 +158,19 @@ def test_two_worker_ddp_keeps_replicas_identical(tiny_run):
     assert abs(two - one) <= max(1, one // 4), (one, two)
 
 
+def test_two_worker_ddp_with_a_sparse_table_keeps_replicas_identical(tiny_run):
+    """The sampled softmax on 2 DDP workers: the item table's gradients are sparse rows, all-reduced
+    by gloo, stepped by SparseAdam; the replicas stay identical."""
+    cfg = tiny_config(tiny_run, "teacher.train.num_workers=2", "teacher.train.cpus_per_worker=0.5",
+                      "teacher.train.loss=sampled", "teacher.train.num_negatives=20")
+    summary = train.fit(RunSpec("ddp_sparse", cfg.teacher.model, cfg.teacher.train, cfg.seed, upstream={"x": "s"}),
+                        tiny_run)
+    assert summary["sparse_table"] is True
+    digests = summary["replica_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1]
+    assert summary["valid"]["ndcg@10"] > 0
+
+
 class DieOnce:
     """Fault injection through `fit`'s before_epoch hook: rank 0 exits hard once, as epoch 2 starts.
 

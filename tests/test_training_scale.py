@@ -138,3 +138,14 @@ def test_a_run_says_its_validation_progress(prepared, monkeypatch):
     loop.fit_local(spec, prepared, log=lambda *_: None)
     said = [line for line in lines if "validation" in line]
     assert said and said[-1].startswith("student: epoch 1 validation, 12 of 12 users (100%)"), lines
+
+
+def test_a_sampled_run_trains_its_table_sparsely_in_process(prepared):
+    spec = RunSpec("teacher", ModelConfig(dim=8, layers=1, heads=1, max_len=10),
+                   TrainConfig(epochs=2, batch_size=16, loss="sampled", num_negatives=5), seed=5)
+    runner = loop.local_runner(spec, prepared)
+    assert isinstance(runner.optimizer, loop.TableAndRest)
+    before = runner.core.item_emb.weight.detach().clone()
+    runner.run(lambda report, due: None)
+    assert runner.summary()["sparse_table"] is True
+    assert not torch.equal(runner.core.item_emb.weight.detach(), before)  # the table did train

@@ -198,7 +198,7 @@ def export(ckpt: Path, out: Path, spec: RunSpec, data_dir: Path, extra: dict) ->
     summary = {**extra, "best_epoch": best["epoch"] + 1, "valid": best["metrics"],
                "epochs_run": state["epoch"] + 1, "history": [{**h, "epoch": h["epoch"] + 1} for h in state["history"]],
                "resumed": state.get("resumed", 0), "replica_digests": state.get("replica_digests", []),
-               "params": models.count_params(model)}
+               "params": models.count_params(model), "sparse_table": loop.sparse_table(spec, desc)}
     data = rundir.read_manifest(data_dir)  # the model is tied to the vocabulary it was trained on
     with rundir.staged(out) as tmp:
         models.save_model(tmp, model, desc, extra={"fingerprint": spec.fingerprint})

@@ -158,7 +158,11 @@ class TrainConfig(Section):
         "so the global batch is batch_size x num_workers, N workers take N times fewer steps each, and the learning "
         "rate is lr x sqrt(num_workers) (square-root scaling for Adam)")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate")
-    weight_decay: float = Field(0.0, ge=0, description="Adam weight decay")
+    weight_decay: float = Field(0.0, ge=0, description="Adam weight decay (not on a sparse item table)")
+    sparse_table: bool = Field(True, description="with a sampled softmax, a dense item table without text fusion "
+                               "and CPU workers (gloo): a step touches only the table rows it uses (sparse "
+                               "gradients, SparseAdam on the table, Adam on the rest; DDP all-reduces the rows); "
+                               "the table then gets no weight decay. false: dense Adam on every row every step")
     patience: int = Field(5, ge=1, description="early stop after this many epochs without gain")
     min_epochs: int = Field(0, ge=0, description="never stop early before this many epochs (students may "
                             "plateau before they climb)")

@@ -29,6 +29,7 @@ def sampled_softmax_loss(
     num_negatives: int,
     log_q: torch.Tensor,
     generator: torch.Generator | None = None,
+    sparse: bool = False,
 ) -> torch.Tensor:
     """Sampled softmax with log-Q correction (Jean et al., ACL 2015; Yi et al., RecSys 2019).
 
@@ -43,15 +44,30 @@ def sampled_softmax_loss(
     instead (expected count 1, no correction), which is exactly full cross-entropy.
 
     hidden [N, D]; item_emb [V+1, D] (row 0 padding); targets [N] (0 = ignored); log_q [V+1]
-    (entry 0 unused). `generator` must live on log_q's device.
+    (entry 0 unused). `generator` must live on log_q's device. `sparse`: the table's gradient is
+    a sparse tensor of the rows used (`rows`).
     """
     real = targets != 0
     if not real.any():
-        return _zero(hidden, item_emb)
+        return _nothing(hidden, item_emb, sparse)
     h, y = hidden[real], targets[real]
     neg, log_count = _negatives(log_q, num_negatives, item_emb.shape[0] - 1, item_emb.device, generator)
-    neg_logits = h.float() @ item_emb[neg].float().T - log_count[neg]
-    return _sampled_ce(h, item_emb, y, neg, neg_logits, log_count)
+    neg_logits = h.float() @ rows(item_emb, neg, sparse).float().T - log_count[neg]
+    pos_logit = (h.float() * rows(item_emb, y, sparse).float()).sum(1) - log_count[y]
+    return _sampled_ce(y, neg, pos_logit, neg_logits)
+
+
+def rows(table: torch.Tensor, idx: torch.Tensor, sparse: bool = False) -> torch.Tensor:
+    """table[idx]; with `sparse` through F.embedding(sparse=True), so the table's gradient is a
+    sparse tensor holding only those rows (SparseAdam updates just them) instead of a dense [V+1, D]."""
+    return F.embedding(idx, table, sparse=True) if sparse else table[idx]
+
+
+def _nothing(hidden: torch.Tensor, item_emb: torch.Tensor, sparse: bool) -> torch.Tensor:
+    """An exact 0 that still gives every input a gradient (`_zero`), a sparse one for a sparse table."""
+    if not sparse:
+        return _zero(hidden, item_emb)
+    return _zero(hidden) + rows(item_emb, torch.zeros(0, dtype=torch.long, device=item_emb.device), True).sum()
 
 
 def _negatives(log_q: torch.Tensor, num_negatives: int, num_items: int, device,
@@ -64,15 +80,15 @@ def _negatives(log_q: torch.Tensor, num_negatives: int, num_items: int, device,
     return neg.to(device), F.pad(log_probs + math.log(num_negatives), (1, 0)).to(device)
 
 
-def _sampled_ce(h, item_emb, y, neg, neg_logits, log_count) -> torch.Tensor:
-    pos_logit = (h.float() * item_emb[y].float()).sum(1) - log_count[y]
+def _sampled_ce(y, neg, pos_logit, neg_logits) -> torch.Tensor:
     neg_logits = neg_logits.masked_fill(neg.unsqueeze(0) == y.unsqueeze(1), torch.finfo(torch.float32).min)
     logits = torch.cat([pos_logit.unsqueeze(1), neg_logits], 1)
     return F.cross_entropy(logits, torch.zeros_like(y))
 
 
 def row_sampled_softmax_loss(hidden: torch.Tensor, item_emb: torch.Tensor, targets: torch.Tensor, row_negatives: int,
-                             log_q: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+                             log_q: torch.Tensor, generator: torch.Generator | None = None,
+                             sparse: bool = False) -> torch.Tensor:
     """`sampled_distill_loss`'s hard-label term with no teacher: every row scores its target exactly
     and `row_negatives` items drawn for it from q = softmax(log_q) (log-Q corrected, hits masked):
 
@@ -82,11 +98,11 @@ def row_sampled_softmax_loss(hidden: torch.Tensor, item_emb: torch.Tensor, targe
     differs only by the KD term (not by how the softmax is estimated)."""
     real = targets != 0
     if not real.any():
-        return _zero(hidden, item_emb)
+        return _nothing(hidden, item_emb, sparse)
     h, y = hidden[real], targets[real]
     sampled, log_count = _row_samples(log_q, len(h), row_negatives, h.device, generator)
     cand = torch.cat([y.unsqueeze(1), sampled], 1)
-    logits = torch.bmm(item_emb[cand].float(), h.float().unsqueeze(2)).squeeze(2)
+    logits = torch.bmm(rows(item_emb, cand, sparse).float(), h.float().unsqueeze(2)).squeeze(2)
     corrected = (logits[:, 1:] - log_count).masked_fill(sampled == y.unsqueeze(1), torch.finfo(torch.float32).min)
     log_z = torch.cat([logits[:, :1], corrected], 1).logsumexp(1)
     return (log_z - logits[:, 0]).mean()
@@ -107,6 +123,7 @@ def sampled_distill_loss(
     teacher_rest: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     row_negatives: int = 64,
+    sparse: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`distill_loss` without the full softmax: (total, ce, kd), L = (1 − alpha) · CE_s + alpha · KD_s.
 
@@ -134,23 +151,23 @@ def sampled_distill_loss(
     if kind not in KINDS:
         raise ValueError(f"unknown distillation loss {kind!r}; valid kinds: {', '.join(KINDS)}")
     if alpha == 0:
-        ce = sampled_softmax_loss(hidden, item_emb, targets, num_negatives, log_q, generator)
+        ce = sampled_softmax_loss(hidden, item_emb, targets, num_negatives, log_q, generator, sparse)
         return ce, ce, torch.zeros((), device=ce.device)
     if teacher_idx is None or teacher_logits is None:
         raise ValueError(f"alpha={alpha} needs teacher_idx and teacher_logits")
     if kind == "kl_full" and teacher_rest is None:
         raise ValueError("kd loss 'kl_full' needs the teacher's rest log-mass (soft labels with a `rest` column)")
-    if row_negatives >= item_emb.shape[0] - 1:  # every item for every row: the full softmax itself
+    if row_negatives >= item_emb.shape[0] - 1:  # every item for every row: the full softmax itself (dense)
         logits = F.pad(hidden.float() @ item_emb[1:].float().T, (1, 0), value=torch.finfo(torch.float32).min)
         return distill_loss(logits, targets, teacher_idx, teacher_logits, alpha, temperature, kind, top_m, teacher_rest)
     real = targets != 0
     if not real.any():
-        zero = _zero(hidden, item_emb)
+        zero = _nothing(hidden, item_emb, sparse)
         return zero, zero, zero
     y, t_idx, t_logits = targets[real], teacher_idx[real], teacher_logits[real]
     usable = _teacher_entries(t_idx, t_logits)
     s_k, s_y, rest, has_rest = stratified_logits(hidden[real], item_emb, y, t_idx, usable, row_negatives, log_q,
-                                                 generator)
+                                                 generator, sparse)
     fill = torch.finfo(torch.float32).min
     log_z = torch.cat([s_k.masked_fill(~usable, fill), rest.unsqueeze(1)], 1).logsumexp(1)
     ce = (log_z - s_y).mean()
@@ -168,7 +185,7 @@ def sampled_distill_loss(
 
 def stratified_logits(h: torch.Tensor, item_emb: torch.Tensor, y: torch.Tensor, teacher_idx: torch.Tensor,
                       usable: torch.Tensor, n: int, log_q: torch.Tensor, generator: torch.Generator | None = None,
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                      sparse: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(s_K [N, K], s_y [N], log M [N], has [N]) of `sampled_distill_loss`: the student's logits at
     the teacher items and the target, the log of its estimated mass outside the usable teacher
     items (the target exactly, the rest from n samples per row), and whether that mass has any term.
@@ -176,7 +193,7 @@ def stratified_logits(h: torch.Tensor, item_emb: torch.Tensor, y: torch.Tensor, 
     sampled, log_count = _row_samples(log_q, len(h), n, h.device, generator)
     k = teacher_idx.shape[1]
     cand = torch.cat([teacher_idx, y.unsqueeze(1), sampled], 1)
-    logits = torch.bmm(item_emb[cand].float(), h.float().unsqueeze(2)).squeeze(2)
+    logits = torch.bmm(rows(item_emb, cand, sparse).float(), h.float().unsqueeze(2)).squeeze(2)
     s_k, s_y = logits[:, :k], logits[:, k]
     corrected = logits[:, k + 1:] - log_count
     y_in_top = ((teacher_idx == y.unsqueeze(1)) & usable).any(1)

@@ -77,7 +77,66 @@ def build(spec: RunSpec, desc: dict, data_dir: str | Path | None = None) -> torc
     if spec.kd is not None and spec.kd.transfer_from:
         # an ensemble's members side by side: PCA finds the directions they share
         text.init_item_table(model, teacher_table(spec.kd.transfer_from, model.dim), spec.kd.init_std)
+    if sparse_table(spec, desc):
+        model.item_emb.sparse = True  # before DDP wraps it: DDP then expects (and all-reduces) sparse rows
     return model
+
+
+def sparse_table(spec: RunSpec, desc: dict) -> bool:
+    """Whether a step updates only the item-table rows it uses (`train.sparse_table`): with a sampled
+    softmax (the full one reads every row), a dense table (a PQ table's rows are codebooks) without
+    text fusion (the fused table is a product over the whole catalogue), on CPU (gloo all-reduces
+    sparse gradients; NCCL does not)."""
+    tc = spec.train
+    return (tc.sparse_table and sampled_softmax(tc, desc["num_items"]) and not desc.get("item_table")
+            and not desc.get("text_dim") and not tc.use_gpu)
+
+
+class TableAndRest:
+    """SparseAdam for a sparse item table, Adam (with weight decay) for every other parameter: one
+    optimizer to the epoch runner and the checkpoints (`state_dict` numbers the parameters as one
+    Adam over `model.parameters()` would, the table among them)."""
+
+    def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float):
+        table = model.item_emb.weight
+        params = list(model.parameters())
+        self.table_index = next(i for i, p in enumerate(params) if p is table)
+        self.dense = torch.optim.Adam([p for p in params if p is not table], lr=lr, weight_decay=weight_decay)
+        self.table = torch.optim.SparseAdam([table], lr=lr)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.dense.zero_grad(set_to_none=set_to_none)
+        self.table.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        self.dense.step()
+        self.table.step()
+
+    def _to_one(self, i: int) -> int:  # a dense optimizer's index -> the whole model's
+        return i + (i >= self.table_index)
+
+    def state_dict(self) -> dict:
+        dense, table = self.dense.state_dict(), self.table.state_dict()
+        state = {self._to_one(i): v for i, v in dense["state"].items()}
+        if table["state"]:  # SparseAdam's one parameter, once it has stepped
+            state[self.table_index] = table["state"][0]
+        return {"state": state, "param_groups": dense["param_groups"] + table["param_groups"]}
+
+    def load_state_dict(self, sd: dict) -> None:
+        dense, table = self.dense.state_dict(), self.table.state_dict()
+        back = {self._to_one(i): i for i in range(len(dense["param_groups"][0]["params"]))}
+        dense["state"] = {back[i]: v for i, v in sd["state"].items() if i != self.table_index}
+        table["state"] = {0: sd["state"][self.table_index]} if self.table_index in sd["state"] else {}
+        self.dense.load_state_dict(dense)
+        self.table.load_state_dict(table)
+
+
+def make_optimizer(core: torch.nn.Module, tc, world: int):
+    """Adam over every parameter, or TableAndRest when the item table is sparse (`sparse_table`)."""
+    lr = worker_lr(tc, world)
+    if getattr(getattr(core, "item_emb", None), "sparse", False):
+        return TableAndRest(core, lr, tc.weight_decay)
+    return torch.optim.Adam(core.parameters(), lr=lr, weight_decay=tc.weight_decay)
 
 
 def teacher_table(folders: tuple[Path, ...], dim: int) -> np.ndarray:
@@ -166,7 +225,7 @@ def sampling_log_q(spec: RunSpec, desc: dict, data_dir: str | Path, device) -> t
     return torch.tensor(item_log_q(data_dir), device=device)
 
 
-def make_loss(spec: RunSpec, log_q: torch.Tensor | None) -> Loss:
+def make_loss(spec: RunSpec, log_q: torch.Tensor | None, sparse: bool = False) -> Loss:
     """The training loss of this run, built once from its spec.
 
     `train.loss: full` scores the whole catalogue (losses.distill_loss; cross-entropy alone without
@@ -174,7 +233,8 @@ def make_loss(spec: RunSpec, log_q: torch.Tensor | None) -> Loss:
     teacher's top-K, its target and `kd_negatives` items drawn for it
     (sampled_losses.sampled_distill_loss); a student without one (a no-KD twin, or alpha 0) scores
     its target and as many drawn items (row_sampled_softmax_loss); a teacher uses the log-Q
-    sampled softmax over `num_negatives` negatives shared by the batch.
+    sampled softmax over `num_negatives` negatives shared by the batch. `sparse`: the sampled losses
+    gather table rows with sparse gradients (`sparse_table`).
     """
     tc, kd = spec.train, spec.kd
     if kd is not None and kd.loss not in losses.KINDS:
@@ -183,15 +243,15 @@ def make_loss(spec: RunSpec, log_q: torch.Tensor | None) -> Loss:
     if kd is None or kd.alpha == 0:
         if sampled and spec.role != "teacher":
             return lambda h, core, y, soft: sampled_losses.row_sampled_softmax_loss(
-                h, core.item_table(), y, tc.kd_negatives, log_q)
+                h, core.item_table(), y, tc.kd_negatives, log_q, sparse=sparse)
         if sampled:
             return lambda h, core, y, soft: sampled_losses.sampled_softmax_loss(
-                h, core.item_table(), y, tc.num_negatives, log_q)
+                h, core.item_table(), y, tc.num_negatives, log_q, sparse=sparse)
         return lambda h, core, y, soft: losses.cross_entropy(core.score(h).float(), y)
     if sampled:
         return lambda h, core, y, soft: sampled_losses.sampled_distill_loss(
             h, core.item_table(), y, soft[0], soft[1], kd.alpha, kd.temperature, kd.loss, tc.num_negatives, log_q,
-            teacher_rest=soft[2], row_negatives=tc.kd_negatives)[0]
+            teacher_rest=soft[2], row_negatives=tc.kd_negatives, sparse=sparse)[0]
     return lambda h, core, y, soft: losses.distill_loss(
         core.score(h).float(), y, soft[0], soft[1], kd.alpha, kd.temperature, kd.loss, teacher_rest=soft[2])[0]
 
@@ -436,8 +496,8 @@ class EpochRunner:
         self.spec, self.model, self.core, self.desc, self.device = spec, model, models.unwrap(model), desc, device
         self.batches, self.validate = batches, validate
         tc = spec.train
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=worker_lr(tc, world), weight_decay=tc.weight_decay)
-        self.loss = make_loss(spec, log_q)
+        self.optimizer = make_optimizer(self.core, tc, world)
+        self.loss = make_loss(spec, log_q, sparse=isinstance(self.optimizer, TableAndRest))
         self.distill = spec.kd is not None and spec.kd.alpha > 0
         self.amp = (torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda"
                     else torch.autocast("cpu", enabled=False))
@@ -501,7 +561,7 @@ class EpochRunner:
         state = self.state
         return {"best_epoch": state["best"]["epoch"] + 1, "valid": state["best"]["metrics"],
                 "epochs_run": state["epoch"] + 1, "history": [{**h, "epoch": h["epoch"] + 1} for h in state["history"]],
-                "params": models.count_params(self.core)}
+                "params": models.count_params(self.core), "sparse_table": sparse_table(self.spec, self.desc)}
 
 
 def local_runner(spec: RunSpec, data_dir: str | Path, device: str = "cpu") -> EpochRunner:
