@@ -157,3 +157,16 @@ def test_ann_answers_come_from_one_index_built_by_the_driver(every_user, tiny_ru
         assert len(row["items"]) == 10 and not seen & set(row["items"])
         overlap.append(len(set(row["items"]) & set(ex["items"])) / 10)
     assert sum(overlap) / len(overlap) >= 0.9
+
+
+@pytest.mark.parametrize("raw_ids", [pa.array(["u1", "u2", "u3", "9"]), pa.array([11, 12, 13, 9], pa.int64())])
+def test_listed_users_match_in_list_order_each_once(tmp_path, raw_ids):
+    """Matched by Arrow's hash lookup (no dict of every user); the rules of raykd.core.ids still hold."""
+    pq.write_table(pa.table({"raw_id": raw_ids}), tmp_path / "users.parquet")
+    if pa.types.is_integer(raw_ids.type):
+        listed = ["13", " 11", 9, "13", "oops", "99999999999999999999", "12"]
+        assert recommend.match_users(listed, tmp_path) == ([2, 0, 3, 1], ["oops", "99999999999999999999"])
+    else:
+        listed = ["u3", "u1 ", 9, "u3", "U2", "u2"]
+        assert recommend.match_users(listed, tmp_path) == ([2, 0, 3, 1], ["U2"])
+    assert recommend.match_users([], tmp_path) == ([], [])

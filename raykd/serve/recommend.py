@@ -286,24 +286,25 @@ def _as_id(value: object) -> int | str:
 
 
 def match_users(raw: list, data_dir: Path) -> tuple[list[int], list]:
-    """Listed raw ids -> (user indices, each once, in list order; the ids that are not prepared users)."""
+    """Listed raw ids -> (user indices, each once, in list order; the ids that are not prepared users).
+
+    Matched in Arrow (a hash lookup into the prepared users' raw ids, `pyarrow.compute.index_in`):
+    no Python dict of every user, which at 10M users would take GBs and tens of seconds."""
+    import numpy as np
     import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     from raykd.core import ids
 
-    users = pq.read_table(data_dir / rundir.USERS, columns=["raw_id"])
-    int_users = pa.types.is_integer(users.schema.field("raw_id").type)
-    index = {u: i for i, u in enumerate(users["raw_id"].to_pylist())}
-    wanted, unknown, seen = [], [], set()
-    for value in raw:
-        user = index.get(ids.lookup_key(value, int_users))
-        if user is None:
-            unknown.append(value)
-        elif user not in seen:
-            seen.add(user)
-            wanted.append(user)
-    return wanted, unknown
+    users = pq.read_table(data_dir / rundir.USERS, columns=["raw_id"])["raw_id"].combine_chunks()
+    int_users = pa.types.is_integer(users.type)
+    keys = pa.array([ids.lookup_key(v, int_users) for v in raw], type=pa.int64() if int_users else pa.large_string())
+    found = pc.fill_null(pc.index_in(keys, value_set=users.cast(keys.type)), -1).to_numpy().astype(np.int64)
+    unknown = [raw[i] for i in np.flatnonzero(found < 0)]
+    known = found[found >= 0]
+    _, first = np.unique(known, return_index=True)
+    return known[np.sort(first)].tolist(), unknown
 
 
 def report_unknown(unknown: list, known: int, out: str) -> None:
