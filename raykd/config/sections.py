@@ -176,7 +176,7 @@ class TrainConfig(Section):
     val_users: int = Field(50_000, ge=0, description="validation during training (checkpoint selection, early "
                            "stopping, Tune's metric) scores a fixed, seeded sample of at most this many users; "
                            "0 = every user. `evaluate`'s test metrics always cover every user")
-    progress_s: float = Field(30.0, gt=0, description="inside an epoch, a progress line (steps, windows/s, ETA) "
+    progress_s: float = Field(20.0, gt=0, description="inside an epoch, a progress line (steps, windows/s, ETA) "
                               "at most this often, once the epoch has run this long; the same for its "
                               "validation (users, users/s, ETA)")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP)")
