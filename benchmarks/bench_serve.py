@@ -169,7 +169,7 @@ class Bench:
             self.bodies_files[cat] = f
             rec = Recommender(run / "student")
             trec = Recommender(run / "teacher")
-            self.details[cat] = {"items": len(rec.raw_items) - 1, "student_params": count_params(rec.model),
+            self.details[cat] = {"items": len(rec.item_ids), "student_params": count_params(rec.model),
                                  "teacher_params": count_params(trec.model),
                                  "mean_history": sum(len(b["history"]) for b in bodies) / len(bodies)}
             print(f"# catalogue {cat}: {run}: {json.dumps(self.details[cat])}", flush=True)

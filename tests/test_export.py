@@ -62,7 +62,7 @@ def test_a_moved_bundle_is_served_alone_with_the_same_answers(tiny_run, tmp_path
         assert part in card, part
     here, there = Recommender(tiny_run), Recommender(where)
     users, _ = known_histories(tiny_run, 40)
-    bodies = [{"user_id": u, "k": 10} for u in users] + [{"history": [here.raw_items[i] for i in (3, 9, 2)], "k": 7}]
+    bodies = [{"user_id": u, "k": 10} for u in users] + [{"history": [here.raw_item(i) for i in (3, 9, 2)], "k": 7}]
     ours = here.recommend_many([here.parse(b) for b in bodies])
     theirs = there.recommend_many([there.parse(b) for b in bodies])
     assert [(a["items"], a["scores"]) for a in ours] == [(a["items"], a["scores"]) for a in theirs]
@@ -79,7 +79,7 @@ def test_exported_graphs_give_the_models_top10(tiny_run, tmp_path, fmt):
     got = graph_top10(bundle.run_graph(where / bundle.GRAPH_FILES[fmt], fmt, padded), histories)
     rec = Recommender(tiny_run)
     expected = rec.recommend_many([rec.parse({"user_id": u, "k": 10}) for u in users])
-    assert got == [[rec.index[i] for i in a["items"]] for a in expected]
+    assert got == [[rec.item_of(i) for i in a["items"]] for a in expected]
 
 
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])

@@ -84,8 +84,8 @@ def test_a_pq_student_bundle_ranks_as_the_run_does(pq_run, tmp_path, fmt):
     got = top10_ties_low(bundle.run_graph(where / bundle.GRAPH_FILES[fmt], fmt, padded), histories)
     rec = Recommender(pq_run)
     expected = rec.recommend_many([rec.parse({"user_id": u, "k": 10}) for u in users])
-    assert got == [[rec.index[i] for i in a["items"]] for a in expected]
+    assert got == [[rec.item_of(i) for i in a["items"]] for a in expected]
     there = Recommender(where)  # the moved bundle serves the same answers, vocabulary check included
-    body = {"history": [rec.raw_items[i] for i in (3, 9, 2)], "k": 7}
+    body = {"history": [rec.raw_item(i) for i in (3, 9, 2)], "k": 7}
     (a,), (b,) = there.recommend_many([there.parse(body)]), rec.recommend_many([rec.parse(body)])
     assert (a["items"], a["scores"]) == (b["items"], b["scores"])

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raykd.core import histories
+from raykd.core import histories, id_index
 
 
 def flat(raw_ids, trains, last) -> histories.Histories:
@@ -18,14 +18,14 @@ def flat(raw_ids, trains, last) -> histories.Histories:
 
 def test_fnv1a_matches_the_published_test_vectors_and_the_vectorised_form():
     # FNV-1a 64: "" -> offset basis, "a" -> 0xaf63dc4c8601ec8c, "foobar" -> 0x85944171f73967e8
-    assert histories.fnv1a(b"") == 0xCBF29CE484222325
-    assert histories.fnv1a(b"a") == 0xAF63DC4C8601EC8C
-    assert histories.fnv1a(b"foobar") == 0x85944171F73967E8
+    assert id_index.fnv1a(b"") == 0xCBF29CE484222325
+    assert id_index.fnv1a(b"a") == 0xAF63DC4C8601EC8C
+    assert id_index.fnv1a(b"foobar") == 0x85944171F73967E8
     words = ["foobar", "", "a", "é", "a much longer id than the others"]
     enc = [w.encode() for w in words]
     offsets = np.concatenate([[0], np.cumsum([len(e) for e in enc])]).astype(np.int64)
     data = np.frombuffer(b"".join(enc), np.uint8)
-    assert histories.hash_many(offsets, data).tolist() == [histories.fnv1a(e) for e in enc]
+    assert id_index.hash_many(offsets, data).tolist() == [id_index.fnv1a(e) for e in enc]
 
 
 def test_integer_ids_are_found_by_binary_search_and_unknown_ones_are_none():
@@ -50,9 +50,9 @@ def test_text_ids_are_found_by_hash_and_checked_byte_for_byte():
 
 def test_a_hash_collision_never_answers_for_the_wrong_user(monkeypatch):
     h = flat(["a", "b"], [[1], [2]], [[0, 0], [0, 0]])
-    forced = histories.Histories(np.array([5, 5], np.uint64), h.rows, h.offsets, h.values, h.last,
-                                 h.id_offsets, h.id_bytes)  # both ids under one hash
-    monkeypatch.setattr(histories, "fnv1a", lambda data: 5)
+    both = id_index.IdIndex(np.array([5, 5], np.uint64), h.ids.rows, h.ids.id_offsets, h.ids.id_bytes)
+    forced = histories.Histories(both, h.offsets, h.values, h.last)  # both ids under one hash
+    monkeypatch.setattr(id_index, "fnv1a", lambda data: 5)
     assert forced.get("a").tolist() == [1, 0, 0] and forced.get("b").tolist() == [2, 0, 0]
     assert forced.get("c") is None
 
@@ -66,8 +66,8 @@ def test_it_pickles_as_its_arrays():
     h = flat(["x", "y"], [[1, 2], [3]], [[4, 5], [6, 7]])
     back = pickle.loads(pickle.dumps(h, protocol=5))
     assert back.get("y").tolist() == [3, 6, 7]
-    assert h.nbytes() == sum(a.nbytes for a in (h.keys, h.rows, h.offsets, h.values, h.last, h.id_offsets,
-                                                 h.id_bytes))
+    assert h.nbytes() == sum(a.nbytes for a in (h.ids.keys, h.ids.rows, h.offsets, h.values, h.last,
+                                                 h.ids.id_offsets, h.ids.id_bytes))
 
 
 def test_read_a_prepared_folder_shard_by_shard(tmp_path):

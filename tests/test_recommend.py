@@ -153,7 +153,7 @@ def test_ann_answers_come_from_one_index_built_by_the_driver(every_user, tiny_ru
     exact = every_user.to_pylist()
     overlap = []
     for row, ex in zip(ann.to_pylist(), exact):
-        seen = {rec.raw_items[i] for i in rec.histories.get(row["user_id"])}
+        seen = {rec.raw_item(i) for i in rec.histories.get(row["user_id"])}
         assert len(row["items"]) == 10 and not seen & set(row["items"])
         overlap.append(len(set(row["items"]) & set(ex["items"])) / 10)
     assert sum(overlap) / len(overlap) >= 0.9

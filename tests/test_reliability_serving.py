@@ -108,7 +108,7 @@ def test_overwrite_replaces_a_bundle(run, tmp_path):
 
 def test_default_k_is_at_most_max_k(tiny_run):
     rec = Recommender(tiny_run, max_k=5)
-    hist = [rec.raw_items[i] for i in (3, 4)]
+    hist = [rec.raw_item(i) for i in (3, 4)]
     assert rec.parse({"history": hist})[2] == 5
     assert Recommender(tiny_run, max_k=50).parse({"history": hist})[2] == 10
     with pytest.raises(BadRequest):
@@ -272,8 +272,8 @@ def test_metrics_are_read_with_the_weights_and_nan_is_null(corrupt):
 
 def test_nan_scores_rank_last_and_a_wholly_nan_history_is_an_error(corrupt):
     rec = Recommender(corrupt)
-    clean = [rec.raw_items[i] for i in (3, 9, 2)]
-    nan_raw = {rec.raw_items[i] for i in NAN_ITEMS}
+    clean = [rec.raw_item(i) for i in (3, 9, 2)]
+    nan_raw = {rec.raw_item(i) for i in NAN_ITEMS}
     k = rec.desc["num_items"] - len(clean) - len(NAN_ITEMS)  # every item the model scores
     (one,) = rec.recommend_many([rec.parse({"history": clean, "k": k})])
     assert len(one["items"]) == k and not nan_raw & set(one["items"])
@@ -281,7 +281,7 @@ def test_nan_scores_rank_last_and_a_wholly_nan_history_is_an_error(corrupt):
     results = rec.recommend_batch([{"history": clean, "k": 100}, {"history": clean, "k": 3}])
     assert all(not nan_raw & set(r["items"]) for r in results) and len(results[1]["items"]) == 3
     with pytest.raises(RaykdError, match=f"model {rec.model_id} .* corrupt"):
-        rec.recommend_batch([{"history": [clean[0], rec.raw_items[NAN_ITEMS[0]]]}])
+        rec.recommend_batch([{"history": [clean[0], rec.raw_item(NAN_ITEMS[0])]}])
 
 
 def test_nan_scores_are_never_recommended_over_http(ray_session, corrupt):
@@ -291,8 +291,8 @@ def test_nan_scores_are_never_recommended_over_http(ray_session, corrupt):
     from raykd.serve import build_app
 
     rec = Recommender(corrupt, max_k=5)
-    clean = [rec.raw_items[i] for i in (3, 9, 2)]  # no corrupt item: only the NaN items' scores are NaN
-    poisoned = [rec.raw_items[i] for i in (3, NAN_ITEMS[0])]  # a corrupt item in the history: every score NaN
+    clean = [rec.raw_item(i) for i in (3, 9, 2)]  # no corrupt item: only the NaN items' scores are NaN
+    poisoned = [rec.raw_item(i) for i in (3, NAN_ITEMS[0])]  # a corrupt item in the history: every score NaN
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(str(corrupt), ServeConfig(max_k=5, max_history=200)), name="corrupt", route_prefix="/")
@@ -301,7 +301,7 @@ def test_nan_scores_are_never_recommended_over_http(ray_session, corrupt):
             one = client.post("/recommend", json={"history": clean, "k": 5, "exclude_seen": False})
             assert one.status_code == 200, one.text
             assert len(one.json()["items"]) == 5
-            assert not {rec.raw_items[i] for i in NAN_ITEMS} & set(one.json()["items"])
+            assert not {rec.raw_item(i) for i in NAN_ITEMS} & set(one.json()["items"])
             many = client.post("/recommend/batch", json={"requests": [{"history": clean, "k": 5}] * 3})
             assert many.status_code == 200, many.text
             assert all(r["items"] == one.json()["items"] for r in many.json()["results"])

@@ -160,6 +160,6 @@ def test_the_recommender_answers_the_same_in_windows(tiny_run):
     assert blocked.desc["num_items"] + 1 > 3 * blocked.block  # several windows
     bodies = [{"user_id": u, "k": k, "exclude_seen": bool(n % 3)}
               for n, (u, k) in enumerate(zip(list(whole.histories)[:40], [1, 10, 50, 300] * 10))]
-    bodies.append({"history": [whole.raw_items[1], whole.raw_items[2]], "k": 5})
+    bodies.append({"history": [whole.raw_item(1), whole.raw_item(2)], "k": 5})
     assert blocked.recommend_batch(bodies) == whole.recommend_batch(bodies)
     assert [blocked.recommend_batch([b])[0] for b in bodies[:5]] == whole.recommend_batch(bodies[:5])

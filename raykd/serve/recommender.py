@@ -32,7 +32,7 @@ from pydantic import (
 
 from raykd.core import ann as approx
 from raykd.core import histories as flat_histories
-from raykd.core import ids, models, rundir, scoring
+from raykd.core import id_index, ids, models, rundir, scoring
 from raykd.core.errors import RaykdError
 
 MIN_ROWS = scoring.MIN_ROWS  # rows of the smallest forward pass (see Recommender._scores)
@@ -205,8 +205,11 @@ class Recommender:
             raise RaykdError(f"{self.model_dir} scores {self.desc['num_items']:,} items but the vocabulary "
                              f"{data_dir / 'items.parquet'} has {items.num_rows:,}: the model was trained on other "
                              "data; give the run directory (or bundle) it was trained in")
+        self.item_ids = items["raw_id"].combine_chunks()  # Arrow: item index i is row i - 1
+        self.item_index = id_index.build(self.item_ids)
+        self.vocab_digest = rundir.vocab_digest(self.item_ids.to_pylist())
         trained_on = manifest.get("vocab_digest")
-        if trained_on and trained_on != (now := rundir.vocab_digest(items["raw_id"].to_pylist())):
+        if trained_on and trained_on != (now := self.vocab_digest):
             fix = ("Export the bundle again from the run the model was trained in (`raykd export RUN_DIR --out DIR`)"
                    if manifest.get("kind") == "bundle" else "Retrain it (`raykd distill CONFIG`), or serve a bundle "
                    "exported before the data changed, which carries its own vocabulary")
@@ -216,17 +219,14 @@ class Recommender:
         self.int_items = pa.types.is_integer(items.schema.field("raw_id").type)
         users = data_dir / rundir.USERS
         self.int_users = users.exists() and pa.types.is_integer(pq.read_schema(users).field("raw_id").type)
-        self.raw_items = [None, *items["raw_id"].to_pylist()]
-        self.index = {raw: i for i, raw in enumerate(self.raw_items) if i}
         counts = items["count"].to_numpy()
         self.popular = np.argsort(-counts, kind="stable") + 1
         self.popular_scores = counts[self.popular - 1].astype(float)
         self.histories = histories if histories is not None else _user_histories(data_dir) if with_histories else None
         if isinstance(ann, str | Path):
-            ann = approx.load(Path(ann), self.model.item_table(), rundir.vocab_digest(self.raw_items[1:]))
+            ann = approx.load(Path(ann), self.model.item_table(), self.vocab_digest)
         elif ann is True:
-            ann = approx.load_or_build(self.model_dir, self.model, self.desc,
-                                       rundir.vocab_digest(self.raw_items[1:]), data_dir)
+            ann = approx.load_or_build(self.model_dir, self.model, self.desc, self.vocab_digest, data_dir)
         self.ann = ann or None  # None: exact scoring
         tag = hashlib.sha256(str(self.desc.get("fingerprint")).encode()).hexdigest()[:8]
         self.model_id = f"{self.model_dir.name}-{self.desc['family']}{self.desc['dim']}x{self.desc['layers']}-{tag}"
@@ -251,9 +251,18 @@ class Recommender:
                                   "accepted (send the most recent ones)")
         known, unknown = [], []
         for raw in req.history:
-            idx = self.index.get(ids.lookup_key(raw, self.int_items))
+            idx = self.item_of(raw)
             (known.append(idx) if idx else unknown.append(raw))
         return np.asarray(known, dtype=np.int64), unknown, k, self._exclude(req)
+
+    def item_of(self, raw: int | str) -> int | None:
+        """The item index of a raw item id (raykd.core.ids rule 3), or None for an unknown one."""
+        row = self.item_index.row(ids.lookup_key(raw, self.int_items))
+        return None if row is None else row + 1
+
+    def raw_item(self, index: int) -> int | str:
+        """The raw id of item index `index` (1..num_items)."""
+        return self.item_ids[index - 1].as_py()
 
     def _exclude(self, req: RecommendRequest) -> bool:
         return self.exclude_seen if req.exclude_seen is None else req.exclude_seen
@@ -352,7 +361,7 @@ class Recommender:
         return dot if dot is not None else scoring.FullScores(self.model.last_scores(padded).float())
 
     def _answer(self, idx: np.ndarray, scores: np.ndarray, unknown: list, fallback: str | None) -> dict:
-        answer = {"items": [self.raw_items[i] for i in idx.tolist()], "scores": [round(float(s), 5) for s in scores],
+        answer = {"items": self.item_ids.take(pa.array(idx - 1, pa.int64())).to_pylist(), "scores": [round(float(s), 5) for s in scores],
                   "model": self.model_id, "unknown_items": unknown}
         if fallback:
             answer["fallback"] = fallback
@@ -363,7 +372,7 @@ class Recommender:
         with an approximate index, `ann`: its settings and recall@10 against exact, measured at build."""
         ann = {"ann": {k: v for k, v in self.ann.meta.items() if "digest" not in k}} if self.ann else {}
         return json_safe({"model": self.model_id, "path": str(self.model_dir), "description": self.desc,
-                          "params": models.count_params(self.model), "items": len(self.raw_items) - 1,
+                          "params": models.count_params(self.model), "items": len(self.item_ids),
                           "users_with_history": len(self.histories or ()), "metrics": self.metrics,
                           "limits": {"max_k": self.max_k, "max_history": self.max_history}, **ann})
 
