@@ -48,3 +48,32 @@ def test_top10_overlap_in_windows_equals_the_whole_matrix():
         sa, sb = a.last_scores(models.left_pad(hist, 6)), b.last_scores(models.left_pad(hist, 6))
     whole = metrics.topk_overlap(sa, sb, 10, metrics.exclusion_mask(hist, 41))
     assert per_user.shape == (20,) and per_user.mean() == pytest.approx(whole, abs=1e-12)
+
+
+def test_popularity_ranks_hand_computed():
+    # counts of items 1..5: 3, 1, 3, 0, 5 -> at least 3: items 1, 3, 5
+    pop = evaluate.Popularity(np.array([3, 1, 3, 0, 5]))
+    targets = np.array([1, 2, 5, 4, 0, 3])
+    seen = [np.array([5]), np.array([1, 1, 0]), np.array([]), np.array([4, 2]), np.array([1]), np.array([3, 5])]
+    # 1: 3 and 5 tie or beat it, 5 seen -> 1; 2: 1, 3, 5 beat it, 1 seen (twice) -> 2; 5: none -> 0;
+    # 4: all four others, 2 seen -> 3; padding target -> miss; 3: item 1 ties, 5 seen, 3 is the target itself -> 1
+    assert pop.target_ranks(targets, seen, False).tolist() == [1, 2, 0, 3, metrics.MISS_RANK, 1]
+    assert pop.target_ranks(targets, None, False).tolist() == [2, 3, 0, 4, metrics.MISS_RANK, 2]
+    # a target among the seen items is a miss when excluded (user 3: 4 seen; user 5: 3 seen)
+    assert pop.target_ranks(targets, seen, True).tolist() == [1, 2, 0, metrics.MISS_RANK, metrics.MISS_RANK,
+                                                              metrics.MISS_RANK]
+
+
+@pytest.mark.parametrize("exclude_target", [False, True])
+def test_popularity_ranks_equal_the_score_matrix(exclude_target):
+    rng = np.random.default_rng(5)
+    counts = rng.integers(0, 6, 300)  # ties everywhere
+    pop = evaluate.Popularity(counts)
+    targets = rng.integers(0, 301, 200)
+    seen = [rng.integers(0, 301, rng.integers(0, 15)) for _ in range(200)]
+    seen[7] = np.append(seen[7], targets[7])
+    want = metrics.target_ranks(pop.last_scores(torch.zeros(200, 1)), torch.as_tensor(targets),
+                                metrics.exclusion_mask(seen, 301), exclude_target)
+    assert pop.target_ranks(targets, seen, exclude_target).tolist() == want.tolist()
+    assert pop.target_ranks(targets, None, False).tolist() == metrics.target_ranks(
+        pop.last_scores(torch.zeros(200, 1)), torch.as_tensor(targets)).tolist()

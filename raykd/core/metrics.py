@@ -41,7 +41,7 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor, exclude: torch.Ten
         candidates &= ~exclude
     candidates[:, 0] = False
     candidates.scatter_(1, targets.unsqueeze(1), False)  # the target never competes with itself
-    ranks = (above & candidates).sum(1)
+    ranks = scoring.count_true(above & candidates)
     miss = torch.isnan(target_scores.squeeze(1)) | (targets == 0)
     if exclude_target and exclude is not None:
         miss |= exclude.gather(1, targets.unsqueeze(1)).squeeze(1)

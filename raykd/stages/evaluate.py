@@ -52,6 +52,27 @@ class Popularity(nn.Module):
     def last_scores(self, seq: torch.Tensor) -> torch.Tensor:
         return self.scores.expand(len(seq), -1)
 
+    def target_ranks(self, targets: np.ndarray, seen: list | None, exclude_target: bool) -> np.ndarray:
+        """metrics.target_ranks of these scores (same ties, padding and exclusion rules), counted
+        from the sorted counts instead of a [users, items] score matrix:
+
+            rank_u = |{j >= 1 : c_j >= c_y}| - 1 - |{j in E_u, j not in {0, y} : c_j >= c_y}|
+        """
+        c = self.scores.detach().numpy()  # float32, c[0] = -inf: never a candidate
+        targets = np.asarray(targets, dtype=np.int64)
+        c_y = c[targets]
+        ranks = len(c) - 1 - np.searchsorted(np.sort(c[1:]), c_y, side="left") - 1
+        miss = targets == 0
+        if seen is not None and len(targets):
+            owner = np.repeat(np.arange(len(targets)), [len(h) for h in seen])
+            items = np.concatenate([np.asarray(h, dtype=np.int64) for h in seen]) if len(owner) else owner
+            owner, items = np.divmod(np.unique(owner * len(c) + items), len(c))  # each seen item once a user
+            counted = (items != 0) & (items != targets[owner]) & (c[items] >= c_y[owner])
+            ranks = ranks - np.bincount(owner[counted], minlength=len(targets))
+            if exclude_target:
+                miss[owner[(items == targets[owner]) & (items != 0)]] = True
+        return np.where(miss, metrics.MISS_RANK, ranks).astype(np.int64)
+
 
 def run(cfg: Config) -> dict:
     root = Path(cfg.output_dir)
@@ -150,9 +171,12 @@ class Protocol:
     def __init__(self, seen: list | None, exclude: bool):
         self.seen, self.exclude = seen, exclude
 
-    def score(self, model, hist, targets) -> tuple[dict, np.ndarray]:
+    def ranks(self, model: nn.Module, hist: list, targets: np.ndarray) -> np.ndarray:
+        """Each user's 0-based test rank under `model` (metrics.target_ranks' rules)."""
+        if isinstance(model, Popularity):
+            return model.target_ranks(targets, self.seen, self.exclude)
         return metrics.evaluate_model(model, hist, targets, self.seen, return_ranks=True,
-                                      exclude_target=self.exclude)
+                                      exclude_target=self.exclude)[1]
 
 
 def _compare(report: dict, ranks: dict) -> None:
@@ -273,9 +297,9 @@ class TestRanks:
         out = {"user": np.arange(first, stop), "target": np.asarray(targets, np.int64),
                "repeat": np.fromiter((t in set(h.tolist()) for h, t in zip(hist, targets)), bool, len(targets))}
         for name, model in self.models.items():
-            out[name] = protocol.score(model, hist, targets)[1]
+            out[name] = protocol.ranks(model, hist, targets)
             if name in self.aware:
-                out[name + AWARE] = metrics.evaluate_model(model, hist, targets, None, return_ranks=True)[1]
+                out[name + AWARE] = Protocol(None, False).ranks(model, hist, targets)
         agree = min(stop, AGREE_USERS) - first
         if "teacher" in self.models:
             for name in (n for n in AGREES if n in self.models):
