@@ -16,16 +16,23 @@ def flat(raw_ids, trains, last) -> histories.Histories:
     return histories.build(pa.array(raw_ids), pa.array(trains, pa.list_(pa.int32())), np.array(last))
 
 
-def test_fnv1a_matches_the_published_test_vectors_and_the_vectorised_form():
-    # FNV-1a 64: "" -> offset basis, "a" -> 0xaf63dc4c8601ec8c, "foobar" -> 0x85944171f73967e8
-    assert id_index.fnv1a(b"") == 0xCBF29CE484222325
-    assert id_index.fnv1a(b"a") == 0xAF63DC4C8601EC8C
-    assert id_index.fnv1a(b"foobar") == 0x85944171F73967E8
-    words = ["foobar", "", "a", "é", "a much longer id than the others"]
+def test_the_id_hash_hand_computed_and_vectorised():
+    offset, prime, mask = id_index.FNV_OFFSET, id_index.FNV_PRIME, (1 << 64) - 1
+
+    def fold(h):
+        return h ^ (h >> 32)
+
+    assert id_index.id_hash(b"") == fold(offset)  # no word: the seed xor length 0
+    assert id_index.id_hash(b"a") == fold(((offset ^ 1) ^ 0x61) * prime & mask)
+    h = (((offset ^ 9) ^ int.from_bytes(b"abcdefgh", "little")) * prime) & mask  # two words, the second "i"
+    assert id_index.id_hash(b"abcdefghi") == fold(((h ^ 0x69) * prime) & mask)
+    assert id_index.id_hash(b"a") != id_index.id_hash(b"a\0")  # the length tells zero padding apart
+    words = ["foobar", "", "a", "é", "a much longer id than the others", "exactly8", "sixteen bytes!!!", "a\0"]
     enc = [w.encode() for w in words]
     offsets = np.concatenate([[0], np.cumsum([len(e) for e in enc])]).astype(np.int64)
     data = np.frombuffer(b"".join(enc), np.uint8)
-    assert id_index.hash_many(offsets, data).tolist() == [id_index.fnv1a(e) for e in enc]
+    assert id_index.hash_many(offsets, data).tolist() == [id_index.id_hash(e) for e in enc]
+    assert id_index.hash_many(offsets[3:], data).tolist() == [id_index.id_hash(e) for e in enc[3:]]  # offset start
 
 
 def test_integer_ids_are_found_by_binary_search_and_unknown_ones_are_none():
@@ -52,7 +59,7 @@ def test_a_hash_collision_never_answers_for_the_wrong_user(monkeypatch):
     h = flat(["a", "b"], [[1], [2]], [[0, 0], [0, 0]])
     both = id_index.IdIndex(np.array([5, 5], np.uint64), h.ids.rows, h.ids.id_offsets, h.ids.id_bytes)
     forced = histories.Histories(both, h.offsets, h.values, h.last)  # both ids under one hash
-    monkeypatch.setattr(id_index, "fnv1a", lambda data: 5)
+    monkeypatch.setattr(id_index, "id_hash", lambda data: 5)
     assert forced.get("a").tolist() == [1, 0, 0] and forced.get("b").tolist() == [2, 0, 0]
     assert forced.get("c") is None
 

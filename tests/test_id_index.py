@@ -25,6 +25,24 @@ def test_rows_of_text_ids_in_a_sliced_column():
     assert list(index) == ["b", "a", "é"]
 
 
+@pytest.mark.parametrize("raw,asked", [
+    ([30, 10, 20, -5], [10, 31, -5, "10", None, True, 2**64, -(2**63), 30, 30]),
+    (["b", "a", "é", ""], ["a", "A", "", 7, None, "é", "b", "bb", "a"]),
+])
+def test_many_rows_at_once_are_the_rows_one_at_a_time(raw, asked):
+    index = id_index.build(pa.array(raw))
+    want = [-1 if index.row(k) is None else index.row(k) for k in asked]
+    assert index.rows_of(asked).tolist() == want and index.rows_of([]).tolist() == []
+    assert id_index.build(pa.array([], pa.array(raw).type)).rows_of(asked).tolist() == [-1] * len(asked)
+
+
+def test_many_rows_under_one_hash_are_told_apart_byte_for_byte(monkeypatch):
+    both = id_index.build(pa.array(["a", "b"]))
+    forced = id_index.IdIndex(np.array([5, 5], np.uint64), both.rows, both.id_offsets, both.id_bytes)
+    monkeypatch.setattr(id_index, "hash_many", lambda offsets, data: np.full(len(offsets) - 1, 5, np.uint64))
+    assert forced.rows_of(["b", "a", "c"]).tolist() == [1, 0, -1]
+
+
 def test_null_ids_are_refused():
     with pytest.raises(ValueError, match="null"):
         id_index.build(pa.array([1, None]))

@@ -249,11 +249,9 @@ class Recommender:
         if len(req.history) > self.max_history:
             raise BadRequest(422, f"history has {len(req.history)} items; at most {self.max_history} are "
                                   "accepted (send the most recent ones)")
-        known, unknown = [], []
-        for raw in req.history:
-            idx = self.item_of(raw)
-            (known.append(idx) if idx else unknown.append(raw))
-        return np.asarray(known, dtype=np.int64), unknown, k, self._exclude(req)
+        rows = self.item_index.rows_of([ids.lookup_key(raw, self.int_items) for raw in req.history])
+        unknown = [raw for raw, row in zip(req.history, rows.tolist()) if row < 0]
+        return rows[rows >= 0] + 1, unknown, k, self._exclude(req)
 
     def item_of(self, raw: int | str) -> int | None:
         """The item index of a raw item id (raykd.core.ids rule 3), or None for an unknown one."""
