@@ -193,7 +193,7 @@ def test_the_app_puts_the_histories_in_the_object_store_once(endpoint, tiny_run)
     shared = app._bound_deployment.init_args[-1]
     assert isinstance(shared, list) and isinstance(shared[0], ray.ObjectRef)
     mapped, read = shared_histories(shared), histories.read(tiny_run / "data")
-    assert not mapped.keys.flags.writeable and not mapped.values.flags.writeable  # views of the shared object
+    assert not mapped.ids.keys.flags.writeable and not mapped.values.flags.writeable  # views of the shared object
     assert list(mapped) == list(read) and all(np.array_equal(mapped.get(u), read.get(u)) for u in read)
 
 

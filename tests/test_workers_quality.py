@@ -37,11 +37,11 @@ def test_one_and_two_workers_give_the_same_student_quality(ray_session, tmp_path
     split = sequences.read_split(one / "data")
     hist, targets, seen = sequences.eval_inputs(split, "test")
     protocol = evaluate.Protocol(seen, True)
-    scores, ranks = {}, {}
-    for name, root in (("one", one), ("two", two)):
-        scores[name], ranks[name] = protocol.score(models.load_model(root / "student")[0], hist, targets)
+    ranks = {name: protocol.ranks(models.load_model(root / "student")[0], hist, targets)
+             for name, root in (("one", one), ("two", two))}
+    scores = {name: evaluate.summary(r) for name, r in ranks.items()}
     counts = pq.read_table(one / "data" / "items.parquet", columns=["count"])["count"].to_numpy()
-    popularity, _ = protocol.score(evaluate.Popularity(counts), hist, targets)
+    popularity = evaluate.summary(protocol.ranks(evaluate.Popularity(counts), hist, targets))
     paired = evaluate.paired_ndcg(ranks["two"], ranks["one"])
     print(f"test NDCG@10: 1 worker {scores['one']['ndcg@10']:.4f}, 2 workers {scores['two']['ndcg@10']:.4f}, "
           f"most-popular {popularity['ndcg@10']:.4f}; paired 2 - 1 {paired['mean_diff']:+.4f} ± {paired['stderr']:.4f}")
