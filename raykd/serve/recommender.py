@@ -329,12 +329,16 @@ class Recommender:
         all_bad = torch.ones(scores.rows, dtype=torch.bool, device=self.device)
 
         def usable(start: int, window: torch.Tensor) -> None:
-            bad = ~torch.isfinite(window)
-            if not bad.any():
-                all_bad.zero_()
+            # a NaN or an infinity anywhere makes its row's sum NaN or infinite: only those rows are
+            # checked entry by entry (a whole-window isfinite was most of a small student's answer)
+            suspect = ~torch.isfinite(window.sum(1))
+            all_bad.logical_and_(suspect)
+            if not suspect.any():
                 return
-            all_bad.logical_and_((bad[:, 1:] if start == 0 else bad).all(1))
-            window.masked_fill_(bad, -torch.inf)
+            rows = suspect.nonzero().squeeze(1)
+            bad = ~torch.isfinite(window[rows])
+            all_bad[rows] &= (bad[:, 1:] if start == 0 else bad).all(1)
+            window[rows] = window[rows].masked_fill(bad, -torch.inf)
 
         seen = seen + [np.zeros(0, np.int64)] * (scores.rows - len(seen))  # the padding rows exclude nothing
         values, indices = scoring.blocked_top_k(scores, k, seen, self.block, on_block=usable)
