@@ -239,9 +239,9 @@ def _count_above(scores: Scores, targets: torch.Tensor, target_scores: torch.Ten
         first = start + skip
         s = scores.block(start, stop)[:, skip:]
         above = s >= threshold
-        nan_rows = torch.isnan(s.sum(1)).nonzero().squeeze(1)  # a NaN anywhere makes its row's sum NaN
-        if len(nan_rows):
-            above[nan_rows] |= torch.isnan(s[nan_rows])
+        suspect = nonfinite_rows(s)
+        if len(suspect):  # a NaN counts as scoring above
+            above[suspect] |= torch.isnan(s[suspect])
         if first == 0:
             above[:, 0] = False
         inside = ((targets >= first) & (targets < stop)).nonzero().squeeze(1)
@@ -251,6 +251,16 @@ def _count_above(scores: Scores, targets: torch.Tensor, target_scores: torch.Ten
         above[ex_rows, ex_cols] = False
         ranks += count_true(above)
     return ranks, actual
+
+
+def nonfinite_rows(window: torch.Tensor) -> torch.Tensor:
+    """Indices of the rows of a [rows, width] score window that may hold a NaN or an infinity.
+
+    A NaN or an infinity anywhere makes its row's sum NaN or infinite, so only those rows need to
+    be read entry by entry (an overflowing sum of finite scores just adds a row to read). One sum
+    costs far less than an elementwise isfinite over the window.
+    """
+    return (~torch.isfinite(window.sum(1))).nonzero().squeeze(1)
 
 
 def count_true(mask: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ job use the same `Recommender` so answers never depend on how they are served.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -207,7 +208,6 @@ class Recommender:
                              "data; give the run directory (or bundle) it was trained in")
         self.item_ids = items["raw_id"].combine_chunks()  # Arrow: item index i is row i - 1
         self.item_index = id_index.build(self.item_ids)
-        self.vocab_digest = rundir.vocab_digest(self.item_ids.to_pylist())
         trained_on = manifest.get("vocab_digest")
         if trained_on and trained_on != (now := self.vocab_digest):
             fix = ("Export the bundle again from the run the model was trained in (`raykd export RUN_DIR --out DIR`)"
@@ -252,6 +252,11 @@ class Recommender:
         rows = self.item_index.rows_of([ids.lookup_key(raw, self.int_items) for raw in req.history])
         unknown = [raw for raw, row in zip(req.history, rows.tolist()) if row < 0]
         return rows[rows >= 0] + 1, unknown, k, self._exclude(req)
+
+    @functools.cached_property
+    def vocab_digest(self) -> str:
+        """The item vocabulary's digest (rundir.vocab_digest), computed when first asked for."""
+        return rundir.vocab_digest(self.item_ids.to_pylist())
 
     def item_of(self, raw: int | str) -> int | None:
         """The item index of a raw item id (raykd.core.ids rule 3), or None for an unknown one."""
@@ -329,16 +334,13 @@ class Recommender:
         all_bad = torch.ones(scores.rows, dtype=torch.bool, device=self.device)
 
         def usable(start: int, window: torch.Tensor) -> None:
-            # a NaN or an infinity anywhere makes its row's sum NaN or infinite: only those rows are
-            # checked entry by entry (a whole-window isfinite was most of a small student's answer)
-            suspect = ~torch.isfinite(window.sum(1))
-            all_bad.logical_and_(suspect)
-            if not suspect.any():
-                return
-            rows = suspect.nonzero().squeeze(1)
+            rows = scoring.nonfinite_rows(window)  # only these are read entry by entry
             bad = ~torch.isfinite(window[rows])
-            all_bad[rows] &= (bad[:, 1:] if start == 0 else bad).all(1)
-            window[rows] = window[rows].masked_fill(bad, -torch.inf)
+            still_bad = all_bad[rows] & (bad[:, 1:] if start == 0 else bad).all(1)
+            all_bad.zero_()
+            all_bad[rows] = still_bad
+            if len(rows):
+                window[rows] = window[rows].masked_fill(bad, -torch.inf)
 
         seen = seen + [np.zeros(0, np.int64)] * (scores.rows - len(seen))  # the padding rows exclude nothing
         values, indices = scoring.blocked_top_k(scores, k, seen, self.block, on_block=usable)
@@ -363,8 +365,9 @@ class Recommender:
         return dot if dot is not None else scoring.FullScores(self.model.last_scores(padded).float())
 
     def _answer(self, idx: np.ndarray, scores: np.ndarray, unknown: list, fallback: str | None) -> dict:
-        answer = {"items": self.item_ids.take(pa.array(idx - 1, pa.int64())).to_pylist(), "scores": [round(float(s), 5) for s in scores],
-                  "model": self.model_id, "unknown_items": unknown}
+        items = self.item_ids.take(pa.array(idx - 1, pa.int64())).to_pylist()
+        answer = {"items": items, "scores": [round(float(s), 5) for s in scores], "model": self.model_id,
+                  "unknown_items": unknown}
         if fallback:
             answer["fallback"] = fallback
         return answer
