@@ -2,11 +2,17 @@
 
     raykd prepare configs/beauty.yaml output_dir=runs/kd_beauty
     raykd embed-items configs/beauty.yaml output_dir=runs/kd_beauty
-    python benchmarks/bench_kd.py --run runs/kd_beauty --seeds 0,1,2 --widths 8,4
-    python benchmarks/bench_kd.py --run runs/kd_beauty --seeds 0,1,2 --widths 8,4 --report-only  # the table
+    python benchmarks/bench_kd.py --run runs/kd_beauty --seeds 0,1,2 --sizes 8,4,pq64c4,pq40c2
+    python benchmarks/bench_kd.py --run runs/kd_beauty --seeds 0,1,2 --sizes 8,4,pq64c4,pq40c2 --report-only \
+        --compare pq64c4:8 pq40c2:4   # the tables
 
 `--run` is a run directory that `raykd prepare` and `raykd embed-items` already filled (data/ and
-item_text/). Seeds and widths can run as separate processes (`--threads 1` each) into the same
+item_text/). `--sizes` names the students: an integer is a dense SASRec of that width x 1 block;
+`pq<D>c<C>` a D-wide x 1 block SASRec whose item table is product-quantised, C uint8 codes per
+item over 256-row codebooks (raykd.core.item_tables; the KD student's codes from `--pq-assign`,
+its no-KD twin's always teacher-free: `--twin-assign`, svd of the train interactions by default
+(raykd.training.plan.teacher_free) or k-means over the item text vectors).
+Sizes are every element a model reads at inference (models.count_params). Seeds and sizes can run as separate processes (`--threads 1` each) into the same
 run directory; `--report-only` then summarises whatever has finished. Every model is trained in this process with raykd's
 own Ray-free loop (`raykd.training.loop.fit_local`: the same step, epoch, validation and early stopping as
 the Ray Train stages) and saved under `<run>/bench_kd/seed<N>/`, so an interrupted benchmark
@@ -23,6 +29,7 @@ import argparse
 import json
 import math
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -31,11 +38,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from raykd.config import INIT_STD, ModelConfig, TrainConfig
+from raykd.config import INIT_STD, ItemTableConfig, ModelConfig, TrainConfig
 from raykd.core import metrics, models, sequences
 from raykd.stages import soft_labels
 from raykd.stages.evaluate import paired_ndcg
 from raykd.training import loop
+from raykd.training.plan import teacher_free
 from raykd.training.spec import KD, ItemText, RunSpec
 
 TEACHERS = {  # name -> (uses text, text_mode)
@@ -95,7 +103,15 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="run dir with data/ and item_text/")
     p.add_argument("--seeds", default="0")
-    p.add_argument("--widths", default="4,8,16,32")
+    p.add_argument("--sizes", "--widths", dest="sizes", default="4,8,16,32",
+                   help="students: dense widths (8) and PQ tables (pq64c4: 64 wide, 4 codes per item)")
+    p.add_argument("--pq-assign", default="teacher", choices=["teacher", "text", "svd"],
+                   help="where a PQ KD student's codes come from")
+    p.add_argument("--twin-assign", default="", choices=["", "text", "svd"],
+                   help="a PQ no-KD twin's codes, always teacher-free: svd or text (default: the KD student's "
+                   "when teacher-free, else svd, as raykd.training.plan.teacher_free)")
+    p.add_argument("--compare", nargs="*", default=[], metavar="A:B",
+                   help="after training, the KD students of sizes A and B paired over users, per seed")
     p.add_argument("--teachers", default="id,text")
     p.add_argument("--kd-teacher", default="text", help="the teacher the students distil from: id, text, ens "
                    "(the seed's id and text teachers as one ensemble) or ens_id (the id teachers of seeds 0-2)")
@@ -149,15 +165,17 @@ def main() -> int:
         if "teacher_id" in ranks and "teacher_text" in ranks:
             res["text_vs_id"] = paired_ndcg(ranks["teacher_text"], ranks["teacher_id"])
             print(f"seed {seed} text − id teacher paired: {res['text_vs_id']}", flush=True)
-        widths = [int(w) for w in args.widths.split(",") if w]
+        sizes = [w for w in args.sizes.split(",") if w]
         tdirs, soft_dir = kd_teachers(args.kd_teacher, run / "bench_kd", base, args.top_k)
-        if widths and "kd" in args.students.split(",") and not (REPORT_ONLY and not (soft_dir / "done").exists()):
+        if sizes and "kd" in args.students.split(",") and not (REPORT_ONLY and not (soft_dir / "done").exists()):
             score_soft(tdirs, data_dir, soft_dir, args.top_k)
-        for width in widths:
+        for size in sizes:
             try:
-                student_pair(args, seed, width, base, tdirs, soft_dir, data_dir, split, rare, n_items, res)
+                student_pair(args, seed, size, base, tdirs, soft_dir, data_dir, split, rare, n_items, res)
             except NotTrained as missing:
-                print(f"seed {seed} d{width}: not trained yet ({missing}); skipped", flush=True)
+                print(f"seed {seed} {label(size)}: not trained yet ({missing}); skipped", flush=True)
+        for pair in args.compare:
+            compare(args, pair, seed, base, split, rare, res)
         (run / "bench_kd" / f"results{args.tag}.json").write_text(json.dumps(results, indent=1, default=str))
     summarise(results)
     return 0
@@ -175,31 +193,84 @@ def kd_teachers(kind: str, bench: Path, base: Path, top_k: int) -> tuple[list[Pa
     return [base / f"teacher_{t}" for t in names], base / f"soft_{kind}_k{top_k}"
 
 
-def student_pair(args, seed, width, base, tdirs, soft_dir, data_dir, split, rare, n_items, res) -> None:
-    """A KD student and its no-KD twin at one width: train (or reuse), test, compare paired."""
-    model, train = model_cfg(width, 1, 1, 0.2), train_cfg(args.student_epochs, 2e-3, 5, 10)
+def label(size: str) -> str:
+    """A `--sizes` entry's name: d8 for a dense width, the entry itself (pq64c4) for a PQ table."""
+    return size if size.startswith("pq") else f"d{int(size)}"
+
+
+def student_model(size: str, assign: str) -> ModelConfig:
+    """The student of a `--sizes` entry: SASRec size x 1 block (dense), or pq<D>c<C> (PQ, `assign` codes)."""
+    found = re.fullmatch(r"pq([0-9]+)c([0-9]+)", size)
+    if found is None:
+        return model_cfg(int(size), 1, 1, 0.2)
+    table = ItemTableConfig(codes=int(found[2]), assign=assign)
+    return model_cfg(int(found[1]), 1, 1, 0.2).model_copy(update={"item_table": table})
+
+
+def student_dirs(args, size: str) -> tuple[str, str]:
+    """Folder names of a size's KD student and its no-KD twin (a PQ one's name says its codes)."""
+    if not size.startswith("pq"):
+        return f"kd_{args.kd_teacher}_{label(size)}{args.tag}", f"nokd_{label(size)}"
+    twin = twin_model(args, size).item_table.assign
+    return f"kd_{args.kd_teacher}_{size}-{args.pq_assign}{args.tag}", f"nokd_{size}-{twin}"
+
+
+def twin_model(args, size: str) -> ModelConfig:
+    """The no-KD twin of a size: the KD student's model with teacher-free codes (`--twin-assign`)."""
+    model = teacher_free(student_model(size, args.pq_assign))
+    if model.item_table is None or not args.twin_assign:
+        return model
+    return model.model_copy(update={"item_table": model.item_table.model_copy(update={"assign": args.twin_assign})})
+
+
+def student_pair(args, seed, size, base, tdirs, soft_dir, data_dir, split, rare, n_items, res) -> None:
+    """A KD student and its no-KD twin of one size: train (or reuse), test, compare paired."""
+    model, train = student_model(size, args.pq_assign), train_cfg(args.student_epochs, 2e-3, 5, 10)
     todo = args.students.split(",")
-    kd_name = f"kd_{args.kd_teacher}_d{width}{args.tag}"
+    kd_name, nokd_name = student_dirs(args, size)
     settings = KD(soft_dir, args.alpha, args.temperature, args.kd_loss, tuple(tdirs) if args.transfer else (),
                   INIT_STD)
     kd = trained(base / kd_name, RunSpec(kd_name, model, train, seed, kd=settings), data_dir) if "kd" in todo else None
-    nokd_dir = base / f"nokd_d{width}"
+    nokd_dir = base / nokd_name
     if "nokd" not in todo and not (nokd_dir / "summary.json").exists():
         raise NotTrained(nokd_dir)  # another process trains it (--students nokd)
-    nokd = trained(nokd_dir, RunSpec(f"nokd_d{width}", model, train, seed), data_dir)
+    nokd = trained(nokd_dir, RunSpec(nokd_name, twin_model(args, size), train, seed), data_dir)
     if kd is None:
         return
     m_kd, r_kd = test_eval(base / kd_name, split, rare)
-    m_no, r_no = test_eval(base / f"nokd_d{width}", split, rare)
+    m_no, r_no = test_eval(nokd_dir, split, rare)
     paired = paired_ndcg(r_kd, r_no)
     paired_rare = paired_ndcg(r_kd[rare], r_no[rare])
-    res["students"][width] = {"kd": m_kd, "nokd": m_no, "paired": paired, "paired_rare": paired_rare,
-                              "valid": {"kd": kd["valid"]["ndcg@10"], "nokd": nokd["valid"]["ndcg@10"]}}
-    print(f"seed {seed} d{width}: KD {m_kd['ndcg@10']:.4f} vs noKD {m_no['ndcg@10']:.4f} "
+    teacher = res["teachers"].get(args.kd_teacher, {}).get("test", {}).get("ndcg@10")
+    res["students"][label(size)] = {"kd": m_kd, "nokd": m_no, "paired": paired, "paired_rare": paired_rare,
+                                    "valid": {"kd": kd["valid"]["ndcg@10"], "nokd": nokd["valid"]["ndcg@10"]},
+                                    "best_epoch": {"kd": kd["best_epoch"], "nokd": nokd["best_epoch"]},
+                                    "vs_teacher": m_kd["ndcg@10"] / teacher if teacher else None}
+    kept = f"; {m_kd['ndcg@10'] / teacher:.1%} of the teacher" if teacher else ""
+    print(f"seed {seed} {label(size)}: KD {m_kd['ndcg@10']:.4f} vs noKD {m_no['ndcg@10']:.4f} "
           f"(x{m_kd['ndcg@10'] / max(m_no['ndcg@10'], 1e-9):.3f}; paired {paired['mean_diff']:+.4f} ± "
-          f"{paired['stderr']:.4f}; rare {paired_rare['mean_diff']:+.4f} ± {paired_rare['stderr']:.4f}); "
-          f"valid {kd['valid']['ndcg@10']:.4f}/{nokd['valid']['ndcg@10']:.4f}; params {m_kd['params']:,}",
+          f"{paired['stderr']:.4f}; rare {paired_rare['mean_diff']:+.4f} ± {paired_rare['stderr']:.4f}){kept}; "
+          f"valid {kd['valid']['ndcg@10']:.4f}/{nokd['valid']['ndcg@10']:.4f}; size {m_kd['params']:,}",
           flush=True)
+
+
+def compare(args, pair: str, seed: int, base: Path, split: dict, rare: np.ndarray, res: dict) -> None:
+    """`--compare A:B`: the KD students of sizes A and B, paired over users (test), and on validation."""
+    a, b = pair.split(":")
+    dirs = [base / student_dirs(args, s)[0] for s in (a, b)]
+    if not all((d / "summary.json").exists() for d in dirs):
+        print(f"seed {seed} {label(a)} vs {label(b)}: not both trained; skipped", flush=True)
+        return
+    (m_a, r_a), (m_b, r_b) = (test_eval(d, split, rare) for d in dirs)
+    valid = [json.loads((d / "summary.json").read_text())["valid"]["ndcg@10"] for d in dirs]
+    paired, paired_rare = paired_ndcg(r_a, r_b), paired_ndcg(r_a[rare], r_b[rare])
+    res.setdefault("compare", {})[pair] = {"test": [m_a["ndcg@10"], m_b["ndcg@10"]], "valid": valid,
+                                           "size": [m_a["params"], m_b["params"]], "paired": paired,
+                                           "paired_rare": paired_rare}
+    print(f"seed {seed} KD {label(a)} ({m_a['params']:,}) vs KD {label(b)} ({m_b['params']:,}): test "
+          f"{m_a['ndcg@10']:.4f} vs {m_b['ndcg@10']:.4f}, paired {paired['mean_diff']:+.4f} ± {paired['stderr']:.4f} "
+          f"(rare {paired_rare['mean_diff']:+.4f} ± {paired_rare['stderr']:.4f}); valid {valid[0]:.4f} vs "
+          f"{valid[1]:.4f}", flush=True)
 
 
 def summarise(results: dict) -> None:
@@ -216,18 +287,24 @@ def summarise(results: dict) -> None:
             [s["teachers"]["id"]["test"]["ndcg@10"] for s in both])
         diffs = ", ".join(f"{s['text_vs_id']['mean_diff']:+.4f} ± {s['text_vs_id']['stderr']:.4f}" for s in both)
         print(f"text / id teacher over {len(both)} seed(s): x{ratio:.3f}; paired diff per seed {diffs}")
-    print("| width | params | seeds | KD NDCG@10 | noKD NDCG@10 | KD / noKD | paired (mean ± s.e. per seed) | "
-          "rare paired |")
-    print("|---|---|---|---|---|---|---|---|")
-    for width in sorted({w for s in seeds for w in s["students"]}):
-        rows = [s["students"][width] for s in seeds if width in s["students"]]
+    print("| student | size | seeds | KD NDCG@10 | noKD NDCG@10 | KD / noKD | KD / teacher | "
+          "paired (mean ± s.e. per seed) | rare paired |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name in sorted({w for s in seeds for w in s["students"]}, key=str):
+        rows = [s["students"][name] for s in seeds if name in s["students"]]
         kd = np.mean([r["kd"]["ndcg@10"] for r in rows])
         no = np.mean([r["nokd"]["ndcg@10"] for r in rows])
         paired = "; ".join(f"{r['paired']['mean_diff']:+.4f} ± {r['paired']['stderr']:.4f}" for r in rows)
         rare = "; ".join(f"{r['paired_rare']['mean_diff']:+.4f} ± {r['paired_rare']['stderr']:.4f}" for r in rows)
-        print(f"| {width} | {rows[0]['kd']['params']:,} | {len(rows)} | {kd:.4f} | {no:.4f} | "
-              f"{kd / no if no else math.nan:.3f} | "
-              f"{paired} | {rare} |")
+        kept = [r.get("vs_teacher") for r in rows]
+        kept = f"{np.mean(kept):.1%}" if all(k is not None for k in kept) else "–"
+        print(f"| {name} | {rows[0]['kd']['params']:,} | {len(rows)} | {kd:.4f} | {no:.4f} | "
+              f"{kd / no if no else math.nan:.3f} | {kept} | {paired} | {rare} |")
+    for pair in sorted({p for s in seeds for p in s.get("compare", {})}):
+        rows = [s["compare"][pair] for s in seeds if pair in s.get("compare", {})]
+        per_seed = "; ".join(f"{r['paired']['mean_diff']:+.4f} ± {r['paired']['stderr']:.4f}" for r in rows)
+        print(f"KD {pair.replace(':', ' vs KD ')} over {len(rows)} seed(s): test {np.mean([r['test'][0] for r in rows]):.4f}"
+              f" vs {np.mean([r['test'][1] for r in rows]):.4f}; paired per seed {per_seed}")
 
 
 if __name__ == "__main__":

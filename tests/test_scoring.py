@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from raykd.core import metrics, models, scoring
+from raykd.core import item_tables, metrics, models, scoring
 
 
 def tied_scores(rows: int, width: int, seed: int, levels: int = 7) -> torch.Tensor:
@@ -134,6 +134,39 @@ def test_dot_scores_of_a_model_are_its_last_scores(family):
         got = torch.cat([dot.block(s, e)[:, k:] for s, e, k in scoring.windows(dot.width, 512)], 1)
     assert torch.equal(got[:, 1:], want[:, 1:])  # column 0 is padding: never a candidate
     assert scoring.dot_scores(models.Ensemble([net, net]), seq) is None
+
+
+def test_code_scores_hand_computed():
+    # 2 sub-spaces of width 1 over 3-row codebooks: L_0 = q_0 * B[:, 0], L_1 = q_1 * B[:, 1]
+    table = item_tables.PQTable(num_items=3, dim=2, codes=2, codebook=3)
+    with torch.no_grad():
+        table.codebooks.copy_(torch.tensor([[1.0, 10.0], [2.0, 20.0], [3.0, 30.0]]))
+    table.set_codes(np.array([[0, 2], [2, 0], [1, 1]]))  # items 1..3 -> (1, 30), (3, 10), (2, 20)
+    code = scoring.CodeScores(torch.tensor([[1.0, 1.0], [2.0, -1.0]] * 4), table)
+    got = code.block(1, 4)[:2]
+    assert torch.equal(got, torch.tensor([[31.0, 13.0, 22.0], [-28.0, -4.0, -16.0]]))
+    assert torch.equal(code.at(torch.tensor([1, 3] * 4))[:2], torch.tensor([31.0, -16.0]))
+
+
+@pytest.mark.parametrize("rows", [scoring.MIN_ROWS, 13, 256])
+def test_code_scores_windows_agree_and_match_the_reconstructed_product(rows):
+    # a PQ model's scores come from lookup tables (no [V + 1, D] table built): every window equals the
+    # whole, `at` equals its entries, and both are the reconstructed product up to rounding
+    torch.manual_seed(rows)
+    net = models.build_model({"family": "sasrec", "num_items": 20_011, "dim": 16, "layers": 1, "heads": 2,
+                              "max_len": 10, "dropout": 0.0,
+                              "item_table": {"kind": "pq", "codes": 3, "codebook": 256}}).eval()
+    net.item_emb.set_codes(np.random.default_rng(rows).integers(0, 256, (20_011, 3)))
+    seq = torch.randint(0, 20_012, (rows, 10))
+    with torch.no_grad():
+        code = scoring.dot_scores(net, seq)
+        assert isinstance(code, scoring.CodeScores)
+        whole = code.block(0, code.width)
+        for start, stop, skip in scoring.windows(code.width, 4096):
+            assert torch.equal(code.block(start, stop)[:, skip:], whole[:, start + skip:stop])
+        cols = torch.randint(1, code.width, (rows,))
+        assert torch.equal(code.at(cols), whole[torch.arange(rows), cols])
+        torch.testing.assert_close(whole[:, 1:], net.last_scores(seq)[:, 1:], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("exclude_target", [False, True])

@@ -25,9 +25,11 @@ from typing import Protocol
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from raykd.core import models
+from raykd.core.item_tables import PQTable
 
 BLOCK = 16384  # columns per window: B x BLOCK floats per batch (16 MiB at B = 256); measured best (bench_scoring.py)
 TOPK_BLOCK = 128  # columns per block of top_k's first step
@@ -77,12 +79,43 @@ class FullScores:
         return self.scores.gather(1, columns.unsqueeze(1)).squeeze(1).float()
 
 
-def dot_scores(net: nn.Module, seq: torch.Tensor) -> DotScores | None:
-    """`net.last_scores(seq)` as DotScores for the families that score by a dot product with their item
-    table (SASRec, GRURec: models._score); None for the others (an Ensemble normalises over the catalogue)."""
+class CodeScores:
+    """scores = queries @ table.T for a product-quantised table (item_tables.PQTable), without building
+    the [V + 1, D] table: per sub-space c a lookup table L_c = q_c @ B_c.T [B, K], and an item's score
+    the sum over c of L_c at its code. The lookup tables are stacked as the rows of one [C x K, B] weight
+    and each window is one embedding_bag (a fused gather-sum, bags of the C codes in sub-space order),
+    so a window reads V x C code bytes where a dense table reads V x D floats. Every entry is summed the
+    same way whatever window holds it (and by `at`), so windows and the whole agree exactly; against
+    the reconstructed product the sums differ only in rounding (float addition in another order)."""
+
+    def __init__(self, queries: torch.Tensor, table: PQTable):
+        self.codes = table.codes  # [V + 1, C] uint8
+        luts = [(queries[:, a:b] @ table.codebooks[:, a:b].T).float() for a, b in table.bounds]  # [B, K] each
+        self.weight = torch.cat([lut.T for lut in luts]).contiguous()  # row c * K + k: L_c[:, k]
+        self.offsets = torch.arange(len(luts), device=self.codes.device) * table.codebook
+        self.rows, self.width = queries.shape[0], table.codes.shape[0]
+
+    def _sums(self, codes: torch.Tensor) -> torch.Tensor:
+        """[n, B]: each item row's C lookups summed (`codes` [n, C])."""
+        return F.embedding_bag(codes.long() + self.offsets, self.weight, mode="sum")
+
+    def block(self, start: int, stop: int) -> torch.Tensor:
+        return self._sums(self.codes[start:stop]).T  # a fresh [B, n] (a transposed view of it)
+
+    def at(self, columns: torch.Tensor) -> torch.Tensor:
+        return self._sums(self.codes[columns]).diagonal()  # item columns[i] for query i
+
+
+def dot_scores(net: nn.Module, seq: torch.Tensor) -> DotScores | CodeScores | None:
+    """`net.last_scores(seq)` to be read a window at a time, for the families that score by a dot product
+    with their item table (SASRec, GRURec: models._score): CodeScores for a PQ table (not text-fused),
+    DotScores otherwise; None for the others (an Ensemble normalises over the catalogue)."""
     if not isinstance(net, models.SASRec | models.GRURec):
         return None
-    return DotScores(net.forward(seq)[:, -1], net.item_table())
+    queries = net.forward(seq)[:, -1]
+    if isinstance(net.item_emb, PQTable) and getattr(net, "text_proj", None) is None:
+        return CodeScores(queries, net.item_emb)
+    return DotScores(queries, net.item_table())
 
 
 def windows(width: int, block: int) -> Iterator[tuple[int, int, int]]:
