@@ -183,3 +183,23 @@ def test_an_index_saved_by_a_driver_is_loaded_by_path(ann_bundle, tmp_path):
     shutil.copytree(ann_bundle / "ann", tmp_path / "index")
     rec = Recommender(ann_bundle, ann=tmp_path / "index")
     assert rec.ann.recall == Recommender(ann_bundle, ann=True).ann.recall
+
+
+def test_a_pq_model_answers_from_its_index_and_exactly(tiny_run, tmp_path):
+    # a PQ model's exact scores come from lookup tables (scoring.CodeScores); its index from the table
+    from raykd.core import models
+
+    saved = json.loads((tiny_run / "student" / "model.json").read_text())
+    desc = {k: saved[k] for k in ("family", "num_items", "dim", "layers", "heads", "max_len", "dropout")}
+    desc["item_table"] = {"kind": "pq", "codes": 2, "codebook": 16, "assign": "svd"}
+    torch.manual_seed(0)
+    model = models.build_model(desc).eval()
+    model.item_emb.set_codes(np.random.default_rng(0).integers(0, 16, (desc["num_items"], 2)))
+    models.save_model(tmp_path / "pq", model, desc)
+    exact = Recommender(tmp_path / "pq", data_dir=tiny_run / "data")
+    approx_rec = Recommender(tmp_path / "pq", data_dir=tiny_run / "data", ann=True)
+    body = {"history": [exact.raw_item(i) for i in (1, 2, 3)], "k": 5}
+    want, got = exact.recommend_many([exact.parse(body)])[0], approx_rec.recommend_many([approx_rec.parse(body)])[0]
+    assert len(got["items"]) == 5 and not set(got["items"]) & set(body["history"])
+    assert approx_rec.describe()["ann"]["recall@10"] >= 0.5
+    assert len(set(got["items"]) & set(want["items"])) >= 3

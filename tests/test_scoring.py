@@ -169,6 +169,30 @@ def test_code_scores_windows_agree_and_match_the_reconstructed_product(rows):
         torch.testing.assert_close(whole[:, 1:], net.last_scores(seq)[:, 1:], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("pq", [False, True])
+def test_head_scores_the_first_rows_exactly_as_the_whole_batch(pq):
+    # a server scores a padded batch (at least MIN_ROWS rows) and selects over its real rows only
+    torch.manual_seed(1)
+    table = {"item_table": {"kind": "pq", "codes": 2, "codebook": 64}} if pq else {}
+    net = models.build_model({"family": "sasrec", "num_items": 5000, "dim": 16, "layers": 1, "heads": 2,
+                              "max_len": 10, "dropout": 0.0, **table}).eval()
+    if pq:
+        net.item_emb.set_codes(np.random.default_rng(0).integers(0, 64, (5000, 2)))
+    seq = torch.randint(0, 5001, (scoring.MIN_ROWS, 10))
+    with torch.no_grad():
+        whole = scoring.dot_scores(net, seq)
+        for n in (1, 3, scoring.MIN_ROWS):
+            head = whole.head(n)
+            assert head.rows == n and head.width == whole.width
+            for start, stop, _ in scoring.windows(whole.width, 1024):
+                assert torch.equal(head.block(start, stop), whole.block(start, stop)[:n])
+            cols = torch.arange(1, scoring.MIN_ROWS + 1)
+            assert torch.equal(head.at(cols[:n]), whole.at(cols)[:n])
+            got = scoring.blocked_top_k(head, 10, [np.array([1, 2])] * n, 1024)
+            want = scoring.blocked_top_k(whole, 10, [np.array([1, 2])] * scoring.MIN_ROWS, 1024)
+            assert torch.equal(got[1], want[1][:n]) and torch.equal(got[0], want[0][:n])
+
+
 @pytest.mark.parametrize("exclude_target", [False, True])
 def test_evaluate_model_ranks_the_same_in_windows(exclude_target):
     torch.manual_seed(1)

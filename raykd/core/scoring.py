@@ -20,6 +20,7 @@ duplicates allowed), never as a [B, V + 1] mask.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Sequence
 from typing import Protocol
 
@@ -49,6 +50,9 @@ class Scores(Protocol):
     def at(self, columns: torch.Tensor) -> torch.Tensor:
         """Row i's score of column columns[i], [B]: a first guess that the windows then check."""
 
+    def head(self, n: int) -> Scores:
+        """The first n rows, each scored exactly as here (a server drops its padding rows with it)."""
+
 
 class DotScores:
     """scores = queries @ items.T (queries [B, D], items [V + 1, D]), as float32, a window at a time."""
@@ -64,6 +68,28 @@ class DotScores:
         # the same kernel as the windows for most batch sizes; blocked_target_ranks checks it anyway
         return (self.queries @ self.items[columns].T).float().diagonal()
 
+    def head(self, n: int) -> Scores:
+        return self if n == self.rows else FirstRows(self, n)
+
+
+class FirstRows:
+    """The first n rows of a DotScores, each window still the product of all its query rows: BLAS
+    takes another kernel (other last bits) for fewer than MIN_ROWS rows, so the padding rows stay
+    in the product and only the selection that follows skips them."""
+
+    def __init__(self, scores: DotScores, n: int):
+        self.inner, self.rows, self.width = scores, n, scores.width
+
+    def block(self, start: int, stop: int) -> torch.Tensor:
+        return self.inner.block(start, stop)[: self.rows]
+
+    def at(self, columns: torch.Tensor) -> torch.Tensor:
+        padded = torch.cat([columns, columns.new_ones(self.inner.rows - self.rows)])
+        return self.inner.at(padded)[: self.rows]
+
+    def head(self, n: int) -> Scores:
+        return FirstRows(self.inner, n)
+
 
 class FullScores:
     """An already computed [B, width] matrix seen through the Scores protocol (tests, baselines)."""
@@ -78,6 +104,9 @@ class FullScores:
     def at(self, columns: torch.Tensor) -> torch.Tensor:
         return self.scores.gather(1, columns.unsqueeze(1)).squeeze(1).float()
 
+    def head(self, n: int) -> FullScores:
+        return FullScores(self.scores[:n])
+
 
 class CodeScores:
     """scores = queries @ table.T for a product-quantised table (item_tables.PQTable), without building
@@ -89,11 +118,20 @@ class CodeScores:
     the reconstructed product the sums differ only in rounding (float addition in another order)."""
 
     def __init__(self, queries: torch.Tensor, table: PQTable):
-        self.codes = table.codes  # [V + 1, C] uint8
+        self.queries, self.codes = queries, table.codes  # codes [V + 1, C] uint8
         luts = [(queries[:, a:b] @ table.codebooks[:, a:b].T).float() for a, b in table.bounds]  # [B, K] each
         self.weight = torch.cat([lut.T for lut in luts]).contiguous()  # row c * K + k: L_c[:, k]
         self.offsets = torch.arange(len(luts), device=self.codes.device) * table.codebook
         self.rows, self.width = queries.shape[0], table.codes.shape[0]
+
+    def head(self, n: int) -> CodeScores:
+        """The first n rows: their lookup columns only (each entry is a sum of the same lookups in the
+        same order, so it equals this one's; the work shrinks with the rows)."""
+        if n == self.rows:
+            return self
+        head = copy.copy(self)
+        head.queries, head.weight, head.rows = self.queries[:n], self.weight[:, :n].contiguous(), n
+        return head
 
     def _sums(self, codes: torch.Tensor) -> torch.Tensor:
         """[n, B]: each item row's C lookups summed (`codes` [n, C])."""

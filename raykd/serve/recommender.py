@@ -331,6 +331,7 @@ class Recommender:
             if not bool(torch.isfinite(queries).all()):
                 raise RaykdError(corrupt)
             return self.ann.search(queries, k, seen)
+        scores = scores.head(len(hists))  # the padding rows (_scores) are never selected over
         all_bad = torch.ones(scores.rows, dtype=torch.bool, device=self.device)
 
         def usable(start: int, window: torch.Tensor) -> None:
