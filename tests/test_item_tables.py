@@ -139,3 +139,17 @@ def test_distill_sizes_name_pq_students_beside_dense_widths():
     for bad in ("[pq99]", "[q4]", "[1]"):
         with pytest.raises((RaykdError, ValueError), match="distill.sizes entry"):
             load_config("configs/quickstart.yaml", [f"distill.sizes={bad}"])
+
+
+def test_lookup_rows_offset_each_code_by_its_sub_space_and_follow_new_codes():
+    table = item_tables.PQTable(num_items=2, dim=4, codes=2, codebook=3)
+    table.set_codes(np.array([[0, 2], [2, 1]]))
+    assert table.lookup_rows().tolist() == [[0, 3], [0, 5], [2, 4]]  # row 0: padding, codes 0
+    assert table.lookup_rows().dtype == torch.int32
+    table.set_codes(np.array([[1, 1], [0, 0]]))  # a rebuilt cache, not the stale one
+    assert table.lookup_rows().tolist() == [[0, 3], [1, 4], [0, 3]]
+    state = {k: v.clone() for k, v in table.state_dict().items()}
+    assert set(state) == {"codes", "codebooks"}  # the cache is never saved
+    state["codes"][1] = torch.tensor([2, 2], dtype=torch.uint8)
+    table.load_state_dict(state)
+    assert table.lookup_rows()[1].tolist() == [2, 5]

@@ -70,6 +70,17 @@ class PQTable(nn.Module):
         """Like nn.Embedding(padding_idx=0): the vectors of item indices `idx`, zero at index 0."""
         return self.rows(self.codes[idx]) * (idx != 0).unsqueeze(-1).to(self.codebooks.dtype)
 
+    def lookup_rows(self) -> torch.Tensor:
+        """int32 [V + 1, C]: code + c x codebook, each item's rows in the C stacked lookup tables that
+        scoring.CodeScores sums. Derived from `codes` (a cache of 4 bytes a code, never saved), rebuilt
+        when the codes change; the one conversion a scoring window would otherwise repeat."""
+        key = (self.codes.data_ptr(), self.codes._version)
+        if getattr(self, "_lookup_key", None) != key:
+            offsets = torch.arange(self.num_codes, dtype=torch.int32, device=self.codes.device) * self.codebook
+            self._lookup = (self.codes.int() + offsets).contiguous()
+            self._lookup_key = key
+        return self._lookup
+
     @torch.no_grad()
     def set_codes(self, codes: np.ndarray | torch.Tensor) -> None:
         """Codes [V, C] of items 1..V (row 0 stays 0)."""

@@ -118,11 +118,10 @@ class CodeScores:
     the reconstructed product the sums differ only in rounding (float addition in another order)."""
 
     def __init__(self, queries: torch.Tensor, table: PQTable):
-        self.queries, self.codes = queries, table.codes  # codes [V + 1, C] uint8
+        self.queries, self.lookup = queries, table.lookup_rows()  # [V + 1, C]: code + c * K
         luts = [(queries[:, a:b] @ table.codebooks[:, a:b].T).float() for a, b in table.bounds]  # [B, K] each
         self.weight = torch.cat([lut.T for lut in luts]).contiguous()  # row c * K + k: L_c[:, k]
-        self.offsets = torch.arange(len(luts), device=self.codes.device) * table.codebook
-        self.rows, self.width = queries.shape[0], table.codes.shape[0]
+        self.rows, self.width = queries.shape[0], self.lookup.shape[0]
 
     def head(self, n: int) -> CodeScores:
         """The first n rows: their lookup columns only (each entry is a sum of the same lookups in the
@@ -133,15 +132,12 @@ class CodeScores:
         head.queries, head.weight, head.rows = self.queries[:n], self.weight[:, :n].contiguous(), n
         return head
 
-    def _sums(self, codes: torch.Tensor) -> torch.Tensor:
-        """[n, B]: each item row's C lookups summed (`codes` [n, C])."""
-        return F.embedding_bag(codes.long() + self.offsets, self.weight, mode="sum")
-
     def block(self, start: int, stop: int) -> torch.Tensor:
-        return self._sums(self.codes[start:stop]).T  # a fresh [B, n] (a transposed view of it)
+        # [n, B], each item's C lookups summed; returned as a fresh [B, n] (a transposed view of it)
+        return F.embedding_bag(self.lookup[start:stop], self.weight, mode="sum").T
 
     def at(self, columns: torch.Tensor) -> torch.Tensor:
-        return self._sums(self.codes[columns]).diagonal()  # item columns[i] for query i
+        return F.embedding_bag(self.lookup[columns], self.weight, mode="sum").diagonal()  # item columns[i], query i
 
 
 def dot_scores(net: nn.Module, seq: torch.Tensor) -> DotScores | CodeScores | None:
