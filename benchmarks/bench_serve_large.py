@@ -1,6 +1,6 @@
 """Serving at a million items: p50/p99 at a fixed request rate and replica memory, per model (issues 24, 25).
 
-    python benchmarks/bench_serve_large.py                                  # 1M items, ~10 min on 2 cores
+    python benchmarks/bench_serve_large.py                                  # 1M items, ~3 min on 2 quiet cores
     python benchmarks/bench_serve_large.py --items 100000 --duration 5      # a quick look
 
 Data: a prepared folder written like benchmarks/bench_recommend.py's synthetic one (--users users,
@@ -102,13 +102,12 @@ def floor_ms(folder: Path, bodies: list[dict], n: int) -> float:
 
 def replica_memory() -> dict:
     """RSS and USS of the one replica of the app `raykd`, sampled from outside."""
-    import ray
     from bench_serve_histories import replica_pids
     pids = replica_pids()
     if len(pids) != 1:
         raise RuntimeError(f"expected one replica, found {len(pids)}")
     info = psutil.Process(pids[0]).memory_full_info()
-    return {"rss": info.rss, "uss": info.uss, "pid": pids[0], "ray": ray.__version__}
+    return {"rss": info.rss, "uss": info.uss, "pid": pids[0]}
 
 
 def serve_one(name: str, folder: Path, ann: bool, port: int, bodies_file: Path, rate: float,
@@ -165,9 +164,8 @@ def main() -> int:
     bodies_file = run / "bodies.json"
     bodies_file.write_text(json.dumps(bodies))
     wanted = [s for s in args.servers.split(",") if s]
-    cells = [(n, folders["d16"], False) for n in ["d16"] if n in wanted]
-    cells += [("d16-ann", folders["d16"], True)] if "d16-ann" in wanted else []
-    cells += [(n, folders[n], False) for n in pq_names] if "pq" in wanted else []
+    cells = [(name, folders["d16"], name == "d16-ann") for name in ("d16", "d16-ann") if name in wanted]
+    cells += [(name, folders[name], False) for name in pq_names] if "pq" in wanted else []
 
     import ray
     from ray import serve

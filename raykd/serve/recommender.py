@@ -343,11 +343,10 @@ class Recommender:
             if len(rows):
                 window[rows] = window[rows].masked_fill(bad, -torch.inf)
 
-        seen = seen + [np.zeros(0, np.int64)] * (scores.rows - len(seen))  # the padding rows exclude nothing
         values, indices = scoring.blocked_top_k(scores, k, seen, self.block, on_block=usable)
-        if all_bad[: len(hists)].any():
+        if all_bad.any():
             raise RaykdError(corrupt)
-        return values[: len(hists)], indices[: len(hists)]
+        return values, indices
 
     def _scores(self, hists: list[np.ndarray]) -> scoring.Scores:
         """Next-item scores of the histories (at least MIN_ROWS rows), the same whatever batch a
